@@ -1,0 +1,1 @@
+"""Prefect flows composed from tasks; `swirl` (flows/cli.py) drives them."""

@@ -1,0 +1,180 @@
+"""`swirl`: run the factory's flows from the command line (no Prefect server needed)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from flows.runtime import apply_quiet_env
+
+EXAMPLES = """\
+examples:
+  swirl generate                                   # offline demo: SmolLM2 on the demo math seeds
+  swirl generate --dataset gsm8k --data-files ../shared/data/gsm8k/test_dev.jsonl --split test \\
+      --limit 50 --samples 5 --policy openai/gpt-4o-mini        # key from OPENAI_API_KEY
+  swirl generate --dataset hotpotqa --data-files dev.json --corpus wiki.jsonl \\
+      --policy hosted_vllm/Qwen2.5-7B-Instruct --policy-api-base http://127.0.0.1:8000/v1
+  swirl sql --db swirl.duckdb "SELECT status, count(*) FROM trajectories GROUP BY 1"
+"""
+
+
+def _add_model_args(p: argparse.ArgumentParser, prefix: str, default: str) -> None:
+    p.add_argument(f"--{prefix}", default=default, metavar="MODEL",
+                   help=f"litellm model name, 'smollm2' (offline default) or a local checkpoint folder (default: {default})")
+    p.add_argument(f"--{prefix}-api-base", metavar="URL", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument(f"--{prefix}-api-key-env", metavar="VAR", help="environment variable holding the API key (default: the provider's usual one)")
+    p.add_argument("--concurrency", type=int, default=32, help="max requests in flight per worker (default: 32)")
+    p.add_argument("--rpm", type=float, help="requests-per-minute limit")
+    p.add_argument("--tpm", type=float, help="tokens-per-minute limit")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request attempt (default: 120)")
+    p.add_argument("--max-retries", type=int, default=6, help="retries on 429/5xx/timeouts (default: 6)")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--max-tokens", type=int, help="tokens per step (default: 256 API, 64 in-process)")
+    p.add_argument("--few-shot", action=argparse.BooleanOptionalAction, default=None,
+                   help="demonstrations as chat turns (default: on for in-process models)")
+    p.add_argument("--constraint", choices=["auto", "none", "grammar", "regex"], default="auto",
+                   help="decoding constraint: grammar in-process, regex = vLLM guided decoding (default: auto)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="swirl", description="SWiRL data factory: multi-step tool-use trajectories, judging, training.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = sub.add_parser("generate", help="generate multi-step trajectories into DuckDB",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    gen.add_argument("--dataset", default="demo-math",
+                     help="gsm8k, hotpotqa, musique, beerqa, cofca, generic, demo-math, demo-qa")
+    gen.add_argument("--data-files", nargs="+", metavar="PATH", help="local JSONL/JSON/Parquet (default: the Hub dataset)")
+    gen.add_argument("--split", default="train")
+    gen.add_argument("--hub-name", help="Hub dataset name (default: the dataset's usual one)")
+    gen.add_argument("--hub-config", help="Hub dataset config")
+    gen.add_argument("--limit", type=int, help="first N valid questions")
+    gen.add_argument("--skip-invalid", action="store_true", help="record and skip malformed seed rows instead of failing")
+    gen.add_argument("--samples", type=int, default=5, help="trajectories per question")
+    gen.add_argument("--max-steps", type=int, help="step cap (default: 10 math, 5 QA)")
+    gen.add_argument("--corpus", help="search corpus JSONL/Parquet (title,text), or 'seeds' for the questions' own paragraphs")
+    gen.add_argument("--search-k", type=int, default=1, help="paragraphs returned per search")
+    _add_model_args(gen, "policy", "smollm2")
+    gen.add_argument("--db", default="swirl.duckdb", help="DuckDB file")
+    gen.add_argument("--work-dir", help="call journals and shards (default: <db>.work)")
+    gen.add_argument("--scheduler-address", help="Dask scheduler tcp://HOST:PORT (default: a local cluster)")
+    gen.add_argument("--workers", type=int, help="local Dask workers (default: 2; 1 for in-process models)")
+    gen.add_argument("--shard-size", type=int, default=8, help="questions per shard")
+    gen.add_argument("--fsync", action="store_true", help="fsync the call journal after every response")
+    gen.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    sql = sub.add_parser("sql", help="run a SQL query on the database and print the result")
+    sql.add_argument("query", help="SQL, e.g. \"SELECT * FROM run_report\"")
+    sql.add_argument("--db", default="swirl.duckdb", help="DuckDB file (opened read-only)")
+    sql.add_argument("--max-rows", type=int, default=50)
+    sql.add_argument("--csv", action="store_true", help="print CSV instead of a table")
+    return parser
+
+
+def _model_config(args: argparse.Namespace, prefix: str):
+    from swirl_core.config import ModelConfig
+
+    return ModelConfig(
+        model=getattr(args, prefix), api_base=getattr(args, f"{prefix}_api_base"),
+        api_key_env=getattr(args, f"{prefix}_api_key_env"), concurrency=args.concurrency,
+        requests_per_minute=args.rpm, tokens_per_minute=args.tpm, timeout_s=args.timeout,
+        max_retries=args.max_retries, temperature=args.temperature, max_tokens=args.max_tokens,
+        few_shot=args.few_shot, constraint=args.constraint,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from swirl_core.config import ClusterConfig, GenerateConfig
+
+    config = GenerateConfig(
+        dataset=args.dataset, data_files=args.data_files, split=args.split, hub_name=args.hub_name,
+        hub_config=args.hub_config, limit=args.limit, skip_invalid=args.skip_invalid, samples=args.samples,
+        max_steps=args.max_steps, policy=_model_config(args, "policy"), corpus=args.corpus, search_k=args.search_k,
+        db=args.db, work_dir=args.work_dir, shard_size=args.shard_size, fsync=args.fsync,
+        cluster=ClusterConfig(address=args.scheduler_address, n_workers=args.workers), progress=not args.no_progress,
+    )
+    from flows.generate import generate
+    from flows.runtime import prefect_api
+
+    with prefect_api():
+        result = generate(config)
+    _print_generation(result)
+    return 0 if result["status"] == "completed" else 1
+
+
+def _print_generation(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"run {result['run_id']}: {result['status']}")
+    for col in ("status", "trajectories", "mean_steps"):
+        table.add_column(col)
+    for r in result["summary"]["status"]:
+        table.add_row(str(r["status"]), str(r["trajectories"]), str(r["mean_steps"]))
+    console.print(table)
+    actions = result["summary"]["actions"]
+    total = sum(a["steps"] for a in actions) or 1
+    parsed = sum(a["steps"] for a in actions if a["action"] != "invalid")
+    console.print(f"steps: {total}, parsed as one action: {parsed / total:.1%}")
+    console.print(f"results in [bold]{result['db']}[/bold]; try:\n"
+                  f"  swirl sql --db {result['db']} \"SELECT * FROM run_report\"\n"
+                  f"  swirl sql --db {result['db']} \"SELECT action_kind, action_input, observation FROM steps LIMIT 10\"")
+    for failure in result["shard_failures"]:
+        console.print(f"[red]shard failed[/red]: {failure} — rerun the same command to resume")
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    import duckdb
+
+    from swirl_core.store import Store
+
+    try:
+        store = Store(args.db, read_only=True)
+    except (RuntimeError, duckdb.Error) as exc:
+        print(f"swirl sql: {exc}", file=sys.stderr)
+        return 2
+    with store:
+        try:
+            cur = store.con.execute(args.query)
+        except duckdb.Error as exc:
+            print(f"swirl sql: {exc}", file=sys.stderr)
+            return 2
+        if cur.description is None:
+            return 0
+        cols = [d[0] for d in cur.description]
+        rows = cur.fetchmany(args.max_rows)
+    if args.csv:
+        import csv
+
+        writer = csv.writer(sys.stdout)
+        writer.writerow(cols)
+        writer.writerows(rows)
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*cols)
+    for row in rows:
+        table.add_row(*("NULL" if v is None else str(v) for v in row))
+    Console().print(table)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    apply_quiet_env()
+    args = build_parser().parse_args(argv)
+    handlers = {"generate": cmd_generate, "sql": cmd_sql}
+    try:
+        return handlers[args.command](args)
+    except (ValueError, FileNotFoundError) as exc:  # bad input: a clear message, not a traceback
+        print(f"swirl {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""The `generate` flow: seeds → multi-step tool-use trajectories → DuckDB.
+
+Shards run on Dask workers; this flow process is the single DuckDB writer and ingests each
+shard's trajectories as soon as it finishes. A rerun of the same config resumes the same run:
+finished trajectories are skipped, and unfinished ones replay their journaled calls for free.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.futures import as_completed
+from tqdm.auto import tqdm
+
+from flows.runtime import task_runner
+from swirl_core.config import GenerateConfig
+from swirl_core.generation import default_workers, make_shards, plan_generation, run_summary
+from swirl_core.records import Trajectory
+from swirl_core.store import Store
+from tasks.artifacts import publish_markdown, publish_tables
+from tasks.generate import generate_shard
+
+
+@flow(name="generate", log_prints=True)
+def generate(config: GenerateConfig = GenerateConfig()) -> dict[str, Any]:
+    logger = get_run_logger()
+    plan = plan_generation(config)  # validates every seed before anything is paid for
+    work_dir = config.resolved_work_dir
+    journal_dir = work_dir / "journal"
+    with Store(config.db) as store:
+        store.ingest_journals(journal_dir) if journal_dir.exists() else None
+        attempt = store.start_run(
+            plan.run_id, "generate", config.model_dump(mode="json"), dataset=config.dataset,
+            model=config.policy.model, prompt_version=plan.policy.prompt_version,
+        )
+        store.upsert_questions(plan.questions, plan.run_id)
+        store.record_seed_errors(plan.invalid, plan.run_id)
+        done = store.completed_trajectory_ids(tid for _, _, tid in plan.work)
+        todo = [w for w in plan.work if w[2] not in done]
+        shards = make_shards(plan, config, todo)
+        logger.info(
+            "run %s (attempt %d): %d questions × %d samples; %d trajectories already done, %d to generate in %d shards",
+            plan.run_id, attempt, len(plan.questions), config.samples, len(done), len(todo), len(shards),
+        )
+        failures: list[str] = []
+        if shards:
+            runner = task_runner(config.cluster, default_workers(config), work_dir / "dask")
+            failures = _run_shards(shards, runner, store, plan, config.progress, logger)
+            store.ingest_journals(journal_dir)
+        summary = run_summary(store.con, plan.run_id)
+        n_traj = sum(r["trajectories"] for r in summary["status"])
+        n_err = sum(r["trajectories"] for r in summary["status"] if r["status"] == "error")
+        status = "failed" if failures else "completed"
+        store.finish_run(plan.run_id, status, n_questions=len(plan.questions), n_trajectories=n_traj, n_errors=n_err)
+    publish_tables("generate", plan.run_id, summary)
+    publish_markdown("generate", _markdown(plan.run_id, config, summary, failures), f"generate run {plan.run_id}")
+    return {"run_id": plan.run_id, "status": status, "db": str(config.db), "trajectories": n_traj,
+            "errors": n_err, "shard_failures": failures, "summary": summary}
+
+
+def _run_shards(shards, runner, store: Store, plan, progress: bool, logger) -> list[str]:
+    """Map shards over the task runner and write each result the moment it arrives."""
+
+    @flow(name="generate-shards", task_runner=runner)
+    def shards_subflow() -> list[str]:
+        failures = []
+        futures = generate_shard.map(shards)
+        bar = tqdm(total=sum(len(s.work) for s in shards), unit="traj", desc="generate", disable=not progress)
+        for future in as_completed(futures):
+            try:
+                rows = future.result()
+            except Exception as exc:  # one bad shard must not lose the others' results
+                failures.append(f"{exc.__class__.__name__}: {exc}")
+                logger.error("shard failed: %s", exc)
+                continue
+            trajectories = [Trajectory.model_validate(r) for r in rows]
+            store.write_trajectories(trajectories, plan.run_id, plan.policy.fingerprint)
+            bar.update(len(trajectories))
+        bar.close()
+        return failures
+
+    return shards_subflow()
+
+
+def _markdown(run_id: str, config: GenerateConfig, summary: dict, failures: list[str]) -> str:
+    lines = [
+        f"# Generation run `{run_id}`",
+        f"- dataset: **{config.dataset}** ({config.split}), samples per question: {config.samples}",
+        f"- policy: `{config.policy.model}`, database: `{config.db}`",
+        "",
+        "| status | trajectories | mean steps |",
+        "|---|---|---|",
+        *[f"| {r['status']} | {r['trajectories']} | {r['mean_steps']} |" for r in summary["status"]],
+        "",
+        "| action | steps | tool errors |",
+        "|---|---|---|",
+        *[f"| {r['action']} | {r['steps']} | {r['tool_errors']} |" for r in summary["actions"]],
+    ]
+    if failures:
+        lines += ["", f"**{len(failures)} shard(s) failed**: rerun the same command to resume."]
+    return "\n".join(lines)

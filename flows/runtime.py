@@ -1,0 +1,61 @@
+"""How flows run: the Dask task runner and a Prefect API when no server is configured."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from swirl_core.config import ClusterConfig
+
+# Offline-safe defaults: no telemetry, no outbound calls, time for a server to start on 2 cores.
+QUIET_ENV = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "HF_UPDATE_DOWNLOAD_COUNTS": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def apply_quiet_env() -> None:
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def task_runner(cluster: ClusterConfig, n_workers: int, local_directory: Path):
+    from prefect_dask import DaskTaskRunner
+
+    if cluster.address:
+        return DaskTaskRunner(address=cluster.address)
+    kwargs = {"n_workers": n_workers, "threads_per_worker": 1, "processes": True,
+              "dashboard_address": ":0", "local_directory": str(local_directory)}
+    kwargs.update(cluster.cluster_kwargs)
+    return DaskTaskRunner(cluster_class=cluster.cluster_class or "distributed.LocalCluster", cluster_kwargs=kwargs)
+
+
+@contextlib.contextmanager
+def prefect_api() -> Iterator[str | None]:
+    """Use the configured Prefect API, or start a local one for this process and its Dask workers.
+
+    Without an exported API URL each Dask worker would start its own temporary server (~26 s).
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    existing = os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()
+    if existing:
+        yield existing
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start(timeout=int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")))
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            yield server.api_url
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        server.stop()

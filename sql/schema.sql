@@ -1,0 +1,101 @@
+-- The system of record. Keys are content hashes, so every write is an idempotent upsert.
+-- No API key or secret is ever stored: configs are stored with key *names* only.
+
+CREATE TABLE IF NOT EXISTS runs (
+    run_id          VARCHAR PRIMARY KEY,   -- hash of the run's content-relevant config: a rerun resumes it
+    kind            VARCHAR NOT NULL,      -- generate | curate | train | evaluate | publish
+    status          VARCHAR NOT NULL,      -- running | completed | failed
+    dataset         VARCHAR,
+    model           VARCHAR,
+    prompt_version  VARCHAR,
+    config          JSON,
+    started_at      TIMESTAMPTZ,
+    finished_at     TIMESTAMPTZ,
+    attempts        INTEGER DEFAULT 1,
+    n_questions     INTEGER,
+    n_trajectories  INTEGER,
+    n_errors        INTEGER,
+    swirl_version   VARCHAR
+);
+
+CREATE TABLE IF NOT EXISTS questions (
+    question_id     VARCHAR PRIMARY KEY,
+    dataset         VARCHAR NOT NULL,
+    split           VARCHAR NOT NULL,
+    source_id       VARCHAR NOT NULL,
+    task            VARCHAR NOT NULL,      -- qa | math
+    question        VARCHAR NOT NULL,
+    answer          VARCHAR NOT NULL,
+    answer_aliases  VARCHAR[],
+    metadata        JSON,
+    source          VARCHAR,               -- file:line or hub:name/config/split:row
+    first_run_id    VARCHAR
+);
+
+CREATE TABLE IF NOT EXISTS seed_errors (
+    run_id          VARCHAR NOT NULL,
+    source          VARCHAR NOT NULL,
+    error           VARCHAR NOT NULL,
+    PRIMARY KEY (run_id, source)
+);
+
+CREATE TABLE IF NOT EXISTS trajectories (
+    trajectory_id       VARCHAR PRIMARY KEY,  -- hash(question, sample index, policy fingerprint)
+    run_id              VARCHAR NOT NULL,
+    question_id         VARCHAR NOT NULL,
+    sample_index        INTEGER NOT NULL,
+    model               VARCHAR NOT NULL,
+    prompt_version      VARCHAR NOT NULL,
+    policy_fingerprint  VARCHAR NOT NULL,
+    status              VARCHAR NOT NULL,     -- answered | step_cap | error
+    final_answer        VARCHAR,
+    num_steps           INTEGER NOT NULL,
+    num_invalid_steps   INTEGER NOT NULL,
+    prompt_tokens       BIGINT,
+    completion_tokens   BIGINT,
+    error               VARCHAR,
+    prompt_messages     JSON NOT NULL,        -- s_0: the messages before the first action
+    created_at          TIMESTAMPTZ DEFAULT current_timestamp
+);
+
+CREATE TABLE IF NOT EXISTS steps (
+    trajectory_id     VARCHAR NOT NULL,
+    step_index        INTEGER NOT NULL,
+    message           VARCHAR NOT NULL,       -- the assistant message as it entered the conversation
+    reasoning         VARCHAR,
+    action_kind       VARCHAR NOT NULL,       -- search | math | answer | invalid
+    action_input      VARCHAR,                -- query / expression / answer
+    parse_error       VARCHAR,
+    truncated         BOOLEAN,                -- text after the first action was cut off
+    observation       VARCHAR,                -- `INPUT → RESULT` shown to the model next (NULL for answers)
+    tool_error        BOOLEAN,
+    call_key          VARCHAR,                -- → llm_calls.call_key
+    model             VARCHAR NOT NULL,
+    prompt_version    VARCHAR NOT NULL,
+    "constraint"      VARCHAR,                -- decoding constraint that shaped this message, if any
+    prompt_tokens     INTEGER,
+    completion_tokens INTEGER,
+    latency_s         DOUBLE,
+    PRIMARY KEY (trajectory_id, step_index)
+);
+
+CREATE TABLE IF NOT EXISTS llm_calls (
+    call_key          VARCHAR PRIMARY KEY,    -- hash of model, messages, sampling params, sample index, prompt version
+    run_id            VARCHAR,
+    purpose           VARCHAR,                -- policy | judge | grader
+    model             VARCHAR NOT NULL,
+    backend           VARCHAR,
+    prompt_version    VARCHAR,
+    sample_index      INTEGER,
+    temperature       DOUBLE,
+    max_tokens        INTEGER,
+    "constraint"      VARCHAR,
+    response_text     VARCHAR,
+    finish_reason     VARCHAR,
+    prompt_tokens     INTEGER,
+    completion_tokens INTEGER,
+    cost_usd          DOUBLE,                 -- NULL = price unknown (never a silent 0)
+    latency_s         DOUBLE,
+    attempts          INTEGER,
+    created_at        TIMESTAMPTZ
+);

@@ -1,0 +1,138 @@
+"""The one multi-step agent loop, shared by generation, RL-state export and evaluation.
+
+Each step: ask the policy, parse exactly one action, run the tool (never during RL), feed the
+result back as `INPUT → RESULT`, until `<answer>` or the step cap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from swirl_core.hashing import content_hash
+from swirl_core.llm.base import ChatRequest, LLMError
+from swirl_core.llm.client import LLMClient
+from swirl_core.protocol import (
+    TAGS,
+    TASK_ACTIONS,
+    action_regex,
+    invalid_action_feedback,
+    observation_message,
+    parse_action,
+    policy_messages,
+    prompt_version,
+)
+from swirl_core.records import Question, Step, TaskKind, Trajectory
+from swirl_core.tools import Tool, ToolResult
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """Everything that shapes a policy's trajectories; its fingerprint is part of trajectory ids."""
+
+    model: str
+    task: TaskKind
+    max_steps: int
+    few_shot: bool = False
+    constraint: str | None = None  # None, "grammar" (in-process) or "regex" (guided decoding)
+    temperature: float = 0.7
+    top_p: float | None = None
+    max_tokens: int = 256
+    tools_fingerprint: str = ""
+
+    @property
+    def prompt_version(self) -> str:
+        return prompt_version(self.task, self.few_shot)
+
+    @property
+    def fingerprint(self) -> str:
+        return content_hash(
+            "policy", self.model, self.task, self.max_steps, self.few_shot, self.constraint,
+            self.temperature, self.top_p, self.max_tokens, self.prompt_version, self.tools_fingerprint,
+        )
+
+    def request(self, messages: list[dict[str, str]], sample_index: int) -> ChatRequest:
+        constraint, extra = None, {}
+        if self.constraint == "grammar":
+            constraint = "grammar:" + "|".join(TAGS[k] for k in TASK_ACTIONS[self.task])
+        elif self.constraint == "regex":
+            constraint, extra = "regex", {"guided_regex": action_regex(self.task)}
+        return ChatRequest(
+            model=self.model, messages=messages, temperature=self.temperature, top_p=self.top_p,
+            max_tokens=self.max_tokens, sample_index=sample_index, seed=sample_index,
+            prompt_version=self.prompt_version, constraint=constraint, extra_body=extra,
+        )
+
+
+@dataclass
+class Agent:
+    client: LLMClient
+    policy: PolicySpec
+    tools: Mapping[str, Tool] = field(default_factory=dict)
+
+    def initial_messages(self, question: Question) -> list[dict[str, str]]:
+        return policy_messages(self.policy.task, question.question, self.policy.max_steps, self.policy.few_shot)
+
+    def _run_tool(self, kind: str, tool_input: str) -> ToolResult:
+        tool = self.tools.get(kind)
+        if tool is None:
+            return ToolResult(f"Tool error: no {kind} tool is configured", error=True)
+        return tool(tool_input)
+
+    async def run(self, question: Question, sample_index: int) -> Trajectory:
+        policy = self.policy
+        prompt = self.initial_messages(question)
+        messages = list(prompt)
+        steps: list[Step] = []
+        status, final, error = "step_cap", None, None
+        for k in range(policy.max_steps):
+            request = policy.request(messages, sample_index)
+            try:
+                response = await self.client.complete(request)
+            except LLMError as exc:
+                status, error = "error", str(exc)
+                break
+            parsed = parse_action(response.text, policy.task)
+            action = parsed.action
+            observation, tool_error = None, False
+            if action.kind == "invalid":
+                observation, tool_error = invalid_action_feedback(policy.task, action.error or "invalid"), True
+            elif action.kind != "answer":
+                result = self._run_tool(action.kind, action.content)
+                observation, tool_error = observation_message(action.content, result.output), result.error
+            steps.append(
+                Step(
+                    step_index=k, message=parsed.message, action=action, observation=observation,
+                    tool_error=tool_error, call_key=response.key, model=policy.model,
+                    prompt_version=policy.prompt_version, constraint=request.constraint,
+                    prompt_tokens=response.prompt_tokens, completion_tokens=response.completion_tokens,
+                    latency_s=response.latency_s, cached=response.cached,
+                )
+            )
+            if action.kind == "answer":
+                status, final = "answered", action.content
+                break
+            messages += [{"role": "assistant", "content": parsed.message}, {"role": "user", "content": observation}]
+        return Trajectory(
+            trajectory_id=Trajectory.make_id(question.question_id, sample_index, policy.fingerprint),
+            question_id=question.question_id, sample_index=sample_index, model=policy.model,
+            prompt_version=policy.prompt_version, prompt_messages=prompt, steps=steps, status=status,
+            final_answer=final, error=error,
+        )
+
+    async def run_many(
+        self,
+        work: Sequence[tuple[Question, int]],
+        on_done: Callable[[Trajectory], None] | None = None,
+    ) -> list[Trajectory]:
+        """Run all (question, sample) pairs concurrently; the client's semaphore bounds the calls,
+        so a finished trajectory's slot goes to the next one at once (no batch barrier)."""
+
+        async def one(q: Question, i: int) -> Trajectory:
+            t = await self.run(q, i)
+            if on_done is not None:
+                on_done(t)
+            return t
+
+        return list(await asyncio.gather(*(one(q, i) for q, i in work)))

@@ -1,0 +1,124 @@
+"""Validated configuration: one object per flow, with defaults that work offline.
+
+These are the typed parameters of the Prefect deployments and the forms in the Prefect UI.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from swirl_core.llm.local_models import DEFAULT_LOCAL_MODEL, is_local_model
+
+# litellm providers that speak the OpenAI protocol: with an api_base they take the fast path.
+OPENAI_COMPATIBLE_PROVIDERS = ("openai", "hosted_vllm", "vllm", "openai_compat", "llamacpp", "lm_studio")
+
+
+class ModelConfig(BaseModel):
+    """A policy or judge model: an API model via litellm, a served model, or an in-process one."""
+
+    model: str = Field(DEFAULT_LOCAL_MODEL, description="litellm name (openai/gpt-4o-mini, hosted_vllm/NAME, …), 'smollm2', or a local checkpoint folder")
+    api_base: str | None = Field(None, description="endpoint of an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
+    api_key_env: str | None = Field(None, description="NAME of the environment variable holding the key (default: the provider's usual one); the key itself is never stored")
+    backend: Literal["auto", "openai_compat", "litellm", "transformers"] = "auto"
+    concurrency: int = Field(32, ge=1, le=4096, description="max requests in flight per process")
+    requests_per_minute: float | None = Field(None, gt=0)
+    tokens_per_minute: float | None = Field(None, gt=0)
+    timeout_s: float = Field(120.0, gt=0)
+    max_retries: int = Field(6, ge=0, le=50)
+    temperature: float = Field(0.7, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1, description="per step; default 256 for API models, 64 in-process")
+    input_price_per_mtok: float | None = Field(None, ge=0, description="USD per 1M input tokens, for models litellm does not price")
+    output_price_per_mtok: float | None = Field(None, ge=0)
+    few_shot: bool | None = Field(None, description="demonstrations as chat turns; default on for in-process models")
+    constraint: Literal["auto", "none", "grammar", "regex"] = Field(
+        "auto", description="decoding constraint: grammar (in-process), regex (vLLM guided decoding); auto = grammar in-process, none otherwise"
+    )
+    local_batch_size: int = Field(16, ge=1)
+
+    @property
+    def resolved_backend(self) -> str:
+        if self.backend != "auto":
+            return self.backend
+        if is_local_model(self.model):
+            return "transformers"
+        provider = self.model.split("/", 1)[0] if "/" in self.model else ""
+        if self.api_base and provider in OPENAI_COMPATIBLE_PROVIDERS:
+            return "openai_compat"
+        return "litellm"
+
+    @property
+    def is_local(self) -> bool:
+        return self.resolved_backend == "transformers"
+
+    @property
+    def resolved_few_shot(self) -> bool:
+        return self.is_local if self.few_shot is None else self.few_shot
+
+    @property
+    def resolved_constraint(self) -> str | None:
+        if self.constraint == "auto":
+            return "grammar" if self.is_local else None
+        return None if self.constraint == "none" else self.constraint
+
+    @property
+    def resolved_max_tokens(self) -> int:
+        return self.max_tokens or (64 if self.is_local else 256)
+
+    @property
+    def prices(self) -> tuple[float, float] | None:
+        if self.input_price_per_mtok is None or self.output_price_per_mtok is None:
+            return None
+        return self.input_price_per_mtok / 1e6, self.output_price_per_mtok / 1e6
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        if self.constraint == "grammar" and not self.is_local:
+            raise ValueError("constraint 'grammar' needs an in-process model; use 'regex' for a served model")
+        if self.constraint == "regex" and self.is_local:
+            raise ValueError("constraint 'regex' is for served models; in-process models use 'grammar'")
+        return self
+
+
+class ClusterConfig(BaseModel):
+    """Where shards run: a local Dask cluster by default, or an existing scheduler."""
+
+    address: str | None = Field(None, description="tcp://HOST:PORT of a running Dask scheduler")
+    cluster_class: str | None = Field(None, description="e.g. dask_jobqueue.SLURMCluster; default distributed.LocalCluster")
+    cluster_kwargs: dict[str, Any] = Field(default_factory=dict)
+    n_workers: int | None = Field(None, ge=1, description="local workers; default 2 (1 for in-process models)")
+
+
+class GenerateConfig(BaseModel):
+    """Parameters of the `generate` flow."""
+
+    dataset: str = Field("demo-math", description="gsm8k, hotpotqa, musique, beerqa, cofca, generic, demo-math, demo-qa")
+    data_files: list[str] | None = Field(None, description="local JSONL/JSON/Parquet files; default: the Hub dataset")
+    split: str = "train"
+    hub_name: str | None = None
+    hub_config: str | None = None
+    limit: int | None = Field(None, ge=1)
+    skip_invalid: bool = False
+    samples: int = Field(5, ge=1, le=1000, description="trajectories per question (paper: 5)")
+    max_steps: int | None = Field(None, ge=1, le=50, description="step cap; default 10 for math, 5 for QA")
+    policy: ModelConfig = Field(default_factory=ModelConfig)
+    corpus: str | None = Field(None, description="search corpus (JSONL/Parquet of title,text); 'seeds' = the questions' own context paragraphs; default: the dataset's own")
+    search_k: int = Field(1, ge=1, le=20)
+    db: str = "swirl.duckdb"
+    work_dir: str | None = Field(None, description="journals and shards; default: <db>.work beside the database")
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    shard_size: int = Field(8, ge=1, description="questions per shard")
+    fsync: bool = Field(False, description="fsync the call journal after each response (power-loss safety)")
+    progress: bool = True
+
+    @field_validator("data_files", mode="before")
+    @classmethod
+    def _listify(cls, v: Any) -> Any:
+        return [v] if isinstance(v, (str, Path)) else v
+
+    @property
+    def resolved_work_dir(self) -> Path:
+        return Path(self.work_dir) if self.work_dir else Path(self.db).with_suffix(".work")

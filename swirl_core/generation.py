@@ -1,0 +1,186 @@
+"""Generation as plain functions: plan the work, run one shard, summarise a run.
+
+The flow (`flows/generate.py`) maps `run_shard` over Dask workers and is the only DuckDB writer;
+shards only read seeds they are handed, call models and tools, and journal every paid response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel
+
+from swirl_core.agent import Agent, PolicySpec
+from swirl_core.config import GenerateConfig, ModelConfig
+from swirl_core.hashing import content_hash
+from swirl_core.llm.factory import build_client
+from swirl_core.records import InvalidRow, Question, TaskKind, Trajectory
+from swirl_core.seeds import DATASETS, corpus_from_questions, load_seeds
+from swirl_core.tools import Tool
+from swirl_core.tools.calculator import Calculator
+from swirl_core.tools.search import SearchTool, corpus_hash, load_corpus
+
+
+class Shard(BaseModel):
+    """A unit of work for one Dask task: some (question, sample) pairs and how to run them."""
+
+    shard_id: int
+    run_id: str
+    questions: list[Question]
+    work: list[tuple[int, int]]  # (index into questions, sample index)
+    policy: ModelConfig
+    task: TaskKind
+    max_steps: int
+    corpus_path: str | None
+    search_k: int
+    tools_fingerprint: str
+    journal_dir: str
+    fsync: bool = False
+
+
+@dataclass
+class GenerationPlan:
+    run_id: str
+    task: TaskKind
+    questions: list[Question]
+    invalid: list[InvalidRow]
+    policy: PolicySpec
+    corpus_path: str | None
+    work: list[tuple[Question, int, str]]  # (question, sample index, trajectory id)
+
+
+def policy_spec(cfg: ModelConfig, task: TaskKind, max_steps: int, tools_fingerprint: str) -> PolicySpec:
+    return PolicySpec(
+        model=cfg.model, task=task, max_steps=max_steps, few_shot=cfg.resolved_few_shot,
+        constraint=cfg.resolved_constraint, temperature=cfg.temperature, top_p=cfg.top_p,
+        max_tokens=cfg.resolved_max_tokens, tools_fingerprint=tools_fingerprint,
+    )
+
+
+def resolve_corpus(config: GenerateConfig, task: TaskKind, questions: list[Question]) -> str | None:
+    """The corpus file for the search tool, writing one from the seeds' own paragraphs if asked."""
+    corpus = config.corpus or DATASETS[config.dataset].default_corpus
+    if corpus is None and task == "qa" and any(q.context for q in questions):
+        corpus = "seeds"
+    if corpus != "seeds":
+        if corpus is None and task == "qa":
+            raise ValueError(
+                f"dataset {config.dataset!r} needs a search corpus: pass --corpus PATH "
+                "(JSONL/Parquet with title,text) or --corpus seeds"
+            )
+        return corpus
+    paragraphs = corpus_from_questions(questions)
+    if not paragraphs:
+        raise ValueError("--corpus seeds: the seed questions carry no context paragraphs")
+    path = config.resolved_work_dir / f"corpus-{corpus_hash(paragraphs)[:16]}.parquet"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        pq.write_table(pa.Table.from_pylist([p.model_dump() for p in paragraphs]), tmp)
+        tmp.replace(path)
+    return str(path)
+
+
+def plan_generation(config: GenerateConfig) -> GenerationPlan:
+    """Load and validate seeds (before any call is paid for) and list every trajectory to make."""
+    spec = DATASETS.get(config.dataset)
+    if spec is None:
+        raise ValueError(f"unknown dataset {config.dataset!r}; known: {', '.join(DATASETS)}")
+    seeds = load_seeds(
+        config.dataset, data_files=config.data_files, split=config.split, hub_name=config.hub_name,
+        hub_config=config.hub_config, limit=config.limit, skip_invalid=config.skip_invalid,
+    )
+    if not seeds.questions:
+        raise ValueError(f"no valid questions in {config.dataset!r} ({len(seeds.invalid)} invalid rows)")
+    corpus_path = resolve_corpus(config, spec.task, seeds.questions)
+    tools_fp = content_hash("tools", corpus_hash(load_corpus(corpus_path)) if corpus_path else None, config.search_k)
+    policy = policy_spec(config.policy, spec.task, config.max_steps or spec.max_steps, tools_fp)
+    run_id = content_hash(
+        "generate-run", config.dataset, config.split, sorted(q.question_id for q in seeds.questions),
+        config.samples, policy.fingerprint,
+    )[:16]
+    work = [
+        (q, i, Trajectory.make_id(q.question_id, i, policy.fingerprint))
+        for q in seeds.questions for i in range(config.samples)
+    ]
+    return GenerationPlan(run_id, spec.task, seeds.questions, seeds.invalid, policy, corpus_path, work)
+
+
+def make_shards(plan: GenerationPlan, config: GenerateConfig, todo: list[tuple[Question, int, str]]) -> list[Shard]:
+    """Group pending pairs by question into shards of `shard_size` questions (contexts stripped)."""
+    by_question: dict[str, list[int]] = {}
+    questions: dict[str, Question] = {}
+    for q, sample, _ in todo:
+        by_question.setdefault(q.question_id, []).append(sample)
+        questions[q.question_id] = q
+    ids = list(by_question)
+    shards = []
+    for n, start in enumerate(range(0, len(ids), config.shard_size)):
+        chunk = ids[start : start + config.shard_size]
+        qs = [questions[i].model_copy(update={"context": ()}) for i in chunk]
+        shards.append(Shard(
+            shard_id=n, run_id=plan.run_id, questions=qs,
+            work=[(j, s) for j, qid in enumerate(chunk) for s in by_question[qid]],
+            policy=config.policy, task=plan.task, max_steps=plan.policy.max_steps, corpus_path=plan.corpus_path,
+            search_k=config.search_k, tools_fingerprint=plan.policy.tools_fingerprint,
+            journal_dir=str(config.resolved_work_dir / "journal"), fsync=config.fsync,
+        ))
+    return shards
+
+
+@functools.lru_cache(maxsize=8)
+def _search_tool(path: str, k: int) -> SearchTool:
+    return SearchTool.from_file(path, k=k)
+
+
+def shard_tools(shard: Shard) -> dict[str, Tool]:
+    if shard.task == "math":
+        return {"math": Calculator()}
+    return {"search": _search_tool(shard.corpus_path, shard.search_k)} if shard.corpus_path else {}
+
+
+def run_shard(shard: Shard, on_done: Callable[[Trajectory], None] | None = None) -> list[Trajectory]:
+    """Run one shard to completion in this process (a Dask worker, or the flow itself)."""
+
+    async def main() -> list[Trajectory]:
+        client = build_client(shard.policy, shard.journal_dir, fsync=shard.fsync, tags={"run_id": shard.run_id, "purpose": "policy"})
+        policy = policy_spec(shard.policy, shard.task, shard.max_steps, shard.tools_fingerprint)
+        agent = Agent(client, policy, shard_tools(shard))
+        try:
+            return await agent.run_many([(shard.questions[j], s) for j, s in shard.work], on_done)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(main())
+
+
+def default_workers(config: GenerateConfig) -> int:
+    # One in-process model per worker: on a small machine one worker with batching beats two copies.
+    return config.cluster.n_workers or (1 if config.policy.is_local else 2)
+
+
+def run_summary(con, run_id: str) -> dict[str, list[dict]]:
+    """Tables for the run's artifacts: status counts, steps per trajectory, actions, tokens and cost."""
+
+    def rows(sql: str) -> list[dict]:
+        cur = con.execute(sql, [run_id])
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, r)) for r in cur.fetchall()]
+
+    return {
+        "status": rows("SELECT status, count(*) AS trajectories, round(avg(num_steps), 2) AS mean_steps "
+                       "FROM trajectories WHERE run_id = ? GROUP BY status ORDER BY status"),
+        "steps_per_trajectory": rows("SELECT num_steps AS steps, count(*) AS trajectories FROM trajectories "
+                                     "WHERE run_id = ? GROUP BY num_steps ORDER BY num_steps"),
+        "actions": rows("SELECT s.action_kind AS action, count(*) AS steps, count(*) FILTER (WHERE s.tool_error) AS tool_errors "
+                        "FROM steps s JOIN trajectories t USING (trajectory_id) WHERE t.run_id = ? GROUP BY 1 ORDER BY 1"),
+        "cost": rows("SELECT model, count(*) AS calls, sum(prompt_tokens) AS prompt_tokens, sum(completion_tokens) AS completion_tokens, "
+                     "sum(cost_usd) AS cost_usd, count(*) FILTER (WHERE cost_usd IS NULL) AS unpriced_calls, "
+                     "round(avg(latency_s), 3) AS mean_latency_s FROM llm_calls WHERE run_id = ? GROUP BY model"),
+    }

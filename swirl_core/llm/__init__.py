@@ -1,0 +1,1 @@
+"""LLM access: one client interface for policy and judge, over several backends."""

@@ -1,0 +1,56 @@
+"""The request record, the backend interface and the errors every backend maps onto."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from pydantic import BaseModel, Field
+
+from swirl_core.hashing import content_hash
+from swirl_core.records import LLMResponse
+
+
+class ChatRequest(BaseModel):
+    """One chat request. Its `key` identifies it in the call cache: same key, same paid answer."""
+
+    model: str
+    messages: list[dict[str, str]]
+    temperature: float = 0.7
+    top_p: float | None = None
+    max_tokens: int = 256
+    stop: list[str] | None = None
+    # Distinguishes the K samples of one state: identical prompts at T>0 are different requests.
+    sample_index: int = 0
+    seed: int | None = None  # sent to servers that honour it, for reproducible samples
+    prompt_version: str = ""
+    # Decoding constraint for small models ("tag-start" in-process, "regex" via guided decoding).
+    constraint: str | None = None
+    extra_body: dict[str, Any] = Field(default_factory=dict)
+
+    def key(self) -> str:
+        return content_hash(
+            "chat", self.model, self.messages, self.temperature, self.top_p, self.max_tokens,
+            self.stop, self.sample_index, self.seed, self.prompt_version, self.constraint, self.extra_body,
+        )
+
+
+class LLMError(RuntimeError):
+    """A call that failed for good (bad request, auth, retries exhausted)."""
+
+
+class RetryableError(LLMError):
+    """A transient failure (429, 5xx, timeout, malformed body): try again, after `retry_after` if given."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Backend(Protocol):
+    """Sends one request to a model. Retries, caching and limits live in `LLMClient`, not here."""
+
+    name: str
+
+    async def complete(self, request: ChatRequest, timeout_s: float) -> LLMResponse: ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,48 @@
+"""Build an `LLMClient` from a `ModelConfig`: the one place that picks a backend."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from swirl_core.config import ModelConfig
+from swirl_core.llm.cache import shared_journal
+from swirl_core.llm.client import LLMClient
+from swirl_core.llm.cost import price_per_token
+
+
+def _api_key(cfg: ModelConfig) -> str | None:
+    if cfg.api_key_env:
+        key = os.environ.get(cfg.api_key_env)
+        if not key:
+            raise ValueError(f"environment variable {cfg.api_key_env} is not set")
+        return key
+    return None
+
+
+def build_client(cfg: ModelConfig, journal_dir: str | Path | None, *, fsync: bool = False, tags: dict[str, Any] | None = None) -> LLMClient:
+    backend_name = cfg.resolved_backend
+    prices = cfg.prices
+    if backend_name == "transformers":
+        from swirl_core.llm.local_models import resolve_local_model
+        from swirl_core.llm.transformers_backend import TransformersBackend
+
+        backend = TransformersBackend(resolve_local_model(cfg.model), max_batch=cfg.local_batch_size)
+    elif backend_name == "openai_compat":
+        from swirl_core.llm.openai_compat import OpenAICompatBackend
+
+        provider, _, name = cfg.model.partition("/")
+        key = _api_key(cfg) or (os.environ.get("OPENAI_API_KEY") if provider == "openai" else None)
+        backend = OpenAICompatBackend(cfg.api_base, model_name=name, api_key=key, concurrency=cfg.concurrency)
+        prices = prices or price_per_token(cfg.model)
+    else:
+        from swirl_core.llm.litellm_backend import LiteLLMBackend
+
+        backend = LiteLLMBackend(cfg.model, api_base=cfg.api_base, api_key=_api_key(cfg))
+    journal = shared_journal(journal_dir, fsync=fsync) if journal_dir is not None else None
+    return LLMClient(
+        backend, journal, concurrency=cfg.concurrency, requests_per_minute=cfg.requests_per_minute,
+        tokens_per_minute=cfg.tokens_per_minute, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
+        prices=prices, tags=tags,
+    )

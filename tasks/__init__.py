@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers around `swirl_core` calls (retries, names, logging)."""

@@ -1,0 +1,27 @@
+"""Prefect artifacts that summarise a run in the UI."""
+
+from __future__ import annotations
+
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+
+def _key(text: str) -> str:
+    # Artifact keys allow lowercase letters, digits and dashes only.
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
+
+
+def publish_tables(prefix: str, run_id: str, tables: dict[str, list[dict]]) -> None:
+    for name, rows in tables.items():
+        if rows:
+            create_table_artifact(
+                key=_key(f"{prefix}-{name}"), table=[{k: _plain(v) for k, v in r.items()} for r in rows],
+                description=f"{prefix} run {run_id}: {name.replace('_', ' ')}",
+            )
+
+
+def publish_markdown(prefix: str, markdown: str, description: str) -> None:
+    create_markdown_artifact(key=_key(f"{prefix}-summary"), markdown=markdown, description=description)
+
+
+def _plain(value):
+    return value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
