@@ -97,11 +97,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         db=args.db, work_dir=args.work_dir, shard_size=args.shard_size, fsync=args.fsync,
         cluster=ClusterConfig(address=args.scheduler_address, n_workers=args.workers), progress=not args.no_progress,
     )
-    from flows.generate import generate
+    from flows.generate import run_generate
     from flows.runtime import prefect_api
 
     with prefect_api():
-        result = generate(config)
+        result = run_generate(config)
     _print_generation(result)
     return 0 if result["status"] == "completed" else 1
 

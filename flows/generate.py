@@ -22,6 +22,12 @@ from tasks.artifacts import publish_markdown, publish_tables
 from tasks.generate import generate_shard
 
 
+def run_generate(config: GenerateConfig) -> dict[str, Any]:
+    """Run the flow on the cluster its config names (the task runner is chosen per run)."""
+    runner = task_runner(config.cluster, default_workers(config), config.resolved_work_dir / "dask")
+    return generate.with_options(task_runner=runner)(config)
+
+
 @flow(name="generate", log_prints=True)
 def generate(config: GenerateConfig = GenerateConfig()) -> dict[str, Any]:
     logger = get_run_logger()
@@ -45,10 +51,9 @@ def generate(config: GenerateConfig = GenerateConfig()) -> dict[str, Any]:
         )
         failures: list[str] = []
         if shards:
-            runner = task_runner(config.cluster, default_workers(config), work_dir / "dask")
-            failures = _run_shards(shards, runner, store, plan, config.progress, logger)
+            failures = _run_shards(shards, store, plan, config.progress, logger)
             store.ingest_journals(journal_dir)
-        summary = run_summary(store.con, plan.run_id)
+        summary = run_summary(store.con, plan.run_id, [tid for _, _, tid in plan.work])
         n_traj = sum(r["trajectories"] for r in summary["status"])
         n_err = sum(r["trajectories"] for r in summary["status"] if r["status"] == "error")
         status = "failed" if failures else "completed"
@@ -59,28 +64,23 @@ def generate(config: GenerateConfig = GenerateConfig()) -> dict[str, Any]:
             "errors": n_err, "shard_failures": failures, "summary": summary}
 
 
-def _run_shards(shards, runner, store: Store, plan, progress: bool, logger) -> list[str]:
-    """Map shards over the task runner and write each result the moment it arrives."""
-
-    @flow(name="generate-shards", task_runner=runner)
-    def shards_subflow() -> list[str]:
-        failures = []
-        futures = generate_shard.map(shards)
-        bar = tqdm(total=sum(len(s.work) for s in shards), unit="traj", desc="generate", disable=not progress)
-        for future in as_completed(futures):
-            try:
-                rows = future.result()
-            except Exception as exc:  # one bad shard must not lose the others' results
-                failures.append(f"{exc.__class__.__name__}: {exc}")
-                logger.error("shard failed: %s", exc)
-                continue
-            trajectories = [Trajectory.model_validate(r) for r in rows]
-            store.write_trajectories(trajectories, plan.run_id, plan.policy.fingerprint)
-            bar.update(len(trajectories))
-        bar.close()
-        return failures
-
-    return shards_subflow()
+def _run_shards(shards, store: Store, plan, progress: bool, logger) -> list[str]:
+    """Map shards over the flow's task runner and write each result the moment it arrives."""
+    failures = []
+    futures = generate_shard.map(shards)
+    bar = tqdm(total=sum(len(s.work) for s in shards), unit="traj", desc="generate", disable=not progress)
+    for future in as_completed(futures):
+        try:
+            rows = future.result()
+        except Exception as exc:  # one bad shard must not lose the others' results
+            failures.append(f"{exc.__class__.__name__}: {exc}")
+            logger.error("shard failed: %s", exc)
+            continue
+        trajectories = [Trajectory.model_validate(r) for r in rows]
+        store.write_trajectories(trajectories, plan.run_id, plan.policy.fingerprint)
+        bar.update(len(trajectories))
+    bar.close()
+    return failures
 
 
 def _markdown(run_id: str, config: GenerateConfig, summary: dict, failures: list[str]) -> str:

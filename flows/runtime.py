@@ -17,6 +17,7 @@ QUIET_ENV = {
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "HF_UPDATE_DOWNLOAD_COUNTS": "0",
     "TOKENIZERS_PARALLELISM": "false",
+    "DASK_LOGGING__DISTRIBUTED": "warning",  # worker/scheduler chatter drowns the progress bar
 }
 
 
@@ -57,5 +58,8 @@ def prefect_api() -> Iterator[str | None]:
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
             yield server.api_url
     finally:
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=5)  # ship buffered run logs while the server is still up
         os.environ.pop("PREFECT_API_URL", None)
         server.stop()

@@ -165,22 +165,29 @@ def default_workers(config: GenerateConfig) -> int:
     return config.cluster.n_workers or (1 if config.policy.is_local else 2)
 
 
-def run_summary(con, run_id: str) -> dict[str, list[dict]]:
-    """Tables for the run's artifacts: status counts, steps per trajectory, actions, tokens and cost."""
+def run_summary(con, run_id: str, trajectory_ids: list[str]) -> dict[str, list[dict]]:
+    """Tables for the run's artifacts over all its trajectories (including ones an earlier run made):
+    status counts, steps per trajectory, actions, tokens and cost."""
+    con.register("_plan", pa.table({"trajectory_id": pa.array(trajectory_ids, pa.string())}))
 
     def rows(sql: str) -> list[dict]:
-        cur = con.execute(sql, [run_id])
+        cur = con.execute(sql)
         cols = [d[0] for d in cur.description]
         return [dict(zip(cols, r)) for r in cur.fetchall()]
 
-    return {
-        "status": rows("SELECT status, count(*) AS trajectories, round(avg(num_steps), 2) AS mean_steps "
-                       "FROM trajectories WHERE run_id = ? GROUP BY status ORDER BY status"),
-        "steps_per_trajectory": rows("SELECT num_steps AS steps, count(*) AS trajectories FROM trajectories "
-                                     "WHERE run_id = ? GROUP BY num_steps ORDER BY num_steps"),
-        "actions": rows("SELECT s.action_kind AS action, count(*) AS steps, count(*) FILTER (WHERE s.tool_error) AS tool_errors "
-                        "FROM steps s JOIN trajectories t USING (trajectory_id) WHERE t.run_id = ? GROUP BY 1 ORDER BY 1"),
-        "cost": rows("SELECT model, count(*) AS calls, sum(prompt_tokens) AS prompt_tokens, sum(completion_tokens) AS completion_tokens, "
-                     "sum(cost_usd) AS cost_usd, count(*) FILTER (WHERE cost_usd IS NULL) AS unpriced_calls, "
-                     "round(avg(latency_s), 3) AS mean_latency_s FROM llm_calls WHERE run_id = ? GROUP BY model"),
-    }
+    try:
+        return {
+            "status": rows("SELECT status, count(*) AS trajectories, round(avg(num_steps), 2) AS mean_steps "
+                           "FROM trajectories JOIN _plan USING (trajectory_id) GROUP BY status ORDER BY status"),
+            "steps_per_trajectory": rows("SELECT num_steps AS steps, count(*) AS trajectories FROM trajectories "
+                                         "JOIN _plan USING (trajectory_id) GROUP BY num_steps ORDER BY num_steps"),
+            "actions": rows("SELECT action_kind AS action, count(*) AS steps, count(*) FILTER (WHERE tool_error) AS tool_errors "
+                            "FROM steps JOIN _plan USING (trajectory_id) GROUP BY 1 ORDER BY 1"),
+            "cost": rows("SELECT c.model, count(*) AS calls, sum(c.prompt_tokens) AS prompt_tokens, "
+                         "sum(c.completion_tokens) AS completion_tokens, sum(c.cost_usd) AS cost_usd, "
+                         "count(*) FILTER (WHERE c.cost_usd IS NULL) AS unpriced_calls, round(avg(c.latency_s), 3) AS mean_latency_s "
+                         "FROM llm_calls c WHERE c.call_key IN (SELECT call_key FROM steps JOIN _plan USING (trajectory_id)) "
+                         "GROUP BY c.model"),
+        }
+    finally:
+        con.unregister("_plan")
