@@ -1,0 +1,160 @@
+"""The LLM client over real HTTP: retries, Retry-After, timeouts, the call cache, cost, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+from scripted_server import Faults, ScriptedServer
+
+from swirl_core.config import ModelConfig
+from swirl_core.llm.base import ChatRequest, LLMError
+from swirl_core.llm.cache import CallJournal
+from swirl_core.llm.factory import build_client
+
+MESSAGES = [{"role": "user", "content": "Question: what is 2+2?"}]
+
+
+def _client(server, journal_dir, **overrides):
+    cfg = ModelConfig(model=overrides.pop("model", "openai/scripted"), api_base=server.base_url, **overrides)
+    return build_client(cfg, journal_dir, tags={"run_id": "r1", "purpose": "policy"})
+
+
+def _request(**kw) -> ChatRequest:
+    return ChatRequest(model=kw.pop("model", "openai/scripted"), messages=kw.pop("messages", MESSAGES), **kw)
+
+
+async def test_retry_after_is_honoured_then_succeeds(tmp_path):
+    with ScriptedServer(default="<answer>4</answer>", faults=Faults(rate_limit_first=2, retry_after_s=0.4)) as srv:
+        client = _client(srv, tmp_path)
+        started = time.perf_counter()
+        response = await client.complete(_request())
+        elapsed = time.perf_counter() - started
+        await client.aclose()
+        assert response.text == "<answer>4</answer>"
+        assert srv.stats()["statuses"] == {429: 2, 200: 1}
+        assert elapsed >= 0.8  # two waits of the server's Retry-After, not the client's own backoff
+        assert client.stats["retries"] == 2
+
+
+async def test_5xx_malformed_and_slow_are_retried(tmp_path):
+    faults = Faults(server_error_first=1, malformed_first=1, slow_first=1, slow_s=3.0)
+    with ScriptedServer(default="<answer>4</answer>", faults=faults) as srv:
+        client = _client(srv, tmp_path, timeout_s=0.5)
+        response = await client.complete(_request())
+        await client.aclose()
+        assert response.text == "<answer>4</answer>"
+        statuses = srv.stats()["statuses"]
+        assert statuses[500] == 1 and statuses[200] == 2  # malformed 200, then the good one
+        assert srv.completed_twice() == []
+
+
+async def test_gives_up_with_a_clear_error_after_max_retries(tmp_path):
+    with ScriptedServer(faults=Faults(server_error_first=10)) as srv:
+        client = _client(srv, tmp_path, max_retries=2)
+        with pytest.raises(LLMError, match="gave up after 3 attempts.*HTTP 500"):
+            await client.complete(_request())
+        await client.aclose()
+        assert srv.stats()["total"] == 3
+
+
+async def test_client_errors_are_not_retried(tmp_path):
+    with ScriptedServer(responder=lambda body: "x") as srv:
+        client = _client(srv, tmp_path)
+        client.backend.url = srv.base_url + "/no-such-endpoint"
+        with pytest.raises(LLMError, match="HTTP 404"):
+            await client.complete(_request())
+        await client.aclose()
+        assert srv.stats()["total"] == 0
+
+
+async def test_cache_is_durable_before_use_and_never_pays_twice(tmp_path):
+    with ScriptedServer(default="<answer>4</answer>") as srv:
+        client = _client(srv, tmp_path)
+        first = await client.complete(_request())
+        journal_lines = [json.loads(line) for p in tmp_path.glob("calls-*.jsonl") for line in p.open()]
+        assert [r["key"] for r in journal_lines] == [first.key]  # on disk by the time the caller has it
+        assert "api_key" not in journal_lines[0]
+        # A new process (a new journal object) replays the answer without sending it again.
+        fresh = build_client(ModelConfig(model="openai/scripted", api_base=srv.base_url), None)
+        fresh.journal = CallJournal(tmp_path)
+        again = await fresh.complete(_request())
+        assert again.cached and again.text == first.text
+        other_sample = await fresh.complete(_request(sample_index=1, seed=1))
+        assert not other_sample.cached
+        await client.aclose()
+        await fresh.aclose()
+        assert srv.stats()["completed"] == 2 and srv.completed_twice() == []
+
+
+async def test_identical_concurrent_requests_are_sent_once(tmp_path):
+    with ScriptedServer(default="<answer>4</answer>", faults=Faults(latency_s=0.2)) as srv:
+        client = _client(srv, tmp_path)
+        results = await asyncio.gather(*(client.complete(_request()) for _ in range(5)))
+        await client.aclose()
+        assert {r.text for r in results} == {"<answer>4</answer>"}
+        assert srv.stats()["total"] == 1
+
+
+def test_torn_journal_line_is_ignored(tmp_path):
+    good = {"key": "k1", "text": "a"}
+    (tmp_path / "calls-host-1-x.jsonl").write_text(json.dumps(good) + "\n" + '{"key": "k2", "te')
+    journal = CallJournal(tmp_path)
+    assert journal.get("k1")["text"] == "a" and journal.get("k2") is None
+
+
+async def test_concurrency_bound_and_cost(tmp_path):
+    with ScriptedServer(default="<answer>4</answer>", faults=Faults(latency_s=0.2)) as srv:
+        client = _client(srv, tmp_path, model="openai/gpt-4o-mini", concurrency=2)
+        started = time.perf_counter()
+        results = await asyncio.gather(*(client.complete(_request(model="openai/gpt-4o-mini", sample_index=i, seed=i)) for i in range(6)))
+        elapsed = time.perf_counter() - started
+        await client.aclose()
+        assert elapsed >= 0.6  # 6 calls, 2 at a time, 0.2 s each
+        # gpt-4o-mini has a known price in litellm's bundled table: cost = tokens × price.
+        r = results[0]
+        assert r.cost_usd == pytest.approx(r.prompt_tokens * 0.15e-6 + r.completion_tokens * 0.6e-6)
+
+
+async def test_unknown_price_is_null_not_zero(tmp_path):
+    with ScriptedServer(default="<answer>4</answer>") as srv:
+        client = _client(srv, tmp_path, model="openai/no-such-model-xyz")
+        response = await client.complete(_request(model="openai/no-such-model-xyz"))
+        await client.aclose()
+        assert response.cost_usd is None
+
+
+async def test_requests_per_minute_limit(tmp_path):
+    with ScriptedServer(default="<answer>4</answer>") as srv:
+        client = _client(srv, tmp_path, requests_per_minute=120)  # 2 per second, bucket of 120
+        client._rpm.level = 1  # start nearly empty so the refill rate shows
+        started = time.perf_counter()
+        await asyncio.gather(*(client.complete(_request(sample_index=i, seed=i)) for i in range(3)))
+        await client.aclose()
+        assert time.perf_counter() - started >= 0.9
+
+
+async def test_litellm_backend_over_real_http(tmp_path, monkeypatch):
+    monkeypatch.setenv("SWIRL_TEST_KEY", "sk-test-secret-123")
+    with ScriptedServer(default="<answer>4</answer>", faults=Faults(rate_limit_first=1, retry_after_s=0.1)) as srv:
+        client = _client(srv, tmp_path, backend="litellm", api_key_env="SWIRL_TEST_KEY")
+        assert client.backend.name == "litellm"
+        response = await client.complete(_request())
+        await client.aclose()
+        assert response.text == "<answer>4</answer>" and response.prompt_tokens
+        assert srv.stats()["statuses"] == {429: 1, 200: 1}
+    assert "sk-test-secret-123" not in "".join(p.read_text() for p in tmp_path.glob("*.jsonl"))
+
+
+async def test_guided_regex_and_seed_reach_a_served_model(tmp_path):
+    from swirl_core.agent import PolicySpec
+
+    spec = PolicySpec(model="hosted_vllm/m", task="math", max_steps=3, constraint="regex")
+    with ScriptedServer(default="<answer>4</answer>") as srv:
+        client = _client(srv, tmp_path, model="hosted_vllm/m")
+        await client.complete(spec.request(MESSAGES, sample_index=3))
+        await client.aclose()
+        body = srv.requests[-1]
+        assert body["model"] == "m" and body["seed"] == 3 and "<math_exp>" in body["guided_regex"]
