@@ -99,7 +99,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     from flows.generate import run_generate
     from flows.runtime import prefect_api
+    from swirl_core.generation import plan_generation
 
+    plan_generation(config)  # bad seeds or options: a one-line error here, before any flow or call
     with prefect_api():
         result = run_generate(config)
     _print_generation(result)

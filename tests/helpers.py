@@ -31,7 +31,7 @@ def math_policy(body: dict) -> str:
     question = next(m["content"] for m in reversed(messages) if m["role"] == "user" and "Question:" in m["content"])
     anchor = max(i for i, m in enumerate(messages) if m["content"] == question)
     step = sum(1 for m in messages[anchor:] if m["role"] == "assistant")
-    numbers = re.findall(r"\d+", question)[:2] or ["1", "1"]
+    numbers = re.findall(r"\d+", question.rsplit("Question:", 1)[1])[:2] or ["1", "1"]
     if step == 0:
         return f"First add. <math_exp>{numbers[0]} + {numbers[-1]}</math_exp>"
     if step == 1:

@@ -51,6 +51,7 @@ _MATH_CHARS = frozenset("0123456789.+-*/()^%, $")
 _NUMBER_CHARS = frozenset("0123456789.,-$ /")
 _LINE_FORBIDDEN = frozenset("<>\n")
 MAX_CONSTRAINED_CONTENT = 200
+CLOSE_BUDGET_TOKENS = 6  # tokens kept back to write the closing tag
 
 
 def _content_ok(tag: str, task_is_math: bool, text: str) -> bool:
@@ -70,10 +71,11 @@ class ActionGrammar:
     per state and cached across batches.
     """
 
-    def __init__(self, tokenizer, prompt_len: int, tags: tuple[str, ...], task_is_math: bool,
+    def __init__(self, tokenizer, prompt_len: int, max_new_tokens: int, tags: tuple[str, ...], task_is_math: bool,
                  token_strings: list[str], cache: dict) -> None:
         self.tokenizer = tokenizer
         self.prompt_len = prompt_len
+        self.max_new_tokens = max_new_tokens
         self.tags = tags
         self.math = task_is_math
         self.tokens = token_strings
@@ -88,6 +90,10 @@ class ActionGrammar:
             allowed = torch.zeros(vocab, dtype=torch.bool)
             if state[0] == "closed":
                 ids = [self.eos]
+            elif state[0] == "force":  # out of budget: the longest token that continues the closing tag
+                rest = f"</{state[1]}>"[len(state[2]):]
+                ids = [max((i for i, s in enumerate(self.tokens[:vocab]) if s and rest.startswith(s)),
+                           key=lambda i: len(self.tokens[i]))]
             else:
                 ids = [i for i, s in enumerate(self.tokens[:vocab]) if s and self._allows(state, s)]
             allowed[ids] = True
@@ -128,10 +134,13 @@ class ActionGrammar:
 
     def __call__(self, input_ids, scores):
         generated = input_ids[:, self.prompt_len:]
+        out_of_budget = self.max_new_tokens - generated.shape[1] <= CLOSE_BUDGET_TOKENS
         for row in range(scores.shape[0]):
             text = self.tokenizer.decode(generated[row], skip_special_tokens=True)
             state = self.state_of(text)
-            if state[0] == "inside" and 0 < state[2] < MAX_CONSTRAINED_CONTENT:
+            if state[0] == "inside" and out_of_budget and state[2] > 0:
+                state = ("force", state[1], state[3])  # close the tag before max_new_tokens cuts it
+            elif state[0] == "inside" and 0 < state[2] < MAX_CONSTRAINED_CONTENT:
                 state = ("inside", state[1], 1, state[3])  # masks differ only at 0 and at the cap
             scores[row] = scores[row].masked_fill(self._mask(state, scores.shape[1], scores.device), float("-inf"))
         return scores
@@ -209,7 +218,7 @@ class TransformersBackend:
             from transformers import LogitsProcessorList
 
             tags = _allowed_tags(first.constraint)
-            grammar = ActionGrammar(tok, prompt_len, tags, "math_exp" in tags, self._token_strings, self._grammar_masks)
+            grammar = ActionGrammar(tok, prompt_len, first.max_tokens, tags, "math_exp" in tags, self._token_strings, self._grammar_masks)
             kwargs["logits_processor"] = LogitsProcessorList([grammar])
         else:
             kwargs.update(stop_strings=list(ACTION_CLOSE_TAGS), tokenizer=tok)

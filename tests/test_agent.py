@@ -1,0 +1,92 @@
+"""The agent loop over real HTTP with real tools."""
+
+from __future__ import annotations
+
+from helpers import math_policy
+from scripted_server import Faults, ScriptedServer
+
+from swirl_core.agent import Agent, PolicySpec
+from swirl_core.config import ModelConfig
+from swirl_core.llm.factory import build_client
+from swirl_core.records import Question
+from swirl_core.tools.calculator import Calculator
+from swirl_core.tools.search import SearchTool
+
+from conftest import FIXTURES
+
+
+def _question(text: str, task: str = "math", answer: str = "42") -> Question:
+    return Question(question_id=Question.make_id("t", "test", text, text), dataset="t", split="test",
+                    source_id=text, task=task, question=text, answer=answer)
+
+
+def _agent(srv, tmp_path, task="math", max_steps=10, tools=None, **cfg):
+    client = build_client(ModelConfig(model="openai/policy", api_base=srv.base_url, **cfg), tmp_path)
+    spec = PolicySpec(model="openai/policy", task=task, max_steps=max_steps)
+    return Agent(client, spec, tools if tools is not None else {"math": Calculator()})
+
+
+async def test_math_trajectory_runs_tools_and_stops_at_answer(tmp_path):
+    with ScriptedServer(responder=math_policy) as srv:
+        agent = _agent(srv, tmp_path)
+        traj = await agent.run(_question("Add 3 and 4, then double."), sample_index=0)
+        await agent.client.aclose()
+    assert traj.status == "answered" and traj.final_answer == "42"
+    assert [s.action.kind for s in traj.steps] == ["math", "math", "answer"]
+    assert traj.steps[0].observation == "3 + 4 → 7"
+    assert traj.steps[1].observation == "(3 + 4) * 2 → 14"
+    assert traj.steps[0].action.reasoning == "First add."
+    assert all(s.call_key and s.prompt_version == "policy-math-v1" and s.model == "openai/policy" for s in traj.steps)
+    # The policy saw each observation as the next user turn.
+    assert srv.requests[-1]["messages"][-1] == {"role": "user", "content": "(3 + 4) * 2 → 14"}
+
+
+async def test_step_cap_invalid_steps_and_tool_errors(tmp_path):
+    replies = iter(["no tag here", "<math_exp>1/0</math_exp>", "<math_exp>2+2</math_exp>"])
+    with ScriptedServer(responder=lambda body: next(replies)) as srv:
+        agent = _agent(srv, tmp_path, max_steps=3)
+        traj = await agent.run(_question("q"), sample_index=0)
+        await agent.client.aclose()
+    assert traj.status == "step_cap" and traj.final_answer is None
+    kinds = [s.action.kind for s in traj.steps]
+    assert kinds == ["invalid", "math", "math"]
+    assert traj.steps[0].action.error == "no action tag" and "Format error" in traj.steps[0].observation
+    assert traj.steps[1].tool_error and "division by zero" in traj.steps[1].observation
+    assert traj.steps[2].observation == "2+2 → 4" and not traj.steps[2].tool_error
+
+
+async def test_llm_failure_is_recorded_with_the_steps_so_far(tmp_path):
+    calls = {"n": 0}
+
+    def flaky(body):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise RuntimeError("boom")
+        return "<math_exp>1+1</math_exp>"
+
+    with ScriptedServer(responder=flaky) as srv:
+        agent = _agent(srv, tmp_path, max_retries=1)
+        traj = await agent.run(_question("q"), sample_index=0)
+        await agent.client.aclose()
+    assert traj.status == "error" and "gave up" in traj.error and len(traj.steps) == 1
+
+
+async def test_search_trajectory_over_the_fixture_corpus(tmp_path):
+    tool = SearchTool.from_file(FIXTURES / "corpus_fixture.jsonl", cache_dir=tmp_path / "bm25")
+    script = {"Jonny Craig": ["<search_query>Jonny Craig</search_query>", "<answer>Slaves</answer>"]}
+    with ScriptedServer(scripts=script) as srv:
+        agent = _agent(srv, tmp_path, task="qa", max_steps=5, tools={"search": tool})
+        traj = await agent.run(_question("Which band did Jonny Craig sing in?", task="qa"), 0)
+        await agent.client.aclose()
+    assert traj.status == "answered"
+    assert traj.steps[0].observation.startswith("Jonny Craig → Jonny Craig:")
+
+
+async def test_k_samples_are_distinct_requests_and_ids(tmp_path):
+    with ScriptedServer(responder=math_policy, faults=Faults(latency_s=0.05)) as srv:
+        agent = _agent(srv, tmp_path)
+        q = _question("Add 5 and 6.")
+        trajs = await agent.run_many([(q, i) for i in range(3)])
+        await agent.client.aclose()
+        assert len({t.trajectory_id for t in trajs}) == 3
+        assert srv.stats()["completed"] == 9 and srv.completed_twice() == []
