@@ -133,6 +133,15 @@ def reset_server(base_url: str) -> None:
         resp.read()
 
 
+def machine_busy_s() -> float | None:
+    """CPU seconds all processes of the machine have spent busy (user+nice+system+irq+softirq+steal), from /proc/stat."""
+    try:
+        parts = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        return sum(int(parts[i]) for i in (1, 2, 3, 6, 7, 8)) / _TICK
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def proc_cpu_s(pid: int) -> float | None:
     """utime + stime of a process, from /proc (None where there is no /proc)."""
     try:
@@ -142,8 +151,26 @@ def proc_cpu_s(pid: int) -> float | None:
         return None
 
 
+class _GCTimer:
+    """Time spent in the cyclic garbage collector of this process (gc.callbacks)."""
+
+    def __init__(self) -> None:
+        self.total_s, self.collections, self._start = 0.0, 0, 0.0
+        gc.callbacks.append(self._cb)
+
+    def _cb(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.total_s += time.perf_counter() - self._start
+            self.collections += 1
+
+
+GC_TIMER = _GCTimer()
+
+
 class Measure:
-    """Wall, own CPU and server CPU across a block."""
+    """Wall, own CPU, server CPU, GC time and other processes' CPU (foreign load) across a block."""
 
     def __init__(self, server_pid: int | None) -> None:
         self.pid = server_pid
@@ -151,14 +178,25 @@ class Measure:
     def __enter__(self) -> Measure:
         gc.collect()
         self.s0 = proc_cpu_s(self.pid) if self.pid else None
+        self.m0, self.o0 = machine_busy_s(), proc_cpu_s(os.getpid())
+        self.g0 = GC_TIMER.total_s
         self.c0, self.t0 = time.process_time(), time.perf_counter()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.wall = time.perf_counter() - self.t0
         self.cpu = time.process_time() - self.c0
+        self.gc_s = GC_TIMER.total_s - self.g0
         s1 = proc_cpu_s(self.pid) if self.pid else None
+        m1, o1 = machine_busy_s(), proc_cpu_s(os.getpid())
         self.server_cpu = None if self.s0 is None or s1 is None else s1 - self.s0
+        self.foreign_cores = None
+        if None not in (self.m0, m1, self.o0, o1) and self.server_cpu is not None:
+            busy = m1 - self.m0 - (o1 - self.o0) - self.server_cpu  # type: ignore[operator]
+            self.foreign_cores = max(0.0, busy) / self.wall
+
+    def extra(self) -> dict:
+        return {"gc_s": self.gc_s, "foreign_cores": self.foreign_cores}
 
 
 # -- the two clients --------------------------------------------------------------------------------
@@ -181,7 +219,7 @@ async def raw_run(base_url: str, n: int, concurrency: int, server_pid: int | Non
             await asyncio.gather(*(worker(session) for _ in range(concurrency)))
     if errors:
         raise AssertionError(f"raw client: {errors} of {n} calls failed")
-    return Run("raw", n, m.wall, m.cpu, m.server_cpu)
+    return Run("raw", n, m.wall, m.cpu, m.server_cpu, m.extra())
 
 
 def make_questions(n: int) -> list[Question]:
@@ -225,7 +263,7 @@ async def factory_run(base_url: str, questions: list[Question], concurrency: int
         await client.aclose()
     journal = client.journal
     assert journal is not None
-    extra: dict = {"journal_load_s": load_s, "journal_entries_before": len(journal) if replay else 0}
+    extra: dict = {"journal_load_s": load_s, **m.extra()}
     bad = [t for t in trajectories if t.status != "step_cap" or len(t.steps) != STEPS or t.error]
     if bad:
         raise AssertionError(f"{len(bad)} trajectories did not make {STEPS} calculator steps, e.g. {bad[0]!r:.500}")
@@ -277,9 +315,22 @@ def _median(runs: list[Run]) -> float:
     return statistics.median(r.rate for r in runs)
 
 
-async def run_scenario(sc: Scenario, calls: int, repeats: int, tmp: Path, log) -> Result:
+def matched_body(question: Question) -> bytes:
+    """The factory's own middle-step request body (same size and shape), for a raw client on equal bodies."""
+    from swirl_core.llm.openai_compat import OpenAICompatBackend
+    from swirl_core.protocol import policy_messages
+
+    spec = PolicySpec(model=MODEL, task="math", max_steps=STEPS, max_tokens=64)
+    messages = policy_messages("math", question.question, STEPS) + [
+        {"role": "assistant", "content": REPLY}, {"role": "user", "content": "2+2 → 4"}]
+    backend = OpenAICompatBackend("http://127.0.0.1/v1", model_name=MODEL.split("/", 1)[1], api_key=None, concurrency=1)
+    return json.dumps(backend.payload(spec.request(messages, 0))).encode()
+
+
+async def run_scenario(sc: Scenario, calls: int, repeats: int, tmp: Path, log, raw_body: str = "small") -> Result:
     calls = max(STEPS, calls - calls % STEPS)
     questions = make_questions(calls // STEPS)
+    body = RAW_BODY if raw_body == "small" else matched_body(questions[len(questions) // 2])
     warm_questions = make_questions(max(1, 2 * sc.concurrency // STEPS + 1))
     proc, base_url = start_subprocess(latency=sc.latency_s, default=REPLY)
     pid = proc.pid
@@ -288,10 +339,10 @@ async def run_scenario(sc: Scenario, calls: int, repeats: int, tmp: Path, log) -
     replay = None
     try:
         # Warm-up: imports, the price table, connection set-up paths, the server's thread pool.
-        await raw_run(base_url, 2 * sc.concurrency, sc.concurrency, pid)
+        await raw_run(base_url, 2 * sc.concurrency, sc.concurrency, pid, body)
         await factory_run(base_url, warm_questions, sc.concurrency, tmp / f"{sc.name}-warm", pid)
         for r in range(repeats):
-            raws.append(await raw_run(base_url, calls, sc.concurrency, pid))
+            raws.append(await raw_run(base_url, calls, sc.concurrency, pid, body))
             log(f"  [{sc.name}] repeat {r + 1}/{repeats}  raw      {raws[-1].rate:8.1f} calls/s  ({raws[-1].wall_s:.2f} s)")
             jdir = tmp / f"{sc.name}-run{r}"
             facts.append(await factory_run(base_url, questions, sc.concurrency, jdir, pid))
@@ -362,8 +413,17 @@ def table(results: list[Result]) -> str:
             util_fac = statistics.median(r.server_cpu_s / r.wall_s for r in res.factory)  # type: ignore[operator]
             srv_txt = (f"; server CPU/call raw {srv_raw:.0f} us ({util_raw:.2f} core), "
                        f"factory {srv_fac:.0f} us ({util_fac:.2f} core)")
+        gc_us = statistics.median(1e6 * r.extra["gc_s"] / r.calls for r in res.factory)
         out.append(f"  ({sc.name}) client CPU/call: raw {raw_cpu:.0f} us, factory {fac_cpu:.0f} us "
-                   f"(factory overhead {fac_cpu - raw_cpu:+.0f} us/call){srv_txt}")
+                   f"(factory overhead {fac_cpu - raw_cpu:+.0f} us/call, of which GC {gc_us:.0f} us){srv_txt}")
+        if all(r.server_cpu_s is not None for r in res.raw + res.factory):
+            busy = lambda runs: statistics.median((r.cpu_s + r.server_cpu_s) / r.wall_s for r in runs)  # type: ignore[operator]  # noqa: E731
+            out.append(f"      cores busy (client + server): raw {busy(res.raw):.2f}, factory {busy(res.factory):.2f}")
+        foreign = [r.extra.get("foreign_cores") for r in res.raw + res.factory]
+        if all(f is not None for f in foreign):
+            worst = max(foreign)  # type: ignore[type-var]
+            warn = "  <-- the machine was not idle: figures are low and noisy" if worst > 0.25 else ""
+            out.append(f"      other processes' load during the runs: up to {worst:.2f} cores{warn}")
         if res.replay is not None:
             rp = res.replay
             out.append(f"      cache replay: {rp.rate:.0f} calls/s ({rp.calls} hits, 0 requests to the server, "
@@ -375,7 +435,9 @@ def table(results: list[Result]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scenario", choices=["a", "b", "all"], default="all")
-    p.add_argument("--repeats", type=int, default=2, help="raw/factory pairs per scenario (default 2)")
+    p.add_argument("--repeats", type=int, default=3, help="raw/factory pairs per scenario (default 3)")
+    p.add_argument("--raw-body", choices=["small", "matched"], default="small",
+                   help="raw client's body: a fixed small chat (default) or the factory's own step-2 body (~1 KB)")
     p.add_argument("--calls", type=int, default=None, help="calls per run (default: a=3000, b=6000; --quick: 600/1200)")
     p.add_argument("--quick", action="store_true", help="small N, for a smoke test")
     p.add_argument("--profile", action="store_true", help="also cProfile one in-process factory run at zero latency")
@@ -392,10 +454,11 @@ def main(argv: list[str] | None = None) -> int:
             sc = SCENARIOS[name]
             calls = args.calls or (QUICK_CALLS[name] if args.quick else sc.calls)
             log(f"scenario ({name}): latency {sc.latency_s * 1000:.0f} ms, concurrency {sc.concurrency}, {calls} calls per run")
-            results.append(asyncio.run(run_scenario(sc, calls, args.repeats, tmp, log)))
+            results.append(asyncio.run(run_scenario(sc, calls, args.repeats, tmp, log, args.raw_body)))
         print()
         print(f"generation throughput vs raw aiohttp ({os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
-              f"aiohttp {aiohttp.__version__}, {args.repeats} repeats, {time.perf_counter() - t0:.0f} s)")
+              f"aiohttp {aiohttp.__version__}, {args.repeats} repeats, raw body {args.raw_body}, "
+              f"{time.perf_counter() - t0:.0f} s)")
         print(table(results))
         if args.profile:
             print()

@@ -11,6 +11,7 @@ content (see `ActionGrammar`). Measured on SmolLM2-135M: unconstrained it almost
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from functools import cached_property
@@ -34,6 +35,8 @@ def load_model(path: Path, device: str | None = None):
             import torch
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
+            # Dask workers start with OMP_NUM_THREADS=1; an in-process model should use the cores.
+            torch.set_num_threads(int(os.environ.get("SWIRL_TORCH_THREADS", os.cpu_count() or 1)))
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
             dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
             tokenizer = AutoTokenizer.from_pretrained(path)
