@@ -28,6 +28,12 @@ def run_generate(config: GenerateConfig) -> dict[str, Any]:
     return generate.with_options(task_runner=runner)(config)
 
 
+@flow(name="generate-on-cluster", log_prints=True)
+def generate_on_cluster(config: GenerateConfig = GenerateConfig()) -> dict[str, Any]:
+    """Deployment entrypoint: starts the Dask cluster the config names, then runs `generate` on it."""
+    return run_generate(config)
+
+
 @flow(name="generate", log_prints=True)
 def generate(config: GenerateConfig = GenerateConfig()) -> dict[str, Any]:
     logger = get_run_logger()
