@@ -31,15 +31,27 @@ raw; litellm alone ~0.84 / ~0.48; distilabel ~0.25 / ~0.17.
 
 How to read the output
 ----------------------
-The table gives the best and median of the repeats for both clients and the ratio factory/raw (median
-over median; best over best in brackets). "pass" compares the median ratio with the goal. Below it:
-client-side CPU per call (process CPU time of this process / calls, so the difference between factory
-and raw is the factory's own overhead per call), the server's CPU per call and utilisation (from
-/proc, Linux only: a server near 1.0 core is the bottleneck, being a one-GIL Python process), and the
-cache-replay rate. ``--profile`` adds a cProfile of one in-process factory run at zero latency.
+Progress goes to stderr; the table to stdout. It gives the best and median of the repeats for both
+clients and the ratio factory/raw (median over median; best over best in brackets); "result" compares
+the median ratio with the goal (the exit status is 1 when a goal is missed). Below the table, per
+scenario:
 
-    cd /work/main && .venv/bin/python benchmarks/generation_throughput.py            # both, ~2-3 min
-    .venv/bin/python benchmarks/generation_throughput.py --quick                       # small N, ~30 s
+* client CPU/call -- this process's CPU time / calls. raw vs factory is the factory's own overhead per
+  call; "of which GC" is time in the cyclic garbage collector (gc.callbacks).
+* server CPU/call -- from /proc (Linux only). Factory bodies carry the whole prompt, so they cost the
+  server a little more than the raw client's small body (``--raw-body matched`` gives raw the same body).
+* cores busy -- (client + server CPU) / wall. At zero latency throughput is CPU-bound:
+  calls/s ~= available cores / (client CPU/call + server CPU/call), so at (b) the ratio is decided by
+  the client's CPU per call, not by concurrency.
+* other processes' load -- CPU used on the machine by everything else during the runs. Above ~0.25
+  cores the figures are low and noisy (the machine is shared); compare ratios, not absolute rates.
+* cache replay -- all calls answered from the journal, zero requests to the server (asserted).
+
+``--profile`` appends a cProfile of one factory run at zero latency (only the client is profiled; the
+server runs in its own process).
+
+    cd /work/main && .venv/bin/python benchmarks/generation_throughput.py            # both scenarios, ~1.5 min
+    .venv/bin/python benchmarks/generation_throughput.py --quick                       # small N, ~20 s
     .venv/bin/python benchmarks/generation_throughput.py --scenario b --repeats 3 --calls 9000 --profile
 """
 

@@ -46,3 +46,20 @@ async def test_local_responses_are_journaled_and_replayed(tiny_model_dir, tmp_pa
     replay.journal = type(client.journal)(tmp_path)  # as a new process would see it
     again = await replay.complete(request)
     assert again.cached and again.text == first.text and replay.backend.batches == []
+
+
+def test_shared_prefix_kv_cache_gives_the_same_tokens(tiny_model_dir, monkeypatch):
+    import swirl_core.llm.transformers_backend as tb
+    from swirl_core.llm.base import ChatRequest
+
+    requests = [
+        ChatRequest(model="m", messages=policy_messages("math", q, 10, few_shot=True), temperature=0, max_tokens=16,
+                    constraint="grammar:math_exp|answer")
+        for q in ("What is 2+2?", "A much longer question about apples and oranges: how many in total?", "7*6?")
+    ]
+    cached_backend = tb.TransformersBackend(tiny_model_dir)
+    cached = [r.text for r in cached_backend._generate(requests)]
+    assert len(cached_backend._prefix_caches) == 1  # the instructions + demo turns were prefilled once
+    monkeypatch.setattr(tb, "MIN_SHARED_PREFIX", 10**9)
+    plain = [r.text for r in tb.TransformersBackend(tiny_model_dir)._generate(requests)]
+    assert cached == plain
