@@ -7,6 +7,7 @@ result back as `INPUT → RESULT`, until `<answer>` or the step cap.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -45,7 +46,7 @@ class PolicySpec:
     def prompt_version(self) -> str:
         return prompt_version(self.task, self.few_shot)
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
         return content_hash(
             "policy", self.model, self.task, self.max_steps, self.few_shot, self.constraint,

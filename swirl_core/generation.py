@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,6 +148,10 @@ def shard_tools(shard: Shard) -> dict[str, Tool]:
 
 def run_shard(shard: Shard, on_done: Callable[[Trajectory], None] | None = None) -> list[Trajectory]:
     """Run one shard to completion in this process (a Dask worker, or the flow itself)."""
+    # Finished trajectories and journal entries stay alive until the shard returns; default GC
+    # thresholds rescan them thousands of times (measured ~30 µs per call at high throughput).
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
 
     async def main() -> list[Trajectory]:
         client = build_client(shard.policy, shard.journal_dir, fsync=shard.fsync, tags={"run_id": shard.run_id, "purpose": "policy"})

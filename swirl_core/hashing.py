@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from typing import Any
 
+import orjson
 
-def canonical_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+_OPTIONS = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
+
+
+def canonical_json(value: Any) -> bytes:
+    """Compact JSON with sorted keys: the same value always gives the same bytes."""
+    return orjson.dumps(value, option=_OPTIONS, default=str)
 
 
 def content_hash(*parts: Any, length: int = 32) -> str:
     """A stable hex digest of JSON-serialisable parts (order matters, dict key order does not)."""
-    return hashlib.blake2b(canonical_json(parts).encode("utf-8"), digest_size=length // 2).hexdigest()
+    return hashlib.blake2b(canonical_json(parts), digest_size=length // 2).hexdigest()

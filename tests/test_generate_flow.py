@@ -166,3 +166,23 @@ def test_sql_command_prints_a_table_and_reports_errors(tmp_path):
     bad = _swirl("sql", "--db", str(tmp_path / "s.duckdb"), "SELECT * FROM nope")
     out, _ = bad.communicate(timeout=60)
     assert bad.returncode == 2 and "nope" in out and "Traceback" not in out
+
+
+@pytest.mark.slow
+def test_offline_default_makes_real_data(prefect_api, tmp_path):
+    """The README's main job on a small scale: SmolLM2 in-process, demo seeds, no key, no network."""
+    db = tmp_path / "demo.duckdb"
+    proc = _swirl("generate", "--limit", "3", "--samples", "2", "--db", str(db), "--no-progress")
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    con = duckdb.connect(str(db), read_only=True)
+    steps, parsed, constrained = con.execute(
+        "SELECT count(*), count(*) FILTER (WHERE action_kind <> 'invalid'), count(\"constraint\") FROM steps"
+    ).fetchall()[0]
+    statuses = dict(con.execute("SELECT status, count(*) FROM trajectories GROUP BY 1").fetchall())
+    model, backend = con.execute("SELECT DISTINCT model, backend FROM llm_calls").fetchall()[0]
+    con.close()
+    assert sum(statuses.values()) == 6 and "error" not in statuses
+    assert steps > 0 and parsed / steps >= 0.8 and constrained == steps
+    assert (model, backend) == ("smollm2", "transformers")
+    assert "parsed as one action" in out

@@ -44,10 +44,18 @@ def _write_jsonl(path: Path, rows: list[dict | str]) -> Path:
 
 
 def test_specs() -> None:
-    assert set(DATASETS) == {"gsm8k", "hotpotqa", "musique", "beerqa", "cofca", "generic"}
+    assert set(DATASETS) == {"gsm8k", "hotpotqa", "musique", "beerqa", "cofca", "generic", "demo-math", "demo-qa"}
     assert (DATASETS["gsm8k"].task, DATASETS["gsm8k"].max_steps) == ("math", 10)
     assert (DATASETS["hotpotqa"].hub_name, DATASETS["hotpotqa"].hub_config) == ("hotpotqa/hotpot_qa", "distractor")
-    assert all(s.task == "qa" and s.max_steps == 5 for n, s in DATASETS.items() if n != "gsm8k")
+    math = {"gsm8k", "demo-math"}
+    assert all(s.task == "qa" and s.max_steps == 5 for n, s in DATASETS.items() if n not in math)
+
+
+def test_demo_datasets_ship_with_the_package() -> None:
+    math, qa = load_seeds("demo-math"), load_seeds("demo-qa")
+    assert len(math.questions) == 12 and not math.invalid and all(q.task == "math" for q in math.questions)
+    assert len(qa.questions) == 8 and not qa.invalid
+    assert DATASETS["demo-qa"].default_corpus and Path(DATASETS["demo-qa"].default_corpus).exists()
 
 
 def test_gsm8k_fixture() -> None:

@@ -10,7 +10,6 @@ flow ingests them into the `llm_calls` table.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import threading
@@ -18,7 +17,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 JOURNAL_GLOB = "calls-*.jsonl"
+REPLAY_FIELDS = ("key", "text", "finish_reason", "prompt_tokens", "completion_tokens", "cost_usd", "latency_s")
 
 
 class CallJournal:
@@ -34,13 +36,13 @@ class CallJournal:
 
     def _load(self) -> None:
         for path in sorted(self.directory.glob(JOURNAL_GLOB)):
-            with open(path, encoding="utf-8") as fh:
+            with open(path, "rb") as fh:
                 for line in fh:
                     try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:
+                        record = orjson.loads(line)
+                    except orjson.JSONDecodeError:
                         continue  # a line torn by a crash mid-write: that call was never used
-                    self._entries[record["key"]] = record
+                    self._remember(record)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -48,16 +50,20 @@ class CallJournal:
     def get(self, key: str) -> dict[str, Any] | None:
         return self._entries.get(key)
 
+    def _remember(self, record: dict[str, Any]) -> None:
+        # Only what a replay needs stays in memory; the ledger fields live on disk and in DuckDB.
+        self._entries[record["key"]] = {k: record.get(k) for k in REPLAY_FIELDS}
+
     def append(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
+        line = orjson.dumps(record) + b"\n"
         with self._lock:
             if self._file is None:
-                self._file = open(self.path, "a", encoding="utf-8")
+                self._file = open(self.path, "ab")
             self._file.write(line)
             self._file.flush()
             if self.fsync:
                 os.fsync(self._file.fileno())
-            self._entries[record["key"]] = record
+            self._remember(record)
 
     def close(self) -> None:
         with self._lock:

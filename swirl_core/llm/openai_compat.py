@@ -7,11 +7,11 @@ throughput at zero latency and the openai SDK's httpx transport is slower still 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from typing import Any
 
 import aiohttp
+import orjson
 
 from swirl_core.llm.base import ChatRequest, LLMError, RetryableError
 from swirl_core.llm.limits import parse_retry_after
@@ -56,7 +56,7 @@ class OpenAICompatBackend:
         started = time.perf_counter()
         try:
             async with self._get_session().post(
-                self.url, data=json.dumps(self.payload(request)), timeout=aiohttp.ClientTimeout(total=timeout_s)
+                self.url, data=orjson.dumps(self.payload(request)), timeout=aiohttp.ClientTimeout(total=timeout_s)
             ) as resp:
                 raw = await resp.read()
                 status = resp.status
@@ -70,7 +70,7 @@ class OpenAICompatBackend:
         if status != 200:
             raise LLMError(f"HTTP {status}: {_error_text(raw)}")
         try:
-            data = json.loads(raw)
+            data = orjson.loads(raw)
             choice = data["choices"][0]
             text = choice["message"]["content"] or ""
         except (ValueError, KeyError, IndexError, TypeError) as exc:
@@ -93,7 +93,7 @@ class OpenAICompatBackend:
 
 def _error_text(raw: bytes) -> str:
     try:
-        err = json.loads(raw).get("error")
+        err = orjson.loads(raw).get("error")
         return str(err.get("message") if isinstance(err, dict) else err)[:300]
-    except (ValueError, AttributeError):
+    except (orjson.JSONDecodeError, AttributeError):
         return raw[:300].decode("utf-8", "replace")

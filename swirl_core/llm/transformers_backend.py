@@ -231,7 +231,7 @@ class TransformersBackend:
         torch.manual_seed(int(first.key()[:8], 16) ^ len(requests))
         with torch.inference_mode():
             out = model.generate(**enc, **kwargs)
-        enc.pop("past_key_values", None)
+        enc.pop("cache", None)
         elapsed = time.perf_counter() - started
         self.batches.append(len(requests))
         responses = []
@@ -283,7 +283,7 @@ class TransformersBackend:
         return {
             "input_ids": torch.tensor(input_ids, device=model.device),
             "attention_mask": torch.tensor(mask, device=model.device),
-            "past_key_values": cache,
+            "cache": cache,
         }
 
     async def aclose(self) -> None:

@@ -10,6 +10,7 @@ count, integer bits, powers) is bounded before work is done, so hostile input fa
 from __future__ import annotations
 
 import ast
+import functools
 import math
 import operator
 import re
@@ -264,9 +265,19 @@ class Calculator:
     name = "math"
 
     def __call__(self, tool_input: str) -> ToolResult:
-        try:
-            return ToolResult(evaluate(tool_input))
-        except CalculatorError as err:
-            return ToolResult(str(err), error=True)
-        except (RecursionError, MemoryError, ArithmeticError, ValueError, TypeError):
-            return ToolResult("Calculator error: expression could not be evaluated", error=True)
+        # K samples of a question often send the same expressions: the result is a pure function.
+        return _observe(tool_input) if isinstance(tool_input, str) else _observe_uncached(tool_input)
+
+
+@functools.lru_cache(maxsize=8192)
+def _observe(tool_input: str) -> ToolResult:
+    return _observe_uncached(tool_input)
+
+
+def _observe_uncached(tool_input: object) -> ToolResult:
+    try:
+        return ToolResult(evaluate(tool_input))
+    except CalculatorError as err:
+        return ToolResult(str(err), error=True)
+    except (RecursionError, MemoryError, ArithmeticError, ValueError, TypeError):
+        return ToolResult("Calculator error: expression could not be evaluated", error=True)

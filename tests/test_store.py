@@ -1,0 +1,78 @@
+"""DuckDB store: idempotent upserts, journal ingestion, no secrets."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+
+from swirl_core.records import Action, Question, Step, Trajectory
+from swirl_core.store import Store, scrub
+
+
+def _trajectory(n_steps: int, status: str = "answered") -> Trajectory:
+    steps = [
+        Step(step_index=i, message=f"<math_exp>{i}+1</math_exp>", action=Action(kind="math", content=f"{i}+1"),
+             observation=f"{i}+1 → {i + 1}", model="m", prompt_version="v", call_key=f"k{i}")
+        for i in range(n_steps)
+    ]
+    return Trajectory(trajectory_id="t1", question_id="q1", sample_index=0, model="m", prompt_version="v",
+                      prompt_messages=[{"role": "user", "content": "hi"}], steps=steps, status=status)
+
+
+def test_rewriting_a_trajectory_replaces_its_steps(tmp_path):
+    with Store(tmp_path / "s.duckdb") as store:
+        store.write_trajectories([_trajectory(3, "error")], "r1", "fp")
+        assert store.completed_trajectory_ids(["t1"]) == set()  # errors are redone on rerun
+        store.write_trajectories([_trajectory(2)], "r1", "fp")
+        store.write_trajectories([_trajectory(2)], "r1", "fp")
+        assert store.query("SELECT count(*) FROM trajectories") == [(1,)]
+        assert store.query("SELECT count(*) FROM steps") == [(2,)]
+        assert store.completed_trajectory_ids(["t1", "t2"]) == {"t1"}
+
+
+def test_questions_and_runs_are_idempotent(tmp_path):
+    q = Question(question_id="q1", dataset="d", split="s", source_id="1", task="math", question="2+2?", answer="4",
+                 answer_aliases=("four",))
+    with Store(tmp_path / "s.duckdb") as store:
+        for _ in range(2):
+            store.upsert_questions([q], "r1")
+        assert store.start_run("r1", "generate", {"policy": {"api_key": "sk-x", "api_key_env": "MY_KEY"}}) == 1
+        assert store.start_run("r1", "generate", {}) == 2
+        assert store.query("SELECT answer_aliases FROM questions") == [(["four"],)]
+        config = json.loads(store.query("SELECT config FROM runs")[0][0])
+    assert config == {"policy": {"api_key_env": "MY_KEY"}}
+
+
+def test_journal_ingestion_is_idempotent_and_skips_torn_lines(tmp_path):
+    journal = tmp_path / "journal"
+    journal.mkdir()
+    rows = [{"key": f"k{i}", "model": "m", "text": "x", "prompt_tokens": 3, "cost_usd": None, "run_id": "r1",
+             "purpose": "policy", "created_at": "2026-01-01T00:00:00+00:00"} for i in range(3)]
+    (journal / "calls-a-1-x.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]) + '{"key": "torn')
+    (journal / "calls-b-2-y.jsonl").write_text(json.dumps(rows[2]) + "\n" + json.dumps(rows[0]) + "\n")
+    with Store(tmp_path / "s.duckdb") as store:
+        assert store.ingest_journals(journal) == 3
+        assert store.ingest_journals(journal) == 0
+        assert store.query("SELECT count(*), count(cost_usd) FROM llm_calls") == [(3, 0)]
+
+
+def test_scrub_drops_secret_fields_at_any_depth():
+    assert scrub({"a": [{"token": "t", "hf_token_env": "HF"}], "password": "p", "b": 1}) == {
+        "a": [{"hf_token_env": "HF"}], "b": 1}
+
+
+def test_second_writer_gets_a_clear_error(tmp_path):
+    import subprocess
+    import sys
+
+    with Store(tmp_path / "s.duckdb"):
+        code = f"from swirl_core.store import Store; Store({str(tmp_path / 's.duckdb')!r})"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode != 0 and "one writing process" in out.stderr
+
+
+def test_network_guard_blocks_non_loopback_addresses():
+    with pytest.raises(RuntimeError, match="reach the network"):
+        socket.create_connection(("93.184.216.34", 80), timeout=1)
