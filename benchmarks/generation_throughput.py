@@ -85,6 +85,7 @@ from swirl_core.agent import Agent, PolicySpec  # noqa: E402
 from swirl_core.config import ModelConfig  # noqa: E402
 from swirl_core.llm import cache as llm_cache  # noqa: E402
 from swirl_core.llm.factory import build_client  # noqa: E402
+from swirl_core.generation import tune_gc  # noqa: E402
 from swirl_core.records import Question  # noqa: E402
 from swirl_core.tools.calculator import Calculator  # noqa: E402
 
@@ -265,6 +266,7 @@ async def factory_run(base_url: str, questions: list[Question], concurrency: int
     work = [(q, 0) for q in questions]
     if verify:
         reset_server(base_url)
+    tune_gc()  # as run_shard does in every Dask worker
     t_load = time.perf_counter()
     client, agent = factory_parts(base_url, concurrency, journal_dir)  # a replay loads the journal here
     load_s = time.perf_counter() - t_load

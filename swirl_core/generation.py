@@ -146,12 +146,16 @@ def shard_tools(shard: Shard) -> dict[str, Tool]:
     return {"search": _search_tool(shard.corpus_path, shard.search_k)} if shard.corpus_path else {}
 
 
-def run_shard(shard: Shard, on_done: Callable[[Trajectory], None] | None = None) -> list[Trajectory]:
-    """Run one shard to completion in this process (a Dask worker, or the flow itself)."""
-    # Finished trajectories and journal entries stay alive until the shard returns; default GC
-    # thresholds rescan them thousands of times (measured ~30 µs per call at high throughput).
+def tune_gc() -> None:
+    """Finished trajectories and journal entries stay alive until a shard returns; default GC
+    thresholds rescan them thousands of times (measured ~30 µs per call at high throughput)."""
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
+
+
+def run_shard(shard: Shard, on_done: Callable[[Trajectory], None] | None = None) -> list[Trajectory]:
+    """Run one shard to completion in this process (a Dask worker, or the flow itself)."""
+    tune_gc()
 
     async def main() -> list[Trajectory]:
         client = build_client(shard.policy, shard.journal_dir, fsync=shard.fsync, tags={"run_id": shard.run_id, "purpose": "policy"})

@@ -7,6 +7,7 @@ throughput at zero latency and the openai SDK's httpx transport is slower still 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from typing import Any
 
@@ -56,7 +57,7 @@ class OpenAICompatBackend:
         started = time.perf_counter()
         try:
             async with self._get_session().post(
-                self.url, data=orjson.dumps(self.payload(request)), timeout=aiohttp.ClientTimeout(total=timeout_s)
+                self.url, data=orjson.dumps(self.payload(request)), timeout=_timeout(timeout_s)
             ) as resp:
                 raw = await resp.read()
                 status = resp.status
@@ -89,6 +90,11 @@ class OpenAICompatBackend:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+@functools.lru_cache(maxsize=16)
+def _timeout(seconds: float) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=seconds)
 
 
 def _error_text(raw: bytes) -> str:
