@@ -75,7 +75,7 @@ class ModelConfig(BaseModel):
         return self.input_price_per_mtok / 1e6, self.output_price_per_mtok / 1e6
 
     @model_validator(mode="after")
-    def _check(self) -> "ModelConfig":
+    def _check(self) -> ModelConfig:
         if self.constraint == "grammar" and not self.is_local:
             raise ValueError("constraint 'grammar' needs an in-process model; use 'regex' for a served model")
         if self.constraint == "regex" and self.is_local:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +59,7 @@ class Store:
     def close(self) -> None:
         self.con.close()
 
-    def __enter__(self) -> "Store":
+    def __enter__(self) -> Store:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -80,7 +80,7 @@ class Store:
     # ---------------------------------------------------------------- runs
     def start_run(self, run_id: str, kind: str, config: dict[str, Any], **fields: Any) -> int:
         """Create the run, or mark an existing one running again; returns the attempt number."""
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         existing = self.query("SELECT attempts FROM runs WHERE run_id = ?", [run_id])
         if existing:
             attempts = existing[0][0] + 1
@@ -100,7 +100,7 @@ class Store:
     def finish_run(self, run_id: str, status: str, **counts: int) -> None:
         self.con.execute(
             "UPDATE runs SET status = ?, finished_at = ?, n_questions = ?, n_trajectories = ?, n_errors = ? WHERE run_id = ?",
-            [status, datetime.now(timezone.utc), counts.get("n_questions"), counts.get("n_trajectories"),
+            [status, datetime.now(UTC), counts.get("n_questions"), counts.get("n_trajectories"),
              counts.get("n_errors"), run_id],
         )
 

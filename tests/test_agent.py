@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from conftest import FIXTURES
 from helpers import math_policy
 from scripted_server import Faults, ScriptedServer
 
@@ -11,8 +12,6 @@ from swirl_core.llm.factory import build_client
 from swirl_core.records import Question
 from swirl_core.tools.calculator import Calculator
 from swirl_core.tools.search import SearchTool
-
-from conftest import FIXTURES
 
 
 def _question(text: str, task: str = "math", answer: str = "42") -> Question:

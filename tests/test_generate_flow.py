@@ -13,10 +13,10 @@ from pathlib import Path
 
 import duckdb
 import pytest
+from conftest import FIXTURES, ROOT
 from helpers import math_policy
 from scripted_server import ScriptedServer
 
-from conftest import FIXTURES, ROOT
 from swirl_core.config import ClusterConfig, GenerateConfig, ModelConfig
 
 GSM8K = str(FIXTURES / "gsm8k_test20.jsonl")

@@ -163,12 +163,13 @@ def test_counts_routes_and_reset() -> None:
 def test_keep_alive_and_concurrency() -> None:
     with ScriptedServer(default="ok") as srv:
         conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=5)
+        sockets = []
         for i in range(2):
             conn.request("POST", "/v1/chat/completions", body=_body(f"k{i}"), headers={"Content-Type": "application/json"})
             resp = conn.getresponse()
             assert resp.status == 200 and json.loads(resp.read()) and not resp.will_close
-            sock = conn.sock if i == 0 else sock
-            assert conn.sock is sock  # the same TCP connection served both requests
+            sockets.append(conn.sock)
+        assert sockets[0] is sockets[1]  # the same TCP connection served both requests
         conn.close()
         with ThreadPoolExecutor(32) as pool:
             codes = list(pool.map(lambda i: _post(srv.base_url, _body(f"c{i}"))[0], range(200)))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from swirl_core.llm.base import Backend, ChatRequest, LLMError, RetryableError
@@ -116,7 +116,7 @@ def _to_record(request: ChatRequest, key: str, r: LLMResponse, attempts: int, ba
         "cost_usd": r.cost_usd,
         "latency_s": round(r.latency_s, 6),
         "attempts": attempts,
-        "created_at": datetime.now(timezone.utc).isoformat(),
+        "created_at": datetime.now(UTC).isoformat(),
         **tags,
     }
 

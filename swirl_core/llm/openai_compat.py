@@ -6,7 +6,6 @@ throughput at zero latency and the openai SDK's httpx transport is slower still 
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import time
 from typing import Any
@@ -62,7 +61,7 @@ class OpenAICompatBackend:
                 raw = await resp.read()
                 status = resp.status
                 retry_after = parse_retry_after(resp.headers.get("Retry-After"))
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise RetryableError(f"timeout after {timeout_s:.0f}s") from exc
         except aiohttp.ClientError as exc:
             raise RetryableError(f"connection error: {exc.__class__.__name__}") from exc

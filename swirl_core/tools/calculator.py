@@ -16,8 +16,8 @@ import operator
 import re
 import threading
 import warnings
+from collections.abc import Callable
 from fractions import Fraction
-from typing import Callable, Union
 
 from swirl_core.tools import ToolResult
 
@@ -30,8 +30,8 @@ MAX_BITS = 10_000  # cap on numerator/denominator size of any exact intermediate
 MAX_ROUND_DIGITS = 100
 DECIMALS = 10
 
-Number = Union[Fraction, float]
-Value = Union[Fraction, float, bool]
+Number = Fraction | float
+Value = Fraction | float | bool
 
 ALLOWED = "numbers, + - * / // % ** ^, parentheses, comparisons and sqrt, abs, round, floor, ceil, min, max, log, exp"
 
