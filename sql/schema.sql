@@ -99,3 +99,32 @@ CREATE TABLE IF NOT EXISTS llm_calls (
     attempts          INTEGER,
     created_at        TIMESTAMPTZ
 );
+
+CREATE TABLE IF NOT EXISTS judgments (
+    judgment_id     VARCHAR PRIMARY KEY,      -- hash(trajectory, step, judge fingerprint, sample)
+    run_id          VARCHAR,
+    trajectory_id   VARCHAR NOT NULL,
+    step_index      INTEGER NOT NULL,
+    sample_index    INTEGER NOT NULL,         -- k judge samples per step for majority vote
+    judge_model     VARCHAR NOT NULL,
+    prompt_version  VARCHAR NOT NULL,
+    verdict         VARCHAR NOT NULL,         -- GOOD | BAD | UNKNOWN (unparseable after re-asks, or failed)
+    reasoning       VARCHAR,
+    attempts        INTEGER,
+    call_keys       VARCHAR[],                -- → llm_calls.call_key
+    created_at      TIMESTAMPTZ DEFAULT current_timestamp
+);
+
+CREATE TABLE IF NOT EXISTS grades (
+    trajectory_id   VARCHAR NOT NULL,
+    method          VARCHAR NOT NULL,         -- numeric | exact_match (rule-based) | llm
+    correct         BOOLEAN,                  -- NULL: the LLM grader gave no parseable YES/NO
+    score           DOUBLE,                   -- F1 for QA, 1/0 for numeric
+    detail          VARCHAR,
+    grader_model    VARCHAR,
+    prompt_version  VARCHAR,
+    call_key        VARCHAR,
+    run_id          VARCHAR,
+    created_at      TIMESTAMPTZ DEFAULT current_timestamp,
+    PRIMARY KEY (trajectory_id, method)
+);

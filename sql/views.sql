@@ -27,3 +27,100 @@ SELECT t.run_id, s.model, s."constraint", count(*) AS steps,
        round(count(*) FILTER (WHERE s.action_kind <> 'invalid') / count(*), 4) AS parse_rate
 FROM steps s JOIN trajectories t USING (trajectory_id)
 GROUP BY ALL;
+
+-- ---------------------------------------------------------------- curation (SWiRL stage 1)
+
+-- Step-wise decomposition: a trajectory with K actions gives K (state, action) pairs. The state
+-- s_k is the prompt plus every earlier action and tool result, built with one window function.
+CREATE OR REPLACE VIEW sub_trajectories AS
+SELECT s.trajectory_id, t.question_id, s.step_index,
+       list_concat(
+           from_json(t.prompt_messages, '[{"role":"VARCHAR","content":"VARCHAR"}]'),
+           coalesce(flatten(list([{'role': 'assistant', 'content': s.message},
+                                  {'role': 'user', 'content': s.observation}]) OVER earlier), [])
+       ) AS state,
+       s.message AS action, s.action_kind, s.step_index = t.num_steps - 1 AS is_last_step,
+       t.model, s.prompt_version
+FROM steps s JOIN trajectories t USING (trajectory_id)
+WHERE t.status <> 'error'
+WINDOW earlier AS (PARTITION BY s.trajectory_id ORDER BY s.step_index
+                   ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING);
+
+-- Majority vote of the judge samples of each step.
+CREATE OR REPLACE VIEW step_verdicts AS
+SELECT trajectory_id, step_index,
+       count(*) FILTER (WHERE verdict = 'GOOD') AS good,
+       count(*) FILTER (WHERE verdict = 'BAD') AS bad,
+       count(*) AS votes,
+       CASE WHEN good > bad THEN 'GOOD' WHEN bad > good THEN 'BAD' ELSE 'UNKNOWN' END AS verdict
+FROM judgments GROUP BY trajectory_id, step_index;
+
+-- The outcome of each trajectory: the LLM grade when there is one, else the rule-based grade.
+CREATE OR REPLACE VIEW trajectory_outcomes AS
+SELECT DISTINCT ON (trajectory_id) trajectory_id, method, correct, score
+FROM grades ORDER BY trajectory_id, (method = 'llm') DESC, method;
+
+-- One row per finished trajectory: process pass (every step judged GOOD) and outcome pass.
+CREATE OR REPLACE VIEW trajectory_labels AS
+WITH judged AS (
+    SELECT trajectory_id, count(*) AS judged_steps, bool_and(verdict = 'GOOD') AS all_good
+    FROM step_verdicts GROUP BY trajectory_id
+)
+SELECT t.trajectory_id, t.question_id, q.dataset, t.status, t.num_steps,
+       coalesce(j.judged_steps = t.num_steps AND j.all_good, false) AS process_pass,
+       coalesce(o.correct, false) AS outcome_pass,
+       j.judged_steps IS NOT NULL AND j.judged_steps = t.num_steps AS judged,
+       o.trajectory_id IS NOT NULL AS graded
+FROM trajectories t
+JOIN questions q USING (question_id)
+LEFT JOIN judged j USING (trajectory_id)
+LEFT JOIN trajectory_outcomes o USING (trajectory_id)
+WHERE t.status <> 'error' AND t.num_steps > 0;
+
+-- The four curated sets of the paper, as sub-trajectories (SFT: state → action; RL: states).
+CREATE OR REPLACE VIEW curated_none AS
+SELECT l.dataset, s.* FROM sub_trajectories s JOIN trajectory_labels l USING (trajectory_id, question_id);
+
+CREATE OR REPLACE VIEW curated_process AS
+SELECT l.dataset, s.* FROM sub_trajectories s JOIN trajectory_labels l USING (trajectory_id, question_id)
+WHERE l.process_pass;
+
+CREATE OR REPLACE VIEW curated_outcome AS
+SELECT l.dataset, s.* FROM sub_trajectories s JOIN trajectory_labels l USING (trajectory_id, question_id)
+WHERE l.outcome_pass;
+
+CREATE OR REPLACE VIEW curated_process_outcome AS
+SELECT l.dataset, s.* FROM sub_trajectories s JOIN trajectory_labels l USING (trajectory_id, question_id)
+WHERE l.process_pass AND l.outcome_pass;
+
+-- Retention of each filter per dataset, in trajectories and sub-trajectories.
+CREATE OR REPLACE VIEW curation_retention AS
+SELECT dataset, f.name AS filter,
+       count(*) FILTER (WHERE f.keep) AS trajectories,
+       sum(num_steps) FILTER (WHERE f.keep) AS sub_trajectories,
+       round(count(*) FILTER (WHERE f.keep) / count(*), 4) AS retention
+FROM trajectory_labels,
+     LATERAL (VALUES ('none', true), ('process', process_pass), ('outcome', outcome_pass),
+                     ('process_outcome', process_pass AND outcome_pass)) AS f(name, keep)
+GROUP BY ALL ORDER BY dataset, filter;
+
+-- ---------------------------------------------------------------- judge-quality analytics
+
+-- Does the step-wise judge agree with the final outcome? (judged and graded trajectories)
+CREATE OR REPLACE VIEW judge_agreement AS
+SELECT dataset, process_pass, outcome_pass, count(*) AS trajectories
+FROM trajectory_labels WHERE judged AND graded GROUP BY ALL ORDER BY ALL;
+
+CREATE OR REPLACE VIEW good_rate_by_step AS
+SELECT v.step_index, count(*) AS steps, round(avg((v.verdict = 'GOOD')::INT), 4) AS good_rate
+FROM step_verdicts v GROUP BY ALL ORDER BY ALL;
+
+CREATE OR REPLACE VIEW good_rate_by_action AS
+SELECT s.action_kind, count(*) AS steps, round(avg((v.verdict = 'GOOD')::INT), 4) AS good_rate
+FROM step_verdicts v JOIN steps s USING (trajectory_id, step_index) GROUP BY ALL ORDER BY ALL;
+
+-- With k > 1 judge samples: how often the samples agree on a step.
+CREATE OR REPLACE VIEW judge_self_consistency AS
+SELECT count(*) AS steps, round(avg((good = votes OR bad = votes)::INT), 4) AS unanimous_rate,
+       round(avg(greatest(good, bad) / votes), 4) AS mean_majority_share
+FROM step_verdicts WHERE votes > 1;

@@ -63,3 +63,14 @@ def test_shared_prefix_kv_cache_gives_the_same_tokens(tiny_model_dir, monkeypatc
     monkeypatch.setattr(tb, "MIN_SHARED_PREFIX", 10**9)
     plain = [r.text for r in tb.TransformersBackend(tiny_model_dir)._generate(requests)]
     assert cached == plain
+
+
+async def test_choice_constraint_gives_exactly_one_of_the_choices(tiny_model_dir, tmp_path):
+    from swirl_core.llm.base import ChatRequest
+
+    client = build_client(ModelConfig(model=str(tiny_model_dir)), tmp_path)
+    requests = [ChatRequest(model="m", messages=[{"role": "user", "content": f"Is step {i} good?"}], temperature=1.0,
+                            max_tokens=8, constraint="choice:GOOD|BAD", sample_index=i, seed=i) for i in range(6)]
+    texts = [r.text for r in await asyncio.gather(*(client.complete(r) for r in requests))]
+    await client.aclose()
+    assert set(texts) <= {"GOOD", "BAD"}, texts

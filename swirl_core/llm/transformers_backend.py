@@ -21,7 +21,6 @@ from swirl_core.llm.base import ChatRequest, LLMError
 from swirl_core.records import LLMResponse
 
 ACTION_OPEN_TAGS = ("<search_query>", "<math_exp>", "<answer>")
-ACTION_CLOSE_TAGS = ("</search_query>", "</math_exp>", "</answer>")
 
 _models: dict[str, tuple[object, object]] = {}
 _models_lock = threading.Lock()
@@ -150,6 +149,39 @@ class ActionGrammar:
         return scores
 
 
+class ChoiceGrammar:
+    """A logits processor: the whole message is one of `choices` (e.g. a judge's GOOD or BAD)."""
+
+    def __init__(self, tokenizer, prompt_len: int, choices: tuple[str, ...], token_strings: list[str], cache: dict) -> None:
+        self.tokenizer = tokenizer
+        self.prompt_len = prompt_len
+        self.choices = choices
+        self.tokens = token_strings
+        self.cache = cache
+
+    def _mask(self, prefix: str, vocab: int, device):
+        key = ("choice", self.choices, prefix, vocab)
+        if key not in self.cache:
+            import torch
+
+            if prefix in self.choices:
+                ids = [self.tokenizer.eos_token_id]
+            else:
+                ids = [i for i, s in enumerate(self.tokens[:vocab])
+                       if s and any(c.startswith(prefix + s) for c in self.choices)]
+            allowed = torch.zeros(vocab, dtype=torch.bool)
+            allowed[ids] = True
+            self.cache[key] = (~allowed).to(device)
+        return self.cache[key]
+
+    def __call__(self, input_ids, scores):
+        generated = input_ids[:, self.prompt_len:]
+        for row in range(scores.shape[0]):
+            prefix = self.tokenizer.decode(generated[row], skip_special_tokens=True)
+            scores[row] = scores[row].masked_fill(self._mask(prefix, scores.shape[1], scores.device), float("-inf"))
+        return scores
+
+
 class TransformersBackend:
     name = "transformers"
 
@@ -219,14 +251,20 @@ class TransformersBackend:
             kwargs.update(do_sample=True, temperature=first.temperature, top_p=first.top_p or 1.0)
         else:
             kwargs.update(do_sample=False)
-        if first.constraint and first.constraint.startswith("grammar"):
+        kind, _, arg = (first.constraint or "").partition(":")
+        if kind == "grammar":
+            tags = _allowed_tags(first.constraint)
+            processor = ActionGrammar(tok, prompt_len, first.max_tokens, tags, "math_exp" in tags, self._token_strings, self._grammar_masks)
+        elif kind == "choice":
+            processor = ChoiceGrammar(tok, prompt_len, tuple(arg.split("|")), self._token_strings, self._grammar_masks)
+        else:
+            processor = None
+        if processor is not None:
             from transformers import LogitsProcessorList
 
-            tags = _allowed_tags(first.constraint)
-            grammar = ActionGrammar(tok, prompt_len, first.max_tokens, tags, "math_exp" in tags, self._token_strings, self._grammar_masks)
-            kwargs["logits_processor"] = LogitsProcessorList([grammar])
-        else:
-            kwargs.update(stop_strings=list(ACTION_CLOSE_TAGS), tokenizer=tok)
+            kwargs["logits_processor"] = LogitsProcessorList([processor])
+        elif first.stop:
+            kwargs.update(stop_strings=first.stop, tokenizer=tok)
         # Seeded from the requests themselves: a rerun of the same batch samples the same text.
         torch.manual_seed(int(first.key()[:8], 16) ^ len(requests))
         with torch.inference_mode():
@@ -239,7 +277,7 @@ class TransformersBackend:
             new = out[row, prompt_len:]
             n_new = int((new != tok.pad_token_id).sum())
             text = tok.decode(new, skip_special_tokens=True)
-            finish = "stop" if n_new < first.max_tokens or any(text.rstrip().endswith(t) for t in ACTION_CLOSE_TAGS) else "length"
+            finish = "stop" if n_new < first.max_tokens else "length"
             responses.append(
                 LLMResponse(
                     text=text, finish_reason=finish, prompt_tokens=int(enc["attention_mask"][row].sum()),
@@ -304,7 +342,7 @@ def _common_prefix_len(rows: list[list[int]]) -> int:
 
 
 def _group_key(r: ChatRequest) -> tuple:
-    return (r.temperature, r.top_p, r.max_tokens, r.constraint)
+    return (r.temperature, r.top_p, r.max_tokens, r.constraint, tuple(r.stop or ()))
 
 
 def _allowed_tags(constraint: str) -> tuple[str, ...]:
