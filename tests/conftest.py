@@ -14,6 +14,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 FIXTURES = SHARED_DATA / "fixtures"
+if not FIXTURES.is_dir():  # the benchmark data lives beside the checkout, never inside it
+    raise RuntimeError(f"shared test data not found at {SHARED_DATA}: clone this repository beside shared/")
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripted_server, helpers
 
 _SESSION_TMP = Path(tempfile.mkdtemp(prefix="swirl-tests-"))

@@ -31,7 +31,6 @@ HOTPOT = FIX / "hotpotqa_dev20.json"
 MUSIQUE = FIX / "musique_dev20.jsonl"
 BEERQA = FIX / "beerqa_train20.json"
 
-pytestmark = pytest.mark.skipif(not FIX.is_dir(), reason=f"shared data not found at {FIX}")
 
 
 def _jsonl_rows(path: Path) -> list[dict]:
