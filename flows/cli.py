@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from flows.runtime import apply_quiet_env
 
@@ -15,11 +16,13 @@ examples:
       --limit 50 --samples 5 --policy openai/gpt-4o-mini        # key from OPENAI_API_KEY
   swirl generate --dataset hotpotqa --data-files dev.json --corpus wiki.jsonl \\
       --policy hosted_vllm/Qwen2.5-7B-Instruct --policy-api-base http://127.0.0.1:8000/v1
+  swirl curate --db swirl.duckdb --judge openai/gpt-4o-mini --grader llm
   swirl sql --db swirl.duckdb "SELECT status, count(*) FROM trajectories GROUP BY 1"
 """
 
 
-def _add_model_args(p: argparse.ArgumentParser, prefix: str, default: str) -> None:
+def _add_model_args(p: argparse.ArgumentParser, prefix: str, default: str, *, temperature: float = 0.7,
+                    policy: bool = True) -> None:
     p.add_argument(f"--{prefix}", default=default, metavar="MODEL",
                    help=f"litellm model name, 'smollm2' (offline default) or a local checkpoint folder (default: {default})")
     p.add_argument(f"--{prefix}-api-base", metavar="URL", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
@@ -29,12 +32,13 @@ def _add_model_args(p: argparse.ArgumentParser, prefix: str, default: str) -> No
     p.add_argument("--tpm", type=float, help="tokens-per-minute limit")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request attempt (default: 120)")
     p.add_argument("--max-retries", type=int, default=6, help="retries on 429/5xx/timeouts (default: 6)")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--max-tokens", type=int, help="tokens per step (default: 256 API, 64 in-process)")
-    p.add_argument("--few-shot", action=argparse.BooleanOptionalAction, default=None,
-                   help="demonstrations as chat turns (default: on for in-process models)")
-    p.add_argument("--constraint", choices=["auto", "none", "grammar", "regex"], default="auto",
-                   help="decoding constraint: grammar in-process, regex = vLLM guided decoding (default: auto)")
+    p.add_argument("--temperature", type=float, default=temperature)
+    p.add_argument("--max-tokens", type=int, help="tokens per reply (default: 256 API, 64 in-process)")
+    if policy:
+        p.add_argument("--few-shot", action=argparse.BooleanOptionalAction, default=None,
+                       help="demonstrations as chat turns (default: on for in-process models)")
+        p.add_argument("--constraint", choices=["auto", "none", "grammar", "regex"], default="auto",
+                       help="decoding constraint: grammar in-process, regex = vLLM guided decoding (default: auto)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +71,24 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--fsync", action="store_true", help="fsync the call journal after every response")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    cur = sub.add_parser("curate", help="judge every step, grade outcomes, build the four curated sets",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cur.add_argument("--db", default="swirl.duckdb", help="DuckDB file written by `swirl generate`")
+    _add_model_args(cur, "judge", "smollm2", temperature=0.0, policy=False)
+    cur.add_argument("--judge-samples", type=int, default=1, help="judge samples per step, majority vote")
+    cur.add_argument("--max-reasks", type=int, default=2, help="re-asks when a verdict is unparseable")
+    cur.add_argument("--grader", choices=["rule", "llm"], default="rule",
+                     help="outcome grader: rule-based (exact match/F1, numeric), or also the judge model's YES/NO")
+    cur.add_argument("--skip-judge", action="store_true", help="grade outcomes only")
+    cur.add_argument("--run-id", action="append", dest="run_ids", metavar="RUN", help="only this generation run (repeatable)")
+    cur.add_argument("--dataset", help="only questions of this dataset")
+    cur.add_argument("--work-dir", help="call journals (default: <db>.work)")
+    cur.add_argument("--scheduler-address", help="Dask scheduler tcp://HOST:PORT (default: a local cluster)")
+    cur.add_argument("--workers", type=int, help="local Dask workers (default: 2; 1 for in-process models)")
+    cur.add_argument("--shard-size", type=int, default=64, help="steps per shard")
+    cur.add_argument("--fsync", action="store_true", help="fsync the call journal after every response")
+    cur.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     sql = sub.add_parser("sql", help="run a SQL query on the database and print the result")
     sql.add_argument("query", help="SQL, e.g. \"SELECT * FROM run_report\"")
     sql.add_argument("--db", default="swirl.duckdb", help="DuckDB file (opened read-only)")
@@ -83,7 +105,7 @@ def _model_config(args: argparse.Namespace, prefix: str):
         api_key_env=getattr(args, f"{prefix}_api_key_env"), concurrency=args.concurrency,
         requests_per_minute=args.rpm, tokens_per_minute=args.tpm, timeout_s=args.timeout,
         max_retries=args.max_retries, temperature=args.temperature, max_tokens=args.max_tokens,
-        few_shot=args.few_shot, constraint=args.constraint,
+        few_shot=getattr(args, "few_shot", None), constraint=getattr(args, "constraint", "auto"),
     )
 
 
@@ -130,6 +152,45 @@ def _print_generation(result: dict) -> None:
         console.print(f"[red]shard failed[/red]: {failure} — rerun the same command to resume")
 
 
+def cmd_curate(args: argparse.Namespace) -> int:
+    from swirl_core.config import ClusterConfig, CurateConfig
+
+    if not Path(args.db).exists():
+        raise FileNotFoundError(f"{args.db} does not exist: run `swirl generate --db {args.db}` first")
+    config = CurateConfig(
+        db=args.db, work_dir=args.work_dir, judge=_model_config(args, "judge"), judge_samples=args.judge_samples,
+        max_reasks=args.max_reasks, grader=args.grader, skip_judge=args.skip_judge, run_ids=args.run_ids,
+        dataset=args.dataset, shard_size=args.shard_size, fsync=args.fsync, progress=not args.no_progress,
+        cluster=ClusterConfig(address=args.scheduler_address, n_workers=args.workers),
+    )
+    from flows.curate import run_curate
+    from flows.runtime import prefect_api
+
+    with prefect_api():
+        result = run_curate(config)
+    _print_rows(f"curation run {result['run_id']}: {result['status']}", result["report"]["retention"])
+    _print_rows("process judge vs outcome", result["report"]["agreement"])
+    db = result["db"]
+    print(f"curated sets are views in {db}: curated_none, curated_process, curated_outcome, curated_process_outcome\n"
+          f"  swirl sql --db {db} \"SELECT * FROM curation_retention\"\n"
+          f"  swirl sql --db {db} \"SELECT * FROM good_rate_by_step\"")
+    for failure in result["shard_failures"]:
+        print(f"shard failed: {failure} — rerun the same command to resume", file=sys.stderr)
+    return 0 if result["status"] == "completed" else 1
+
+
+def _print_rows(title: str, rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    if not rows:
+        return
+    table = Table(*rows[0].keys(), title=title)
+    for r in rows:
+        table.add_row(*("NULL" if v is None else str(v) for v in r.values()))
+    Console().print(table)
+
+
 def cmd_sql(args: argparse.Namespace) -> int:
     import duckdb
 
@@ -170,7 +231,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     apply_quiet_env()
     args = build_parser().parse_args(argv)
-    handlers = {"generate": cmd_generate, "sql": cmd_sql}
+    handlers = {"generate": cmd_generate, "curate": cmd_curate, "sql": cmd_sql}
     try:
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError) as exc:  # bad input: a clear message, not a traceback

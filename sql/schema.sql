@@ -107,6 +107,7 @@ CREATE TABLE IF NOT EXISTS judgments (
     step_index      INTEGER NOT NULL,
     sample_index    INTEGER NOT NULL,         -- k judge samples per step for majority vote
     judge_model     VARCHAR NOT NULL,
+    judge_fingerprint VARCHAR NOT NULL,       -- model, prompt versions, samples, decoding: a new judge re-judges
     prompt_version  VARCHAR NOT NULL,
     verdict         VARCHAR NOT NULL,         -- GOOD | BAD | UNKNOWN (unparseable after re-asks, or failed)
     reasoning       VARCHAR,

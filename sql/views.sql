@@ -33,18 +33,21 @@ GROUP BY ALL;
 -- Step-wise decomposition: a trajectory with K actions gives K (state, action) pairs. The state
 -- s_k is the prompt plus every earlier action and tool result, built with one window function.
 CREATE OR REPLACE VIEW sub_trajectories AS
-SELECT s.trajectory_id, t.question_id, s.step_index,
-       list_concat(
-           from_json(t.prompt_messages, '[{"role":"VARCHAR","content":"VARCHAR"}]'),
+WITH decomposed AS (
+    SELECT s.trajectory_id, t.question_id, s.step_index, t.prompt_messages,
            coalesce(flatten(list([{'role': 'assistant', 'content': s.message},
-                                  {'role': 'user', 'content': s.observation}]) OVER earlier), [])
-       ) AS state,
-       s.message AS action, s.action_kind, s.step_index = t.num_steps - 1 AS is_last_step,
-       t.model, s.prompt_version
-FROM steps s JOIN trajectories t USING (trajectory_id)
-WHERE t.status <> 'error'
-WINDOW earlier AS (PARTITION BY s.trajectory_id ORDER BY s.step_index
-                   ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING);
+                                  {'role': 'user', 'content': s.observation}]) OVER earlier), []) AS history,
+           s.message AS action, s.action_kind, s.step_index = t.num_steps - 1 AS is_last_step,
+           t.model, s.prompt_version
+    FROM steps s JOIN trajectories t USING (trajectory_id)
+    WHERE t.status <> 'error'
+    WINDOW earlier AS (PARTITION BY s.trajectory_id ORDER BY s.step_index
+                       ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
+)
+SELECT trajectory_id, question_id, step_index,
+       list_concat(from_json(prompt_messages, '[{"role":"VARCHAR","content":"VARCHAR"}]'), history) AS state,
+       history, action, action_kind, is_last_step, model, prompt_version
+FROM decomposed;
 
 -- Majority vote of the judge samples of each step.
 CREATE OR REPLACE VIEW step_verdicts AS
@@ -97,7 +100,7 @@ WHERE l.process_pass AND l.outcome_pass;
 CREATE OR REPLACE VIEW curation_retention AS
 SELECT dataset, f.name AS filter,
        count(*) FILTER (WHERE f.keep) AS trajectories,
-       sum(num_steps) FILTER (WHERE f.keep) AS sub_trajectories,
+       coalesce(sum(num_steps) FILTER (WHERE f.keep), 0) AS sub_trajectories,
        round(count(*) FILTER (WHERE f.keep) / count(*), 4) AS retention
 FROM trajectory_labels,
      LATERAL (VALUES ('none', true), ('process', process_pass), ('outcome', outcome_pass),

@@ -122,3 +122,25 @@ class GenerateConfig(BaseModel):
     @property
     def resolved_work_dir(self) -> Path:
         return Path(self.work_dir) if self.work_dir else Path(self.db).with_suffix(".work")
+
+
+class CurateConfig(BaseModel):
+    """Parameters of the `curate` flow: process judge, outcome grading, curated views."""
+
+    db: str = "swirl.duckdb"
+    work_dir: str | None = Field(None, description="journals; default: <db>.work beside the database")
+    judge: ModelConfig = Field(default_factory=lambda: ModelConfig(temperature=0.0))
+    judge_samples: int = Field(1, ge=1, le=99, description="judge samples per step (majority vote)")
+    max_reasks: int = Field(2, ge=0, le=10, description="re-asks when a verdict is unparseable")
+    grader: Literal["rule", "llm"] = Field("rule", description="outcome grader: rule-based only, or the LLM grader too")
+    skip_judge: bool = Field(False, description="grade outcomes only")
+    run_ids: list[str] | None = Field(None, description="only trajectories of these generation runs")
+    dataset: str | None = Field(None, description="only questions of this dataset")
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    shard_size: int = Field(64, ge=1, description="steps (or trajectories) per shard")
+    fsync: bool = False
+    progress: bool = True
+
+    @property
+    def resolved_work_dir(self) -> Path:
+        return Path(self.work_dir) if self.work_dir else Path(self.db).with_suffix(".work")

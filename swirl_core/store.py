@@ -68,6 +68,10 @@ class Store:
     def query(self, sql: str, params: Sequence[Any] | None = None) -> list[tuple]:
         return self.con.execute(sql, params or []).fetchall()
 
+    def upsert(self, table: str, rows: pa.Table) -> None:
+        """Insert or replace rows (matched on the table's primary key) from an Arrow table."""
+        self._insert(table, rows)
+
     def _insert(self, table: str, rows: pa.Table, mode: str = "OR REPLACE") -> None:
         if rows.num_rows == 0:
             return

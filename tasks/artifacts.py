@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 
@@ -19,8 +21,13 @@ def publish_tables(prefix: str, run_id: str, tables: dict[str, list[dict]]) -> N
             )
 
 
-def publish_markdown(prefix: str, markdown: str, description: str) -> None:
-    create_markdown_artifact(key=_key(f"{prefix}-summary"), markdown=markdown, description=description)
+def publish_markdown(prefix: str, markdown: str, description: str, name: str = "summary") -> None:
+    create_markdown_artifact(key=_key(f"{prefix}-{name}"), markdown=markdown, description=description)
+
+
+def png_markdown(png: bytes, alt: str) -> str:
+    """Markdown that shows a PNG inline (a data URI: artifacts hold no files)."""
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
 
 
 def _plain(value):

@@ -1,0 +1,230 @@
+"""Curation as plain functions: what is left to judge or grade, judge/grade shards, rule grading.
+
+Decomposition itself is the SQL view `sub_trajectories` (sql/views.sql); this module feeds its
+rows to the process judge on Dask workers and writes verdicts and grades back (single writer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+
+import pyarrow as pa
+from pydantic import BaseModel
+
+from swirl_core.config import CurateConfig, ModelConfig
+from swirl_core.generation import tune_gc
+from swirl_core.grading import rule_grade
+from swirl_core.hashing import content_hash
+from swirl_core.judging import (
+    GRADER_PROMPT_VERSION,
+    JUDGE_PROMPT_VERSION,
+    JudgeSpec,
+    Judgment,
+    LLMGrade,
+    OutcomeGrader,
+    StepJudge,
+    StepToJudge,
+    TrajectoryToGrade,
+)
+from swirl_core.llm.factory import build_client
+
+VERDICT_CONSTRAINT = "choice:GOOD|BAD"  # small in-process judges answer with the verdict alone
+GRADE_CONSTRAINT = "choice:YES|NO"
+
+
+def judge_spec(config: CurateConfig) -> JudgeSpec:
+    cfg = config.judge
+    return JudgeSpec(
+        model=cfg.model, samples=config.judge_samples, max_reasks=config.max_reasks,
+        temperature=cfg.temperature if config.judge_samples == 1 else max(cfg.temperature, 0.7),
+        max_tokens=cfg.resolved_max_tokens, constraint=VERDICT_CONSTRAINT if cfg.is_local else None,
+    )
+
+
+def judge_fingerprint(spec: JudgeSpec) -> str:
+    return content_hash("judge", spec.model_dump(), JUDGE_PROMPT_VERSION)[:16]
+
+
+class JudgeShard(BaseModel):
+    shard_id: int
+    run_id: str
+    items: list[StepToJudge]
+    judge: ModelConfig
+    spec: JudgeSpec
+    journal_dir: str
+    fsync: bool = False
+
+
+class GradeShard(BaseModel):
+    shard_id: int
+    run_id: str
+    items: list[TrajectoryToGrade]
+    grader: ModelConfig
+    max_reasks: int
+    journal_dir: str
+    fsync: bool = False
+
+
+def _scope(config: CurateConfig, alias: str = "t") -> tuple[str, list]:
+    """SQL conditions restricting curation to some generation runs and/or one dataset."""
+    clauses, params = [], []
+    if config.run_ids:
+        clauses.append(f"{alias}.run_id IN (SELECT unnest(?::VARCHAR[]))")
+        params.append(config.run_ids)
+    if config.dataset:
+        clauses.append("q.dataset = ?")
+        params.append(config.dataset)
+    return (" AND " + " AND ".join(clauses)) if clauses else "", params
+
+
+def pending_steps(con, config: CurateConfig, fingerprint: str) -> pa.Table:
+    """Sub-trajectories this judge has not judged yet (one Arrow table, built by one query)."""
+    where, params = _scope(config)
+    return con.execute(
+        f"""
+        SELECT s.trajectory_id, s.step_index, q.task, q.question, to_json(s.history)::VARCHAR AS history, s.action
+        FROM sub_trajectories s
+        JOIN trajectories t USING (trajectory_id)
+        JOIN questions q ON q.question_id = s.question_id
+        WHERE NOT EXISTS (SELECT 1 FROM judgments j WHERE j.trajectory_id = s.trajectory_id
+                          AND j.step_index = s.step_index AND j.judge_fingerprint = ?){where}
+        ORDER BY s.trajectory_id, s.step_index
+        """,
+        [fingerprint, *params],
+    ).to_arrow_table()
+
+
+def judge_shards(table: pa.Table, config: CurateConfig, spec: JudgeSpec, run_id: str) -> Iterator[JudgeShard]:
+    rows = table.to_pylist()
+    for n, start in enumerate(range(0, len(rows), config.shard_size)):
+        items = [
+            StepToJudge(trajectory_id=r["trajectory_id"], step_index=r["step_index"], task=r["task"],
+                        question=r["question"], turns=json.loads(r["history"]), action_message=r["action"])
+            for r in rows[start : start + config.shard_size]
+        ]
+        yield JudgeShard(shard_id=n, run_id=run_id, items=items, judge=config.judge, spec=spec,
+                         journal_dir=str(config.resolved_work_dir / "journal"), fsync=config.fsync)
+
+
+def run_judge_shard(shard: JudgeShard) -> list[Judgment]:
+    tune_gc()
+
+    async def main() -> list[Judgment]:
+        client = build_client(shard.judge, shard.journal_dir, fsync=shard.fsync,
+                              tags={"run_id": shard.run_id, "purpose": "judge"})
+        try:
+            return await StepJudge(client, shard.spec).judge_many(shard.items)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(main())
+
+
+def judgment_rows(judgments: list[Judgment], run_id: str, fingerprint: str) -> pa.Table:
+    """Rows for `judgments`; a failed call (not an unparseable verdict) is left out, so a rerun retries it."""
+    return pa.Table.from_pylist([
+        {"judgment_id": content_hash(j.trajectory_id, j.step_index, fingerprint, j.sample_index),
+         "run_id": run_id, "trajectory_id": j.trajectory_id, "step_index": j.step_index,
+         "sample_index": j.sample_index, "judge_model": j.judge_model, "judge_fingerprint": fingerprint,
+         "prompt_version": j.prompt_version, "verdict": j.verdict, "reasoning": j.reasoning,
+         "attempts": j.attempts, "call_keys": j.call_keys}
+        for j in judgments if not j.reasoning.startswith("LLMError")
+    ], schema=pa.schema([
+        ("judgment_id", pa.string()), ("run_id", pa.string()), ("trajectory_id", pa.string()),
+        ("step_index", pa.int32()), ("sample_index", pa.int32()), ("judge_model", pa.string()),
+        ("judge_fingerprint", pa.string()), ("prompt_version", pa.string()), ("verdict", pa.string()),
+        ("reasoning", pa.string()), ("attempts", pa.int32()), ("call_keys", pa.list_(pa.string())),
+    ]))
+
+
+def _ungraded(con, config: CurateConfig, methods: tuple[str, ...]) -> list[dict]:
+    where, params = _scope(config)
+    cur = con.execute(
+        f"""
+        SELECT t.trajectory_id, q.task, q.question, q.answer, q.answer_aliases AS aliases, t.final_answer
+        FROM trajectories t JOIN questions q USING (question_id)
+        WHERE t.status <> 'error' AND NOT EXISTS (
+            SELECT 1 FROM grades g WHERE g.trajectory_id = t.trajectory_id
+            AND g.method IN (SELECT unnest(?::VARCHAR[]))){where}
+        ORDER BY t.trajectory_id
+        """,
+        [list(methods), *params],
+    )
+    cols = [d[0] for d in cur.description]
+    return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+
+def rule_grade_rows(con, config: CurateConfig, run_id: str) -> pa.Table:
+    """Exact match / F1 for QA, numeric equivalence for math: cheap, so done in the flow process."""
+    rows = []
+    for r in _ungraded(con, config, ("numeric", "exact_match")):
+        g = rule_grade(r["task"], r["final_answer"], r["answer"], r["aliases"] or ())
+        rows.append({"trajectory_id": r["trajectory_id"], "method": g.method, "correct": g.correct,
+                     "score": g.score, "detail": g.detail, "grader_model": None, "prompt_version": None,
+                     "call_key": None, "run_id": run_id})
+    return pa.Table.from_pylist(rows, schema=GRADE_SCHEMA)
+
+
+def grade_shards(con, config: CurateConfig, run_id: str) -> Iterator[GradeShard]:
+    items = [
+        TrajectoryToGrade(trajectory_id=r["trajectory_id"], task=r["task"], question=r["question"],
+                          answer=r["answer"], aliases=list(r["aliases"] or []), prediction=r["final_answer"])
+        for r in _ungraded(con, config, ("llm",))
+    ]
+    for n, start in enumerate(range(0, len(items), config.shard_size)):
+        yield GradeShard(shard_id=n, run_id=run_id, items=items[start : start + config.shard_size],
+                         grader=config.judge, max_reasks=config.max_reasks,
+                         journal_dir=str(config.resolved_work_dir / "journal"), fsync=config.fsync)
+
+
+def run_grade_shard(shard: GradeShard) -> list[LLMGrade]:
+    tune_gc()
+
+    async def main() -> list[LLMGrade]:
+        client = build_client(shard.grader, shard.journal_dir, fsync=shard.fsync,
+                              tags={"run_id": shard.run_id, "purpose": "grader"})
+        grader = OutcomeGrader(client, shard.grader.model, shard.max_reasks, max_tokens=shard.grader.resolved_max_tokens,
+                               constraint=GRADE_CONSTRAINT if shard.grader.is_local else None)
+        try:
+            return await grader.grade_many(shard.items)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(main())
+
+
+GRADE_SCHEMA = pa.schema([
+    ("trajectory_id", pa.string()), ("method", pa.string()), ("correct", pa.bool_()), ("score", pa.float64()),
+    ("detail", pa.string()), ("grader_model", pa.string()), ("prompt_version", pa.string()),
+    ("call_key", pa.string()), ("run_id", pa.string()),
+])
+
+
+def llm_grade_rows(grades: list[LLMGrade], run_id: str) -> pa.Table:
+    """Rows for `grades`; failed calls are left out so a rerun retries them."""
+    return pa.Table.from_pylist([
+        {"trajectory_id": g.trajectory_id, "method": "llm", "correct": g.correct,
+         "score": None if g.correct is None else float(g.correct), "detail": g.reasoning[:2000],
+         "grader_model": g.grader_model, "prompt_version": g.prompt_version or GRADER_PROMPT_VERSION,
+         "call_key": g.call_key, "run_id": run_id}
+        for g in grades if not g.reasoning.startswith("LLMError")
+    ], schema=GRADE_SCHEMA)
+
+
+def curation_report(con) -> dict[str, list[dict]]:
+    """The tables a curation run publishes: retention, agreement, GOOD rates, self-consistency."""
+
+    def rows(sql: str) -> list[dict]:
+        cur = con.execute(sql)
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+    return {
+        "retention": rows("SELECT * FROM curation_retention"),
+        "agreement": rows("SELECT * FROM judge_agreement"),
+        "good_rate_by_step": rows("SELECT * FROM good_rate_by_step"),
+        "good_rate_by_action": rows("SELECT * FROM good_rate_by_action"),
+        "self_consistency": [r for r in rows("SELECT * FROM judge_self_consistency") if r["steps"]],
+    }
