@@ -82,27 +82,40 @@ def _scope(config: CurateConfig, alias: str = "t") -> tuple[str, list]:
 def pending_steps(con, config: CurateConfig, fingerprint: str) -> pa.Table:
     """Sub-trajectories this judge has not judged yet (one Arrow table, built by one query)."""
     where, params = _scope(config)
-    return con.execute(
+    return con.sql(
         f"""
-        SELECT s.trajectory_id, s.step_index, q.task, q.question, to_json(s.history)::VARCHAR AS history, s.action
+        SELECT s.trajectory_id, s.step_index, s.question_id, q.task, q.question,
+               to_json(s.history)::VARCHAR AS history, s.action
         FROM sub_trajectories s
         JOIN trajectories t USING (trajectory_id)
         JOIN questions q ON q.question_id = s.question_id
         WHERE NOT EXISTS (SELECT 1 FROM judgments j WHERE j.trajectory_id = s.trajectory_id
                           AND j.step_index = s.step_index AND j.judge_fingerprint = ?){where}
-        ORDER BY s.trajectory_id, s.step_index
+        ORDER BY s.question_id, s.trajectory_id, s.step_index
         """,
-        [fingerprint, *params],
+        params=[fingerprint, *params],
     ).to_arrow_table()
 
 
+def by_question(rows: list[dict], size: int) -> Iterator[list[dict]]:
+    """Chunks of about `size` rows that never split a question: samples of one question often share
+    identical sub-trajectories, and identical requests are paid once only within one process."""
+    chunk: list[dict] = []
+    for row in rows:
+        if len(chunk) >= size and row["question_id"] != chunk[-1]["question_id"]:
+            yield chunk
+            chunk = []
+        chunk.append(row)
+    if chunk:
+        yield chunk
+
+
 def judge_shards(table: pa.Table, config: CurateConfig, spec: JudgeSpec, run_id: str) -> Iterator[JudgeShard]:
-    rows = table.to_pylist()
-    for n, start in enumerate(range(0, len(rows), config.shard_size)):
+    for n, chunk in enumerate(by_question(table.to_pylist(), config.shard_size)):
         items = [
             StepToJudge(trajectory_id=r["trajectory_id"], step_index=r["step_index"], task=r["task"],
                         question=r["question"], turns=json.loads(r["history"]), action_message=r["action"])
-            for r in rows[start : start + config.shard_size]
+            for r in chunk
         ]
         yield JudgeShard(shard_id=n, run_id=run_id, items=items, judge=config.judge, spec=spec,
                          journal_dir=str(config.resolved_work_dir / "journal"), fsync=config.fsync)
@@ -143,12 +156,12 @@ def _ungraded(con, config: CurateConfig, methods: tuple[str, ...]) -> list[dict]
     where, params = _scope(config)
     cur = con.execute(
         f"""
-        SELECT t.trajectory_id, q.task, q.question, q.answer, q.answer_aliases AS aliases, t.final_answer
+        SELECT t.trajectory_id, t.question_id, q.task, q.question, q.answer, q.answer_aliases AS aliases, t.final_answer
         FROM trajectories t JOIN questions q USING (question_id)
         WHERE t.status <> 'error' AND NOT EXISTS (
             SELECT 1 FROM grades g WHERE g.trajectory_id = t.trajectory_id
             AND g.method IN (SELECT unnest(?::VARCHAR[]))){where}
-        ORDER BY t.trajectory_id
+        ORDER BY t.question_id, t.trajectory_id
         """,
         [list(methods), *params],
     )
@@ -168,14 +181,13 @@ def rule_grade_rows(con, config: CurateConfig, run_id: str) -> pa.Table:
 
 
 def grade_shards(con, config: CurateConfig, run_id: str) -> Iterator[GradeShard]:
-    items = [
-        TrajectoryToGrade(trajectory_id=r["trajectory_id"], task=r["task"], question=r["question"],
-                          answer=r["answer"], aliases=list(r["aliases"] or []), prediction=r["final_answer"])
-        for r in _ungraded(con, config, ("llm",))
-    ]
-    for n, start in enumerate(range(0, len(items), config.shard_size)):
-        yield GradeShard(shard_id=n, run_id=run_id, items=items[start : start + config.shard_size],
-                         grader=config.judge, max_reasks=config.max_reasks,
+    for n, chunk in enumerate(by_question(_ungraded(con, config, ("llm",)), config.shard_size)):
+        items = [
+            TrajectoryToGrade(trajectory_id=r["trajectory_id"], task=r["task"], question=r["question"],
+                              answer=r["answer"], aliases=list(r["aliases"] or []), prediction=r["final_answer"])
+            for r in chunk
+        ]
+        yield GradeShard(shard_id=n, run_id=run_id, items=items, grader=config.judge, max_reasks=config.max_reasks,
                          journal_dir=str(config.resolved_work_dir / "journal"), fsync=config.fsync)
 
 

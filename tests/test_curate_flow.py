@@ -1,0 +1,130 @@
+"""Curation end to end: decomposition, the process judge over HTTP on a LocalCluster, grades, views."""
+
+from __future__ import annotations
+
+import duckdb
+import pytest
+from helpers import math_policy
+from scripted_server import ScriptedServer
+
+from conftest import FIXTURES
+from swirl_core.config import ClusterConfig, CurateConfig, GenerateConfig, ModelConfig
+
+
+@pytest.fixture(scope="module")
+def generated_db(prefect_api, tmp_path_factory):
+    """6 GSM8K questions × 2 samples × 3 steps (calc, calc, answer 42) from the scripted policy."""
+    from flows.generate import run_generate
+
+    db = tmp_path_factory.mktemp("curate") / "swirl.duckdb"
+    with ScriptedServer(responder=math_policy) as srv:
+        result = run_generate(GenerateConfig(
+            dataset="gsm8k", data_files=[str(FIXTURES / "gsm8k_test20.jsonl")], split="test", limit=6, samples=2,
+            policy=ModelConfig(model="openai/policy", api_base=srv.base_url), db=str(db), progress=False,
+            cluster=ClusterConfig(n_workers=1),
+        ))
+    assert result["trajectories"] == 12
+    return db
+
+
+def _judge(body: dict) -> str:
+    """GOOD for calculator steps that add, BAD for the rest; unparseable once for the doubling step."""
+    last = body["messages"][-1]["content"]
+    if "Am I correct?" in last:
+        return "42 differs from the answer key.\nNO"
+    action = last.rsplit("Last message to evaluate:", 1)[-1]
+    if "* 2" in action and body.get("seed", 0) < 1000:
+        return "Hmm, hard to say."  # no verdict: the judge must be re-asked
+    if "<math_exp>" in action and "+" in action:
+        return "The expression adds the two numbers from the question. GOOD"
+    if "* 2" in action:
+        return "Doubling follows from the question. GOOD"
+    return "The answer does not follow from the computations. BAD"
+
+
+def _q(db, sql):
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+def test_decomposition_has_one_sub_trajectory_per_action(generated_db):
+    assert _q(generated_db, "SELECT count(*) FROM sub_trajectories") == _q(generated_db, "SELECT count(*) FROM steps")
+    rows = _q(generated_db, """SELECT step_index, len(state), state[-1].role, action, is_last_step FROM sub_trajectories
+                               WHERE trajectory_id = (SELECT min(trajectory_id) FROM trajectories) ORDER BY step_index""")
+    assert [(r[0], r[1], r[2], r[4]) for r in rows] == [(0, 1, "user", False), (1, 3, "user", False), (2, 5, "user", True)]
+    assert rows[2][3] == "<answer>42</answer>"
+    # s_2 ends with the observation of action 1, which is what the policy saw.
+    last_state = _q(generated_db, """SELECT state[-1].content, state[-2].content FROM sub_trajectories
+                                     WHERE step_index = 2 ORDER BY trajectory_id LIMIT 1""")[0]
+    assert " → " in last_state[0] and last_state[1].startswith("Then double it.")
+
+
+@pytest.mark.slow
+def test_curate_judges_grades_and_builds_the_four_sets(generated_db, prefect_api):
+    from flows.curate import run_curate
+
+    with ScriptedServer(responder=_judge) as srv:
+        config = CurateConfig(db=str(generated_db), judge=ModelConfig(model="openai/judge", api_base=srv.base_url),
+                              grader="llm", max_reasks=2, cluster=ClusterConfig(n_workers=2), shard_size=8,
+                              progress=False)
+        result = run_curate(config)
+        assert result["status"] == "completed" and result["judged_steps"] == 36
+        sent = srv.stats()["total"]
+        # The scripted policy is deterministic, so both samples of a question are the same trajectory:
+        # 18 distinct steps, the 6 distinct doubling steps re-asked once (unparseable first), 6 distinct
+        # grades. Identical requests are paid once.
+        assert sent == 18 + 6 + 6 and srv.completed_twice() == []
+        again = run_curate(config)
+        assert again["judged_steps"] == 0 and srv.stats()["total"] == sent  # nothing is paid twice
+
+    verdicts = dict(_q(generated_db, "SELECT verdict, count(*) FROM judgments GROUP BY 1"))
+    assert verdicts == {"GOOD": 24, "BAD": 12}
+    assert _q(generated_db, "SELECT max(attempts) FROM judgments") == [(2,)]
+    # Gold of the fixtures is never 42, so no trajectory is correct; grades carry their method.
+    assert _q(generated_db, "SELECT method, count(*), count(*) FILTER (WHERE correct) FROM grades GROUP BY 1 ORDER BY 1") == [
+        ("llm", 12, 0), ("numeric", 12, 0)]
+    sizes = dict(_q(generated_db, "SELECT filter, trajectories FROM curation_retention"))
+    assert sizes == {"none": 12, "process": 0, "outcome": 0, "process_outcome": 0}
+    assert _q(generated_db, "SELECT * FROM good_rate_by_action") == [("answer", 12, 0.0), ("math", 24, 1.0)]
+
+
+def test_curated_views_hold_what_their_definitions_say(tmp_path):
+    """Hand-made labels: process ⊆ none, process_outcome = process ∩ outcome, sub-trajectories carry ids."""
+    from swirl_core.records import Action, Question, Step, Trajectory
+    from swirl_core.store import Store
+
+    import pyarrow as pa
+
+    with Store(tmp_path / "v.duckdb") as store:
+        q = Question(question_id="q", dataset="d", split="s", source_id="1", task="qa", question="?", answer="a")
+        store.upsert_questions([q], "r")
+        trajs = []
+        for n in range(4):
+            steps = [Step(step_index=0, message="<search_query>x</search_query>", action=Action(kind="search", content="x"),
+                          observation="x → y", model="m", prompt_version="v"),
+                     Step(step_index=1, message="<answer>a</answer>", action=Action(kind="answer", content="a"),
+                          model="m", prompt_version="v")]
+            trajs.append(Trajectory(trajectory_id=f"t{n}", question_id="q", sample_index=n, model="m", prompt_version="v",
+                                    prompt_messages=[{"role": "user", "content": "?"}], steps=steps, status="answered"))
+        store.write_trajectories(trajs, "r", "fp")
+        # t0: process ✓ outcome ✓; t1: process ✓ outcome ✗; t2: process ✗ outcome ✓; t3: process ✗ (unknown) outcome ✗
+        verdicts = {"t0": ["GOOD", "GOOD"], "t1": ["GOOD", "GOOD"], "t2": ["GOOD", "BAD"], "t3": ["UNKNOWN", "GOOD"]}
+        store.upsert("judgments", pa.Table.from_pylist([
+            {"judgment_id": f"{t}{i}", "trajectory_id": t, "step_index": i, "sample_index": 0, "judge_model": "j",
+             "judge_fingerprint": "f", "prompt_version": "v", "verdict": v}
+            for t, vs in verdicts.items() for i, v in enumerate(vs)]))
+        store.upsert("grades", pa.Table.from_pylist([
+            {"trajectory_id": t, "method": "exact_match", "correct": c} for t, c in
+            [("t0", True), ("t1", False), ("t2", True), ("t3", False)]]))
+        ids = {name: {r[0] for r in store.query(f"SELECT DISTINCT trajectory_id FROM curated_{name}")}
+               for name in ("none", "process", "outcome", "process_outcome")}
+        assert ids == {"none": {"t0", "t1", "t2", "t3"}, "process": {"t0", "t1"}, "outcome": {"t0", "t2"},
+                       "process_outcome": {"t0"}}
+        assert store.query("SELECT count(*) FROM curated_process") == [(4,)]  # 2 trajectories × 2 sub-trajectories
+        assert store.query("SELECT * FROM judge_agreement WHERE process_pass AND outcome_pass") == [("d", True, True, 1)]
+        # An LLM grade overrides the rule grade for the outcome.
+        store.upsert("grades", pa.Table.from_pylist([{"trajectory_id": "t1", "method": "llm", "correct": True}]))
+        assert {r[0] for r in store.query("SELECT DISTINCT trajectory_id FROM curated_process_outcome")} == {"t0", "t1"}
