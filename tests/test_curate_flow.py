@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import duckdb
 import pytest
+from conftest import FIXTURES
 from helpers import math_policy
 from scripted_server import ScriptedServer
 
-from conftest import FIXTURES
 from swirl_core.config import ClusterConfig, CurateConfig, GenerateConfig, ModelConfig
 
 
@@ -93,10 +93,10 @@ def test_curate_judges_grades_and_builds_the_four_sets(generated_db, prefect_api
 
 def test_curated_views_hold_what_their_definitions_say(tmp_path):
     """Hand-made labels: process ⊆ none, process_outcome = process ∩ outcome, sub-trajectories carry ids."""
+    import pyarrow as pa
+
     from swirl_core.records import Action, Question, Step, Trajectory
     from swirl_core.store import Store
-
-    import pyarrow as pa
 
     with Store(tmp_path / "v.duckdb") as store:
         q = Question(question_id="q", dataset="d", split="s", source_id="1", task="qa", question="?", answer="a")
