@@ -89,6 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     cur.add_argument("--fsync", action="store_true", help="fsync the call journal after every response")
     cur.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    pub = sub.add_parser("publish", help="export the curated sets with a dataset card and upload them to the Hub",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    pub.add_argument("--db", default="swirl.duckdb", help="DuckDB file with curated data")
+    pub.add_argument("--repo-id", required=True, help="USER/NAME of the dataset repo (endpoint: HF_ENDPOINT)")
+    visibility = pub.add_mutually_exclusive_group()
+    visibility.add_argument("--private", dest="private", action="store_true", default=True, help="private repo")
+    visibility.add_argument("--public", dest="private", action="store_false", help="public repo")
+    pub.add_argument("--out-dir", help="where the Hub folder is written (default: <db>.work/hub/USER__NAME)")
+    pub.add_argument("--token-secret", help="Prefect Secret block holding the token (default: HF_TOKEN)")
+    pub.add_argument("--dry-run", action="store_true", help="export and write the card only")
+
     sql = sub.add_parser("sql", help="run a SQL query on the database and print the result")
     sql.add_argument("query", help="SQL, e.g. \"SELECT * FROM run_report\"")
     sql.add_argument("--db", default="swirl.duckdb", help="DuckDB file (opened read-only)")
@@ -179,6 +190,27 @@ def cmd_curate(args: argparse.Namespace) -> int:
     return 0 if result["status"] == "completed" else 1
 
 
+def cmd_publish(args: argparse.Namespace) -> int:
+    from swirl_core.config import PublishConfig
+
+    if not Path(args.db).exists():
+        raise FileNotFoundError(f"{args.db} does not exist")
+    config = PublishConfig(db=args.db, repo_id=args.repo_id, private=args.private, out_dir=args.out_dir,
+                           token_secret=args.token_secret, dry_run=args.dry_run)
+    from flows.publish import publish
+    from flows.runtime import prefect_api
+
+    with prefect_api():
+        result = publish(config)
+    _print_rows("exported rows", [{"config": c, **v} for c, v in result["rows"].items()])
+    print(f"Hub folder: {result['folder']}")
+    if result["uploaded"]:
+        state = "new commit" if result["new_commit"] else "unchanged, no new commit"
+        print(f"published {result['repo_id']} ({'private' if result['private'] else 'public'}): {state} {result['commit']}")
+        print(f'  from datasets import load_dataset; load_dataset("{result["repo_id"]}", "process")')
+    return 0
+
+
 def _print_rows(title: str, rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -231,7 +263,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     apply_quiet_env()
     args = build_parser().parse_args(argv)
-    handlers = {"generate": cmd_generate, "curate": cmd_curate, "sql": cmd_sql}
+    handlers = {"generate": cmd_generate, "curate": cmd_curate, "publish": cmd_publish, "sql": cmd_sql}
     try:
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError) as exc:  # bad input: a clear message, not a traceback

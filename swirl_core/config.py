@@ -144,3 +144,22 @@ class CurateConfig(BaseModel):
     @property
     def resolved_work_dir(self) -> Path:
         return Path(self.work_dir) if self.work_dir else Path(self.db).with_suffix(".work")
+
+
+class PublishConfig(BaseModel):
+    """Parameters of the `publish` flow. The Hub endpoint comes from HF_ENDPOINT as usual."""
+
+    db: str = "swirl.duckdb"
+    repo_id: str = Field(..., pattern=r"^[\w.-]+/[\w.-]+$", description="USER/NAME of the dataset repo")
+    private: bool = True
+    out_dir: str | None = Field(None, description="the exported Hub folder; default: <db>.work/hub/<name>")
+    token_secret: str | None = Field(None, description="name of a Prefect Secret block holding the token; default: HF_TOKEN")
+    eval_splits: list[str] = Field(default_factory=lambda: ["test", "validation", "dev"],
+                                   description="question splits counted as evaluation data in the contamination check")
+    dry_run: bool = Field(False, description="export and write the card, but do not upload")
+
+    @property
+    def resolved_out_dir(self) -> Path:
+        if self.out_dir:
+            return Path(self.out_dir)
+        return Path(self.db).with_suffix(".work") / "hub" / self.repo_id.replace("/", "__")

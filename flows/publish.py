@@ -1,0 +1,39 @@
+"""The `publish` flow: curated sets → a `datasets`-loadable Hub folder with a card → the Hub."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from swirl_core.config import PublishConfig
+from swirl_core.hub import contamination, dataset_card, export_folder
+from swirl_core.store import Store
+from tasks.artifacts import publish_markdown
+from tasks.publish import upload
+
+
+def _token(config: PublishConfig) -> str | None:
+    if config.token_secret:
+        from prefect.blocks.system import Secret
+
+        return Secret.load(config.token_secret).get()
+    return None  # huggingface_hub reads HF_TOKEN (or the saved login) itself
+
+
+@flow(name="publish", log_prints=True)
+def publish(config: PublishConfig) -> dict[str, Any]:
+    logger = get_run_logger()
+    folder = config.resolved_out_dir
+    with Store(config.db, read_only=True) as store:
+        summary = export_folder(store.con, folder)
+        report = contamination(store.con, tuple(config.eval_splits))
+        card = dataset_card(store.con, summary, config.repo_id, report)
+    (folder / "README.md").write_text(card, encoding="utf-8")
+    logger.info("exported %s to %s", {c: sum(v.values()) for c, v in summary.rows.items()}, folder)
+    result: dict[str, Any] = {"folder": str(folder), "rows": summary.rows, "contamination": report,
+                              "repo_id": config.repo_id, "uploaded": False}
+    if not config.dry_run:
+        result |= upload(str(folder), config.repo_id, config.private, _token(config)) | {"uploaded": True}
+    publish_markdown("publish", card.split("---", 2)[-1], f"dataset card for {config.repo_id}", name="card")
+    return result

@@ -1,0 +1,277 @@
+"""Export curated data from DuckDB to a `datasets`-loadable Hub folder, write its card, upload it.
+
+Parquet is written by DuckDB's `COPY … TO` straight from the views, in files of bounded size,
+so nothing is loaded into Python memory. Output is deterministic (ordered rows, no publish-time
+stamps), so republishing unchanged data uploads identical bytes and makes no new commit.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from swirl_core.grading import normalize_answer
+
+FILTERS = ("none", "process", "outcome", "process_outcome")
+LICENCES = {  # of the seed datasets; the generated text inherits them
+    "gsm8k": "mit", "hotpotqa": "cc-by-sa-4.0", "musique": "cc-by-4.0", "beerqa": "cc-by-sa-4.0",
+    "demo-math": "apache-2.0", "demo-qa": "cc-by-sa-4.0",
+}
+CITATION = """@article{goldie2025swirl,
+  title   = {Synthetic Data Generation \\& Multi-Step RL for Reasoning \\& Tool Use},
+  author  = {Goldie, Anna and Mirhoseini, Azalia and Zhou, Hao and Cai, Irene and Manning, Christopher D.},
+  journal = {arXiv preprint arXiv:2504.04736},
+  year    = {2025}
+}"""
+
+_TRAJECTORY_SQL = """
+SELECT t.trajectory_id, t.question_id, q.dataset, q.split, q.question, q.answer, q.answer_aliases,
+       t.final_answer, t.status, t.num_steps, l.process_pass, l.outcome_pass,
+       list_concat(from_json(t.prompt_messages, '[{{"role":"VARCHAR","content":"VARCHAR"}}]'),
+                   (SELECT flatten(list(CASE WHEN s.observation IS NULL
+                                             THEN [{{'role': 'assistant', 'content': s.message}}]
+                                             ELSE [{{'role': 'assistant', 'content': s.message}},
+                                                   {{'role': 'user', 'content': s.observation}}] END
+                                        ORDER BY s.step_index))
+                    FROM steps s WHERE s.trajectory_id = t.trajectory_id)) AS messages,
+       t.model, t.prompt_version, t.run_id
+FROM trajectories t JOIN trajectory_labels l USING (trajectory_id) JOIN questions q ON q.question_id = t.question_id
+WHERE {where} AND q.split = ?
+ORDER BY t.question_id, t.sample_index, t.trajectory_id
+"""
+
+_STEPS_SQL = """
+SELECT s.trajectory_id, s.step_index, l.question_id, l.dataset, q.split, s.state AS prompt,
+       [{'role': 'assistant', 'content': s.action}] AS completion, s.action_kind, s.is_last_step,
+       v.verdict AS process_verdict, l.process_pass, l.outcome_pass, s.model, s.prompt_version
+FROM sub_trajectories s JOIN trajectory_labels l USING (trajectory_id)
+JOIN questions q ON q.question_id = l.question_id
+LEFT JOIN step_verdicts v USING (trajectory_id, step_index)
+WHERE q.split = ?
+ORDER BY l.question_id, s.trajectory_id, s.step_index
+"""
+
+_WHERE = {"none": "true", "process": "l.process_pass", "outcome": "l.outcome_pass",
+          "process_outcome": "l.process_pass AND l.outcome_pass"}
+
+
+@dataclass
+class ExportSummary:
+    folder: Path
+    files: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # config → split → files
+    rows: dict[str, dict[str, int]] = field(default_factory=dict)  # config → split → rows
+
+
+def _split_name(split: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", split) or "train"
+
+
+def export_folder(con, folder: str | Path, *, max_file_bytes: str = "256MB") -> ExportSummary:
+    """Write `data/<config>/<split>-*.parquet` for the four filters and `steps`; returns counts."""
+    folder = Path(folder)
+    data = folder / "data"
+    if data.exists():
+        shutil.rmtree(data)  # a republish writes the whole layout again, deterministically
+    summary = ExportSummary(folder)
+    splits = [r[0] for r in con.execute(
+        "SELECT DISTINCT q.split FROM trajectory_labels l JOIN questions q USING (question_id) ORDER BY 1").fetchall()]
+    queries = {name: _TRAJECTORY_SQL.format(where=_WHERE[name]) for name in FILTERS} | {"steps": _STEPS_SQL}
+    for config, sql in queries.items():
+        for split in splits:
+            # An empty set still gets its (empty) file: every config stays loadable by name.
+            n = con.execute(f"SELECT count(*) FROM ({sql})", [split]).fetchall()[0][0]
+            target = data / config
+            target.mkdir(parents=True, exist_ok=True)
+            name = _split_name(split)
+            con.execute(
+                f"COPY ({sql}) TO '{target}' (FORMAT parquet, FILE_SIZE_BYTES '{max_file_bytes}', "
+                f"FILENAME_PATTERN '{name}-{{i}}', OVERWRITE_OR_IGNORE true)",
+                [split],
+            )
+            summary.files.setdefault(config, {})[name] = sorted(
+                str(p.relative_to(folder)) for p in target.glob(f"{name}-*.parquet"))
+            summary.rows.setdefault(config, {})[name] = n
+    return summary
+
+
+def upload_folder(folder: str | Path, repo_id: str, *, token: str | None, private: bool,
+                  message: str = "Publish SWiRL curated data") -> dict[str, Any]:
+    """Create the dataset repo if needed and commit the folder; unchanged files make no commit.
+
+    The endpoint comes from `HF_ENDPOINT` as usual; the token is passed through, never logged."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+    before = api.list_repo_commits(repo_id, repo_type="dataset")
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="dataset", commit_message=message)
+    after = api.list_repo_commits(repo_id, repo_type="dataset")
+    return {"repo_id": repo_id, "commit": after[0].commit_id if after else None,
+            "new_commit": len(after) > len(before), "private": private}
+
+
+def contamination(con, eval_splits: tuple[str, ...] = ("test", "validation", "dev"), ngram: int = 13) -> dict[str, Any]:
+    """Overlap between published training questions and evaluation questions in the database.
+
+    Exact overlap is on normalized question text; near overlap counts training questions sharing
+    any 13-token window with an evaluation question (the GPT-3 paper's test)."""
+    train = [r[0] for r in con.execute(
+        "SELECT DISTINCT q.question FROM trajectory_labels l JOIN questions q USING (question_id) "
+        "WHERE q.split NOT IN (SELECT unnest(?::VARCHAR[]))", [list(eval_splits)]).fetchall()]
+    evals = [r[0] for r in con.execute(
+        "SELECT DISTINCT question FROM questions WHERE split IN (SELECT unnest(?::VARCHAR[]))",
+        [list(eval_splits)]).fetchall()]
+    norm_eval = {normalize_answer(q) for q in evals}
+    grams = {g for q in evals for g in _ngrams(q, ngram)}
+    exact = sum(normalize_answer(q) in norm_eval for q in train)
+    near = sum(bool(_ngrams(q, ngram) & grams) for q in train)
+    return {"train_questions": len(train), "eval_questions": len(evals), "eval_splits": list(eval_splits),
+            "exact_overlap": exact, f"{ngram}gram_overlap": near}
+
+
+def _ngrams(text: str, n: int) -> set[tuple[str, ...]]:
+    tokens = normalize_answer(text).split()
+    return {tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)}
+
+
+def _rows(con, sql: str, params: list | None = None) -> list[dict]:
+    cur = con.execute(sql, params or [])
+    cols = [d[0] for d in cur.description]
+    return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+
+def _table(rows: list[dict]) -> str:
+    if not rows:
+        return "_none_"
+    head = list(rows[0])
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join("" if r[h] is None else str(r[h]) for h in head) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def dataset_card(con, summary: ExportSummary, repo_id: str, contamination_report: dict[str, Any]) -> str:
+    """README.md: YAML metadata with the configs, then how the data was made and what is in it."""
+    datasets = [r[0] for r in con.execute(
+        "SELECT DISTINCT dataset FROM trajectory_labels ORDER BY 1").fetchall()]
+    licences = sorted({LICENCES.get(d, "other") for d in datasets})
+    runs = _rows(con, "SELECT run_id, kind, dataset, model, prompt_version, status, "
+                      "strftime(started_at, '%Y-%m-%d') AS started FROM runs ORDER BY kind, run_id")
+    gen_configs = [json.loads(r[0]) for r in con.execute(
+        "SELECT config FROM runs WHERE kind = 'generate' ORDER BY run_id").fetchall()]
+    judges = _rows(con, "SELECT judge_model, prompt_version, count(*) AS judgments FROM judgments GROUP BY ALL ORDER BY ALL")
+    policies = _rows(con, "SELECT model, prompt_version, count(*) AS trajectories FROM trajectories GROUP BY ALL ORDER BY ALL")
+    example = _rows(con, "SELECT trajectory_id, step_index, action_kind, action FROM sub_trajectories "
+                         "ORDER BY trajectory_id, step_index LIMIT 3")
+    configs_yaml = []
+    for config in (*FILTERS, "steps"):
+        if config not in summary.files:
+            continue
+        configs_yaml.append(f"- config_name: {config}")
+        if config == "process":
+            configs_yaml.append("  default: true")
+        configs_yaml.append("  data_files:")
+        for split in sorted(summary.files[config]):
+            configs_yaml += [f"  - split: {split}", f"    path: data/{config}/{split}-*.parquet"]
+    total = sum(summary.rows.get("none", {}).values())
+    size = "n<1K" if total < 1000 else "1K<n<10K" if total < 10_000 else "10K<n<100K" if total < 100_000 else "100K<n<1M"
+    front = "\n".join([
+        "---",
+        f"license: {licences[0] if len(licences) == 1 else 'other'}",
+        f"pretty_name: SWiRL multi-step tool-use trajectories ({', '.join(datasets)})",
+        "language:\n- en",
+        "task_categories:\n- question-answering\n- text-generation",
+        "tags:\n- swirl\n- tool-use\n- multi-step-reasoning\n- synthetic\n- process-supervision",
+        f"size_categories:\n- {size}",
+        "configs:", *configs_yaml,
+        "---",
+    ])
+    snippets = "\n".join(f'load_dataset("{repo_id}", "{c}")' for c in summary.files)
+    steps_caps = sorted({(c.get("dataset"), c.get("max_steps"), c.get("samples")) for c in gen_configs}, key=str)
+    body = """
+# SWiRL multi-step tool-use data
+
+Synthetic multi-step reasoning and tool-use trajectories made with the SWiRL recipe (Goldie et al., 2025,
+arXiv:2504.04736): a policy model answers each seed question step by step, each step being brief reasoning and
+exactly one action — `<search_query>` (search over a paragraph corpus), `<math_exp>` (a calculator) or
+`<answer>` — with tool results fed back as `INPUT → RESULT`. Every step was rated by a process judge (GOOD/BAD,
+without the gold answer) and every trajectory was graded against the gold answer.
+
+## Configs
+
+| config | rows | what |
+|---|---|---|
+""" + "\n".join(
+        f"| `{c}` | {sum(summary.rows[c].values())} | "
+        + ("one row per (state, action) step: `prompt` (chat messages) / `completion`, for SFT and RL |" if c == "steps"
+           else f"one row per trajectory passing the **{c}** filter, with the full `messages` |")
+        for c in summary.files) + f"""
+
+```python
+from datasets import load_dataset
+{snippets}
+```
+
+`prompt`/`completion` are conversational (TRL's `SFTTrainer` trains on the completion only; `GRPOTrainer` uses
+`prompt` as the RL state). The paper found the `process` set best for RL and `process_outcome` best for SFT.
+
+## How it was made
+
+Policy models and prompt versions:
+
+{_table(policies)}
+
+Process judge:
+
+{_table(judges)}
+
+Generation settings (dataset, step cap, samples per question; step cap `None` = the dataset default:
+10 for math, 5 for QA): {", ".join(str(s) for s in steps_caps)}. Tools: a BM25 search engine over the
+questions' paragraph corpus (QA), a calculator that parses arithmetic without evaluating code (math).
+
+## Retention per filter
+
+{_table(_rows(con, "SELECT * FROM curation_retention"))}
+
+## Judge quality
+
+Process verdict vs outcome (trajectories judged and graded):
+
+{_table(_rows(con, "SELECT * FROM judge_agreement"))}
+
+GOOD rate by step index:
+
+{_table(_rows(con, "SELECT * FROM good_rate_by_step"))}
+
+GOOD rate by action:
+
+{_table(_rows(con, "SELECT * FROM good_rate_by_action"))}
+
+## Contamination check
+
+Training questions here vs evaluation questions ({", ".join(contamination_report["eval_splits"])} splits) known to
+the factory's database: {_table([contamination_report])}
+
+## Lineage
+
+{_table(runs)}
+
+## Example steps
+
+{_table(example)}
+
+## Licence
+
+Seed datasets: {", ".join(f"{d} ({LICENCES.get(d, 'see the source dataset')})" for d in datasets)}. The generated
+text is released under the same terms as the seed data it was made from.
+
+## Citation
+
+```bibtex
+{CITATION}
+```
+"""
+    return front + "\n" + body
