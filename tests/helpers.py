@@ -37,3 +37,36 @@ def math_policy(body: dict) -> str:
     if step == 1:
         return f"Then double it. <math_exp>({numbers[0]} + {numbers[-1]}) * 2</math_exp>"
     return "<answer>42</answer>"
+
+
+def build_labeled_db(path: Path) -> None:
+    """Four 2-step QA trajectories with hand-set labels:
+    t0 process ✓ outcome ✓; t1 process ✓ outcome ✗; t2 process ✗ outcome ✓; t3 process ✗ (UNKNOWN) outcome ✗."""
+    import pyarrow as pa
+
+    from swirl_core.records import Action, Question, Step, Trajectory
+    from swirl_core.store import Store
+
+    with Store(path) as store:
+        q = Question(question_id="q", dataset="hotpotqa", split="train", source_id="1", task="qa",
+                     question="Which river flows through the birthplace of Marie Curie?", answer="Vistula")
+        store.upsert_questions([q], "r")
+        trajs = []
+        for n in range(4):
+            steps = [Step(step_index=0, message="<search_query>Marie Curie birthplace</search_query>",
+                          action=Action(kind="search", content="Marie Curie birthplace"),
+                          observation="Marie Curie birthplace → Warsaw: on the Vistula.", model="m", prompt_version="v"),
+                     Step(step_index=1, message="<answer>Vistula</answer>", action=Action(kind="answer", content="Vistula"),
+                          model="m", prompt_version="v")]
+            trajs.append(Trajectory(trajectory_id=f"t{n}", question_id="q", sample_index=n, model="m", prompt_version="v",
+                                    prompt_messages=[{"role": "user", "content": "Question: " + q.question}],
+                                    steps=steps, status="answered", final_answer="Vistula"))
+        store.write_trajectories(trajs, "r", "fp")
+        verdicts = {"t0": ["GOOD", "GOOD"], "t1": ["GOOD", "GOOD"], "t2": ["GOOD", "BAD"], "t3": ["UNKNOWN", "GOOD"]}
+        store.upsert("judgments", pa.Table.from_pylist([
+            {"judgment_id": f"{t}{i}", "trajectory_id": t, "step_index": i, "sample_index": 0, "judge_model": "j",
+             "judge_fingerprint": "f", "prompt_version": "v", "verdict": v}
+            for t, vs in verdicts.items() for i, v in enumerate(vs)]))
+        store.upsert("grades", pa.Table.from_pylist([
+            {"trajectory_id": t, "method": "exact_match", "correct": c}
+            for t, c in [("t0", True), ("t1", False), ("t2", True), ("t3", False)]]))

@@ -94,37 +94,18 @@ def test_curate_judges_grades_and_builds_the_four_sets(generated_db, prefect_api
 def test_curated_views_hold_what_their_definitions_say(tmp_path):
     """Hand-made labels: process ⊆ none, process_outcome = process ∩ outcome, sub-trajectories carry ids."""
     import pyarrow as pa
+    from helpers import build_labeled_db
 
-    from swirl_core.records import Action, Question, Step, Trajectory
     from swirl_core.store import Store
 
+    build_labeled_db(tmp_path / "v.duckdb")
     with Store(tmp_path / "v.duckdb") as store:
-        q = Question(question_id="q", dataset="d", split="s", source_id="1", task="qa", question="?", answer="a")
-        store.upsert_questions([q], "r")
-        trajs = []
-        for n in range(4):
-            steps = [Step(step_index=0, message="<search_query>x</search_query>", action=Action(kind="search", content="x"),
-                          observation="x → y", model="m", prompt_version="v"),
-                     Step(step_index=1, message="<answer>a</answer>", action=Action(kind="answer", content="a"),
-                          model="m", prompt_version="v")]
-            trajs.append(Trajectory(trajectory_id=f"t{n}", question_id="q", sample_index=n, model="m", prompt_version="v",
-                                    prompt_messages=[{"role": "user", "content": "?"}], steps=steps, status="answered"))
-        store.write_trajectories(trajs, "r", "fp")
-        # t0: process ✓ outcome ✓; t1: process ✓ outcome ✗; t2: process ✗ outcome ✓; t3: process ✗ (unknown) outcome ✗
-        verdicts = {"t0": ["GOOD", "GOOD"], "t1": ["GOOD", "GOOD"], "t2": ["GOOD", "BAD"], "t3": ["UNKNOWN", "GOOD"]}
-        store.upsert("judgments", pa.Table.from_pylist([
-            {"judgment_id": f"{t}{i}", "trajectory_id": t, "step_index": i, "sample_index": 0, "judge_model": "j",
-             "judge_fingerprint": "f", "prompt_version": "v", "verdict": v}
-            for t, vs in verdicts.items() for i, v in enumerate(vs)]))
-        store.upsert("grades", pa.Table.from_pylist([
-            {"trajectory_id": t, "method": "exact_match", "correct": c} for t, c in
-            [("t0", True), ("t1", False), ("t2", True), ("t3", False)]]))
         ids = {name: {r[0] for r in store.query(f"SELECT DISTINCT trajectory_id FROM curated_{name}")}
                for name in ("none", "process", "outcome", "process_outcome")}
         assert ids == {"none": {"t0", "t1", "t2", "t3"}, "process": {"t0", "t1"}, "outcome": {"t0", "t2"},
                        "process_outcome": {"t0"}}
         assert store.query("SELECT count(*) FROM curated_process") == [(4,)]  # 2 trajectories × 2 sub-trajectories
-        assert store.query("SELECT * FROM judge_agreement WHERE process_pass AND outcome_pass") == [("d", True, True, 1)]
+        assert store.query("SELECT * FROM judge_agreement WHERE process_pass AND outcome_pass") == [("hotpotqa", True, True, 1)]
         # An LLM grade overrides the rule grade for the outcome.
         store.upsert("grades", pa.Table.from_pylist([{"trajectory_id": "t1", "method": "llm", "correct": True}]))
         assert {r[0] for r in store.query("SELECT DISTINCT trajectory_id FROM curated_process_outcome")} == {"t0", "t1"}

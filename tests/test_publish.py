@@ -1,0 +1,79 @@
+"""Publishing: the exported Hub folder loads with `datasets.load_dataset` and matches DuckDB."""
+
+from __future__ import annotations
+
+import duckdb
+import pytest
+from helpers import build_labeled_db
+
+from swirl_core.hub import contamination, dataset_card, export_folder
+
+
+@pytest.fixture()
+def labeled_db(tmp_path):
+    db = tmp_path / "pub.duckdb"
+    build_labeled_db(db)
+    return db
+
+
+def _export(db, folder):
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        summary = export_folder(con, folder)
+        report = contamination(con)
+        card = dataset_card(con, summary, "me/swirl-test", report)
+    finally:
+        con.close()
+    (folder / "README.md").write_text(card)
+    return summary, card
+
+
+def test_export_loads_with_datasets_and_matches_duckdb(labeled_db, tmp_path):
+    from datasets import load_dataset
+
+    folder = tmp_path / "hub"
+    summary, card = _export(labeled_db, folder)
+    assert summary.rows == {"none": {"train": 4}, "process": {"train": 2}, "outcome": {"train": 2},
+                            "process_outcome": {"train": 1}, "steps": {"train": 8}}
+    process = load_dataset(str(folder), "process", split="train")
+    assert sorted(process["trajectory_id"]) == ["t0", "t1"]
+    messages = process[0]["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
+    assert messages[-1]["content"] == "<answer>Vistula</answer>"
+    steps = load_dataset(str(folder), "steps", split="train")
+    con = duckdb.connect(str(labeled_db), read_only=True)
+    expected = con.execute("SELECT trajectory_id, step_index, action FROM sub_trajectories ORDER BY 1, 2").fetchall()
+    con.close()
+    got = sorted((r["trajectory_id"], r["step_index"], r["completion"][0]["content"]) for r in steps)
+    assert got == expected
+    assert steps[0]["prompt"][0]["role"] == "user"  # conversational prompt/completion, ready for TRL
+    assert load_dataset(str(folder), "process_outcome", split="train")["trajectory_id"] == ["t0"]
+
+
+def test_card_carries_configs_licence_retention_contamination_and_citation(labeled_db, tmp_path):
+    _, card = _export(labeled_db, tmp_path / "hub")
+    front, body = card.split("---\n", 2)[1:]
+    assert "license: cc-by-sa-4.0" in front and "config_name: process_outcome" in front
+    for needle in ("## Retention per filter", "## Judge quality", "## Contamination check", "## Lineage",
+                   'load_dataset("me/swirl-test", "steps")', "arXiv:2504.04736", "goldie2025swirl", "hotpotqa (cc-by-sa-4.0)"):
+        assert needle in body
+
+
+def test_export_is_deterministic(labeled_db, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _export(labeled_db, a)
+    _export(labeled_db, b)
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files and all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+
+
+def test_contamination_counts_overlap_with_evaluation_questions(labeled_db):
+    from swirl_core.records import Question
+    from swirl_core.store import Store
+
+    with Store(labeled_db) as store:
+        store.upsert_questions([Question(
+            question_id="e", dataset="hotpotqa", split="test", source_id="9", task="qa", answer="x",
+            question="which river flows through the birthplace of marie curie")], "r")
+        report = contamination(store.con)
+    assert report["exact_overlap"] == 1 and report["eval_questions"] == 1 and report["train_questions"] == 1
