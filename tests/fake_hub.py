@@ -104,9 +104,9 @@ class _HTTPServer(ThreadingHTTPServer):
 
 
 class _HubError(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None) -> None:
+    def __init__(self, status: int, message: str, code: str | None = None, **extra: Any) -> None:
         super().__init__(message)
-        self.status, self.message, self.code = status, message, code
+        self.status, self.message, self.code, self.extra = status, message, code, extra
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -117,19 +117,9 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:
-        self._dispatch("GET")
+        self._dispatch(self.command)
 
-    def do_HEAD(self) -> None:
-        self._dispatch("HEAD")
-
-    def do_POST(self) -> None:
-        self._dispatch("POST")
-
-    def do_PUT(self) -> None:
-        self._dispatch("PUT")
-
-    def do_DELETE(self) -> None:
-        self._dispatch("DELETE")
+    do_HEAD = do_POST = do_PUT = do_DELETE = do_GET
 
     # -- plumbing --------------------------------------------------------------------------------
     def _body(self) -> bytes:
@@ -144,10 +134,10 @@ class _Handler(BaseHTTPRequestHandler):
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
     def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
-              content_type: str = "application/json", length: int | None = None) -> None:
+              content_type: str = "application/json") -> None:
         self.send_response(status, _REASONS.get(status))
         self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body) if length is None else length))
+        self.send_header("Content-Length", str(len(body)))  # for HEAD too: the size of what GET would send
         for key, value in (headers or {}).items():
             self.send_header(key, value)
         self.end_headers()
@@ -160,14 +150,15 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         hub = self.server.hub
         auth = self.headers.get("Authorization")
-        if auth is not None:
-            with hub._lock:
+        url = urlsplit(self.path)
+        with hub._lock:
+            hub.requests_seen.append(f"{method} {url.path}")
+            if auth is not None:
                 hub.auth_headers_seen.append(auth)
         self.authorized = auth == f"Bearer {hub.token}"
-        url = urlsplit(self.path)
         self.query = parse_qs(url.query)
         parts = [unquote(p) for p in url.path.strip("/").split("/")]  # a quoted revision stays one segment
-        body = self._body() if method in ("POST", "PUT", "DELETE") else b""
+        body = self._body()  # always drained, so a kept-alive connection stays in step
         try:
             with hub._lock:
                 hub._route(self, method, parts, body)
@@ -175,7 +166,7 @@ class _Handler(BaseHTTPRequestHandler):
             headers = {"X-Error-Message": err.message}
             if err.code:
                 headers["X-Error-Code"] = err.code
-            self._send(err.status, json.dumps({"error": err.message}).encode(), headers)
+            self._send(err.status, json.dumps({"error": err.message, **err.extra}).encode(), headers)
 
     def require_auth(self) -> None:
         if self.headers.get("Authorization") is None:
@@ -192,7 +183,8 @@ class FakeHub:
     def __init__(self, token: str = "hf_test_token") -> None:
         self.token = token
         self.url = ""
-        self.auth_headers_seen: list[str] = []
+        self.auth_headers_seen: list[str] = []  # every Authorization value received, in order
+        self.requests_seen: list[str] = []  # "METHOD /path" (no query, no headers), in order
         self._repos: dict[tuple[str, str], _Repo] = {}
         self._lfs: dict[str, bytes] = {}  # sha256 -> content, once uploaded and verified
         self._pending: set[str] = set()  # oids a write-authorized batch call handed an upload href for
@@ -262,13 +254,13 @@ class FakeHub:
                 self._get(repo_type, repo_id)
                 del self._repos[(repo_type, repo_id)]
                 return h._json({})
-            if (repo_type, repo_id) in self._repos:
-                raise _HubError(409, "You already created this repo")
+            url = f"{self.url}/{'' if repo_type == 'model' else repo_type + 's/'}{repo_id}"
+            if (repo_type, repo_id) in self._repos:  # exist_ok=True reads `url` from this body
+                raise _HubError(409, f"You already created this {repo_type} repo", url=url)
             private = payload.get("visibility") == "private" or bool(payload.get("private"))
             repo = self._repos[(repo_type, repo_id)] = _Repo(repo_type, repo_id, private)
             repo.add_commit("initial commit", "", {".gitattributes": _Blob(_GITATTRIBUTES, False)}, self.username)
-            prefix = "" if repo_type == "model" else f"{repo_type}s/"
-            return h._json({"url": f"{self.url}/{prefix}{repo_id}", "name": repo_id, "id": repo_id})
+            return h._json({"url": url, "name": repo_id, "id": repo_id})
         if parts[0] == "lfs-upload" and len(parts) == 2 and method == "PUT":
             return self._lfs_put(h, parts[1], body)
         if parts[0] == "api" and len(parts) >= 4 and parts[1] in _TYPES:  # /api/{type}s/{ns}/{name}/...

@@ -77,3 +77,43 @@ def test_contamination_counts_overlap_with_evaluation_questions(labeled_db):
             question="which river flows through the birthplace of marie curie")], "r")
         report = contamination(store.con)
     assert report["exact_overlap"] == 1 and report["eval_questions"] == 1 and report["train_questions"] == 1
+
+
+@pytest.mark.slow
+def test_publish_to_a_hub_then_load_dataset_and_republish_without_a_commit(labeled_db, tmp_path, prefect_api):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from fake_hub import FakeHub
+
+    token = "hf_SENTINEL_never_log_me"
+    with FakeHub(token=token) as hub:
+        env = {**os.environ, **hub.env(), "HF_HOME": str(tmp_path / "hf-home")}
+
+        def publish() -> str:
+            out = subprocess.run([sys.executable, "-m", "flows.cli", "publish", "--db", str(labeled_db),
+                                  "--repo-id", "user/swirl-test"], cwd=ROOT, env=env, capture_output=True, text=True,
+                                 timeout=300)
+            assert out.returncode == 0, out.stdout + out.stderr
+            return out.stdout + out.stderr
+
+        first = publish()
+        assert "new commit" in first and hub.repo_info("user/swirl-test")["private"] is True
+        commits = len(hub.commits("user/swirl-test"))
+        second = publish()
+        assert "unchanged, no new commit" in second and len(hub.commits("user/swirl-test")) == commits
+        assert token not in first + second
+        assert {h for h in hub.auth_headers_seen} == {f"Bearer {token}"}
+        # A fresh process downloads it the way users do.
+        code = ("import json; from datasets import load_dataset; "
+                "ds = load_dataset('user/swirl-test', 'process', split='train'); "
+                "print(json.dumps(sorted(ds['trajectory_id'])))")
+        fresh = {**env, "HF_HOME": str(tmp_path / "fresh-home")}
+        out = subprocess.run([sys.executable, "-c", code], env=fresh, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout.strip().splitlines()[-1]) == ["t0", "t1"]
+    stored = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
+    assert token.encode() not in stored
