@@ -42,8 +42,11 @@ def generate(config: GenerateConfig = GenerateConfig()) -> dict[str, Any]:
     journal_dir = work_dir / "journal"
     with Store(config.db) as store:
         store.ingest_journals(journal_dir) if journal_dir.exists() else None
+        stored_config = config.model_dump(mode="json") | {"resolved_policy": {
+            "max_steps": plan.policy.max_steps, "few_shot": plan.policy.few_shot, "constraint": plan.policy.constraint,
+            "max_tokens": plan.policy.max_tokens, "corpus": plan.corpus_path, "fingerprint": plan.policy.fingerprint}}
         attempt = store.start_run(
-            plan.run_id, "generate", config.model_dump(mode="json"), dataset=config.dataset,
+            plan.run_id, "generate", stored_config, dataset=config.dataset,
             model=config.policy.model, prompt_version=plan.policy.prompt_version,
         )
         store.upsert_questions(plan.questions, plan.run_id)

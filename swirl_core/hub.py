@@ -190,7 +190,16 @@ def dataset_card(con, summary: ExportSummary, repo_id: str, contamination_report
         "---",
     ])
     snippets = "\n".join(f'load_dataset("{repo_id}", "{c}")' for c in summary.files)
-    steps_caps = sorted({(c.get("dataset"), c.get("max_steps"), c.get("samples")) for c in gen_configs}, key=str)
+    settings = [
+        {"dataset": c.get("dataset"), "split": c.get("split"), "samples_per_question": c.get("samples"),
+         "step_cap": (c.get("resolved_policy") or {}).get("max_steps", c.get("max_steps")),
+         "few_shot": (c.get("resolved_policy") or {}).get("few_shot"),
+         "constraint": (c.get("resolved_policy") or {}).get("constraint"),
+         "temperature": (c.get("policy") or {}).get("temperature"),
+         "corpus": Path(corpus).name if (corpus := (c.get("resolved_policy") or {}).get("corpus")) else None,
+         "search_k": c.get("search_k")}
+        for c in gen_configs
+    ]
     body = """
 # SWiRL multi-step tool-use data
 
@@ -228,9 +237,13 @@ Process judge:
 
 {_table(judges)}
 
-Generation settings (dataset, step cap, samples per question; step cap `None` = the dataset default:
-10 for math, 5 for QA): {", ".join(str(s) for s in steps_caps)}. Tools: a BM25 search engine over the
-questions' paragraph corpus (QA), a calculator that parses arithmetic without evaluating code (math).
+Generation settings:
+
+{_table(settings)}
+
+Tools: a BM25 search engine returning the top paragraph(s) of the corpus for each query (QA); a calculator
+that parses arithmetic and never evaluates code (math). Tools ran live during generation; each step's
+observation is stored as `INPUT → RESULT`.
 
 ## Retention per filter
 

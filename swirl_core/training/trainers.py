@@ -148,43 +148,34 @@ def _finish(trainer: Any, output: Any, tokenizer: Any, settings: TrainSettings, 
     return result
 
 
-def train_sft(settings: TrainSettings, dataset: Any, *, model: Any = None, tokenizer: Any = None,
-              lineage: dict[str, Any] | None = None) -> TrainResult:
-    """Supervised fine-tuning on (state, action) pairs: loss on the action tokens only.
+def sft_trainer(settings: TrainSettings, dataset: Any, *, model: Any = None, tokenizer: Any = None) -> Any:
+    """The configured `SFTTrainer` (not yet run): loss on the action tokens only.
 
     `dataset` has conversational `prompt` (the state's messages) and `completion` (the action as
     one assistant message) columns, as `data.sft_dataset` exports them; TRL applies the chat
-    template and masks the prompt (completion-only loss), so the model learns the step, not the state.
+    template and masks the prompt (completion-only loss), so the model learns the step, not the
+    state. A pair longer than `max_length` loses its end, i.e. its action, and TRL drops it.
     """
     from trl import SFTConfig, SFTTrainer
 
     if model is None or tokenizer is None:
         model, tokenizer = load_policy(settings.base_model, bf16=settings.resolved_bf16)
     config = SFTConfig(**_common_args(settings), max_length=settings.max_length, completion_only_loss=True)
-    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=_lora(settings))
+    return SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                      peft_config=_lora(settings))
+
+
+def train_sft(settings: TrainSettings, dataset: Any, *, model: Any = None, tokenizer: Any = None,
+              lineage: dict[str, Any] | None = None) -> TrainResult:
+    """Supervised fine-tuning on (state, action) pairs (see `sft_trainer`); saves the final model."""
+    trainer = sft_trainer(settings, dataset, model=model, tokenizer=tokenizer)
     output = trainer.train()
-    return _finish(trainer, output, tokenizer, settings, lineage)
+    return _finish(trainer, output, trainer.processing_class, settings, lineage)
 
 
-def train_swirl(settings: TrainSettings, dataset: Any, reward_funcs: Callable | Sequence[Callable], *, model: Any = None,
-                tokenizer: Any = None, reward_weights: Sequence[float] | None = None,
-                lineage: dict[str, Any] | None = None) -> TrainResult:
-    """SWiRL's RL stage: J(θ) = E_{s∼T, a∼π_θ(s)}[R(a|s)] with a KL penalty to the initial policy.
-
-    Each dataset row is a stored state s (conversational `prompt`); the trainer samples
-    `num_generations` fresh actions a (one completion = one step, `max_completion_length` tokens)
-    and the reward functions score them — the judge reward without executing any tool.
-
-    Why GRPOTrainer rather than RLOOTrainer: both are REINFORCE estimators with a baseline built
-    from K fresh samples of the same state and both take a KL term to the reference policy via
-    `beta`. GRPO's group-normalised advantage (r - mean_group) / std_group is a REINFORCE baseline
-    with per-state scaling; with `num_iterations=1` the importance ratio is 1 at the sampling
-    policy, so its clipped surrogate has exactly the policy-gradient gradient. GRPO adds the KL
-    per token to the loss (the paper's "KL penalty to the initial policy"), where RLOO folds a
-    sequence KL into the reward; and GRPOTrainer is TRL's main RL path (reward weights, async
-    rewards, `log_metric` from rewards), so it is the better-maintained choice.
-    """
+def swirl_trainer(settings: TrainSettings, dataset: Any, reward_funcs: Callable | Sequence[Callable], *,
+                  model: Any = None, tokenizer: Any = None, reward_weights: Sequence[float] | None = None) -> Any:
+    """The configured `GRPOTrainer` (not yet run) for SWiRL's RL stage; see `train_swirl`."""
     from trl import GRPOConfig, GRPOTrainer
 
     if model is None or tokenizer is None:
@@ -195,7 +186,30 @@ def train_swirl(settings: TrainSettings, dataset: Any, reward_funcs: Callable | 
         max_completion_length=settings.max_completion_length, temperature=settings.temperature, beta=settings.beta,
         reward_weights=list(reward_weights) if reward_weights is not None else None,
     )
-    trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=config, train_dataset=dataset,
-                          processing_class=tokenizer, peft_config=_lora(settings))
+    return GRPOTrainer(model=model, reward_funcs=funcs, args=config, train_dataset=dataset,
+                       processing_class=tokenizer, peft_config=_lora(settings))
+
+
+def train_swirl(settings: TrainSettings, dataset: Any, reward_funcs: Callable | Sequence[Callable], *, model: Any = None,
+                tokenizer: Any = None, reward_weights: Sequence[float] | None = None,
+                lineage: dict[str, Any] | None = None) -> TrainResult:
+    """SWiRL's RL stage: J(θ) = E_{s∼T, a∼π_θ(s)}[R(a|s)] with a KL penalty to the initial policy.
+
+    Each dataset row is a stored state s (conversational `prompt`); the trainer samples
+    `num_generations` fresh actions a (one completion = one step, `max_completion_length` tokens)
+    and the reward functions score them — the judge reward without executing any tool. Steps are
+    independent: no return, no discount.
+
+    Why GRPOTrainer rather than RLOOTrainer: both are REINFORCE estimators with a baseline built
+    from K fresh samples of the same state, and both take a KL term to the reference policy via
+    `beta`. GRPO's group-normalised advantage (r - mean_group) / std_group is a REINFORCE baseline
+    with per-state scaling; with `num_iterations=1` the importance ratio is 1 at the sampling
+    policy, so its clipped surrogate has exactly the policy-gradient gradient. GRPO adds the KL
+    per token to the loss (the paper's "KL penalty to the initial policy"), where RLOO folds a
+    sequence KL into the reward; and GRPOTrainer is TRL's main RL path (reward weights, async
+    rewards, `log_metric` from rewards), so it is the better-maintained choice.
+    """
+    trainer = swirl_trainer(settings, dataset, reward_funcs, model=model, tokenizer=tokenizer,
+                            reward_weights=reward_weights)
     output = trainer.train()
-    return _finish(trainer, output, tokenizer, settings, lineage)
+    return _finish(trainer, output, trainer.processing_class, settings, lineage)
