@@ -89,6 +89,28 @@ def build_parser() -> argparse.ArgumentParser:
     cur.add_argument("--fsync", action="store_true", help="fsync the call journal after every response")
     cur.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    tr = sub.add_parser("train", help="fine-tune on a curated set: SFT baseline or SWiRL step-wise RL",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    tr.add_argument("--db", default="swirl.duckdb", help="DuckDB file with curated data (read-only)")
+    tr.add_argument("--method", choices=["sft", "swirl"], required=True)
+    tr.add_argument("--base-model", default="smollm2", help="'smollm2', a checkpoint folder, or a Hub name")
+    tr.add_argument("--filter", choices=["none", "process", "outcome", "process_outcome"],
+                    help="curated set (default: process_outcome for sft, process for swirl)")
+    tr.add_argument("--output", required=True, help="checkpoint folder")
+    tr.add_argument("--max-steps", type=int, default=100)
+    tr.add_argument("--batch-size", type=int, default=4, help="per device: examples (sft) or completions (swirl)")
+    tr.add_argument("--grad-accum", type=int, default=1)
+    tr.add_argument("--learning-rate", type=float, help="default 2e-5 sft, 1e-6 swirl")
+    tr.add_argument("--num-generations", type=int, default=4, help="swirl: fresh actions per state")
+    tr.add_argument("--max-completion-length", type=int, default=64, help="swirl: tokens of one step")
+    tr.add_argument("--beta", type=float, default=0.04, help="swirl: KL coefficient to the initial policy (> 0)")
+    tr.add_argument("--lora", action="store_true", help="train LoRA adapters (merged into the saved model)")
+    tr.add_argument("--dataset", help="only steps of this seed dataset")
+    tr.add_argument("--limit", type=int, help="at most this many training rows")
+    tr.add_argument("--judge", default="smollm2", help="swirl: the reward judge (litellm name or local model)")
+    tr.add_argument("--judge-api-base", help="swirl: OpenAI-compatible endpoint of the judge")
+    tr.add_argument("--judge-api-key-env", help="swirl: environment variable holding the judge's API key")
+
     pub = sub.add_parser("publish", help="export the curated sets with a dataset card and upload them to the Hub",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     pub.add_argument("--db", default="swirl.duckdb", help="DuckDB file with curated data")
@@ -190,6 +212,33 @@ def cmd_curate(args: argparse.Namespace) -> int:
     return 0 if result["status"] == "completed" else 1
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from swirl_core.config import ModelConfig
+    from swirl_core.training.run import TrainConfig
+    from swirl_core.training.trainers import TrainSettings
+
+    if not Path(args.db).exists():
+        raise FileNotFoundError(f"{args.db} does not exist")
+    settings = TrainSettings(
+        method=args.method, base_model=args.base_model, output_dir=args.output, max_steps=args.max_steps,
+        per_device_batch_size=args.batch_size, gradient_accumulation=args.grad_accum, learning_rate=args.learning_rate,
+        num_generations=args.num_generations, max_completion_length=args.max_completion_length, beta=args.beta,
+        use_lora=args.lora,
+    )
+    judge = ModelConfig(model=args.judge, api_base=args.judge_api_base, api_key_env=args.judge_api_key_env,
+                        temperature=0.0) if args.method == "swirl" else None
+    config = TrainConfig(db=args.db, filter=args.filter, settings=settings, judge=judge, dataset=args.dataset,
+                         limit=args.limit)
+    from flows.runtime import prefect_api
+    from flows.train import train_flow
+
+    with prefect_api():
+        result = train_flow(config)
+    print(f"trained {result['steps']} steps ({result['seconds_per_step']:.2f} s/step) on "
+          f"{result['lineage']['rows']} rows of the '{result['lineage']['filter']}' set; checkpoint: {result['output_dir']}")
+    return 0
+
+
 def cmd_publish(args: argparse.Namespace) -> int:
     from swirl_core.config import PublishConfig
 
@@ -263,7 +312,8 @@ def cmd_sql(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     apply_quiet_env()
     args = build_parser().parse_args(argv)
-    handlers = {"generate": cmd_generate, "curate": cmd_curate, "publish": cmd_publish, "sql": cmd_sql}
+    handlers = {"generate": cmd_generate, "curate": cmd_curate, "train": cmd_train, "publish": cmd_publish,
+                "sql": cmd_sql}
     try:
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError) as exc:  # bad input: a clear message, not a traceback

@@ -1,0 +1,105 @@
+"""One training run end to end: export the curated set, train, write the model card."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from swirl_core.config import ModelConfig
+from swirl_core.store import Store
+from swirl_core.training.data import rl_dataset, sft_dataset
+from swirl_core.training.rewards import JudgeReward, format_reward
+from swirl_core.training.trainers import TrainSettings, train_sft, train_swirl
+
+
+class TrainConfig(BaseModel):
+    """Parameters of the `train` flow."""
+
+    db: str = "swirl.duckdb"
+    filter: Literal["none", "process", "outcome", "process_outcome"] | None = Field(
+        None, description="curated set; default: process_outcome for SFT, process for SWiRL (the paper's best)")
+    settings: TrainSettings
+    judge: ModelConfig | None = Field(None, description="SWiRL's generative reward model; default: the offline model")
+    dataset: str | None = Field(None, description="only steps of this seed dataset")
+    limit: int | None = Field(None, ge=1, description="at most this many training rows")
+    work_dir: str | None = Field(None, description="journals of the judge's calls; default: <db>.work")
+
+    @property
+    def resolved_filter(self) -> str:
+        return self.filter or ("process_outcome" if self.settings.method == "sft" else "process")
+
+    @property
+    def journal_dir(self) -> Path:
+        return (Path(self.work_dir) if self.work_dir else Path(self.db).with_suffix(".work")) / "journal"
+
+
+def run_training(request: TrainConfig, run_id: str) -> dict[str, Any]:
+    settings = request.settings
+    data_dir = Path(settings.output_dir) / "train_data"
+    # Read-only: training may run on another machine than the flow that writes DuckDB.
+    with Store(request.db, read_only=True) as store:
+        export = (sft_dataset if settings.method == "sft" else rl_dataset)(
+            store.con, request.resolved_filter, out_dir=data_dir, dataset=request.dataset, limit=request.limit)
+        prompt_versions = [r[0] for r in store.query(
+            "SELECT DISTINCT prompt_version FROM trajectories WHERE run_id IN (SELECT unnest(?::VARCHAR[])) ORDER BY 1",
+            [export.run_ids])]
+    if export.rows == 0:
+        raise ValueError(f"the '{request.resolved_filter}' curated set is empty: nothing to train on "
+                         "(run `swirl curate`, or choose another --filter)")
+    lineage = export.lineage() | {"filter": request.resolved_filter, "prompt_versions": prompt_versions, "db": request.db}
+    reward = None
+    if settings.method == "sft":
+        result = train_sft(settings, export.dataset, lineage=lineage)
+    else:
+        judge = request.judge or ModelConfig(temperature=0.0)
+        reward = JudgeReward(judge, request.journal_dir, run_id=run_id)
+        lineage["judge_model"] = judge.model
+        result = train_swirl(settings, export.dataset, [reward, format_reward], lineage=lineage)
+    write_model_card(Path(settings.output_dir), settings, lineage, result.log_history)
+    return {"output_dir": result.output_dir, "steps": result.steps, "train_runtime_s": result.train_runtime_s,
+            "seconds_per_step": result.seconds_per_step, "log_history": result.log_history, "lineage": lineage,
+            "reward": reward.summary() if reward is not None else None}
+
+
+def write_model_card(folder: Path, settings: TrainSettings, lineage: dict[str, Any], history: list[dict]) -> None:
+    method = "SFT baseline" if settings.method == "sft" else "SWiRL step-wise RL (GRPO, judge reward, KL to the initial policy)"
+    last = history[-1] if history else {}
+    card = f"""---
+library_name: transformers
+base_model: {settings.base_model}
+tags:
+- swirl
+- tool-use
+- {"sft" if settings.method == "sft" else "grpo"}
+---
+
+# {Path(settings.output_dir).name}
+
+{method} of `{settings.base_model}` on the **{lineage['filter']}** curated set of a SWiRL data factory run
+(Goldie et al., 2025, arXiv:2504.04736). The model writes one step at a time: brief reasoning, then exactly
+one of `<search_query>`, `<math_exp>` or `<answer>`.
+
+## Data lineage
+
+| what | value |
+|---|---|
+| curated filter | {lineage['filter']} |
+| training rows (sub-trajectories) | {lineage['rows']} |
+| trajectories | {lineage['trajectories']} |
+| seed datasets | {", ".join(lineage['datasets'])} |
+| generation runs | {", ".join(lineage['run_ids'])} |
+| policy prompt versions | {", ".join(lineage['prompt_versions'])} |
+| reward judge | {lineage.get('judge_model', '—')} |
+
+## Training configuration
+
+```json
+{json.dumps(settings.model_dump(), indent=2, default=str)}
+```
+
+Steps: {len(history)}; last logged metrics: `{json.dumps({k: v for k, v in last.items() if isinstance(v, (int, float))})}`.
+"""
+    (folder / "README.md").write_text(card, encoding="utf-8")
