@@ -34,8 +34,9 @@ What it measures
                    join the parsed prompt afterwards.
    * slice      -- no window: a per-trajectory ordered list of all turns (GROUP BY), then per step
                    ``list_slice(turns, 1, 2 * step_index)``.
-   * unnest     -- one per-trajectory list prompt + all turns (unordered aggregates put in order with
-                   ``list_grade_up``), rows re-created with ``unnest(range(K))`` and cut with ``list_slice``.
+   * unnest     -- no window, no ordered aggregate: per trajectory, unordered ``list()`` aggregates put in
+                   step order with ``list_select(pairs, list_grade_up(step_indexes))``, one list prompt + all
+                   turns built once, rows re-created with ``unnest(range(K))`` and cut with ``list_slice``.
 
 2. Judge calls/s. The scripted server (``tests/scripted_server.py``) runs in its own process with a
    fixed latency L and the reply "Reasonable step. GOOD"; the client is the real curation path:
@@ -182,13 +183,12 @@ SELECT s.trajectory_id, t.question_id, s.step_index,
 FROM steps s JOIN t USING (trajectory_id) JOIN u USING (trajectory_id)""",
     "unnest": f"""
 WITH agg AS (
-    SELECT trajectory_id, list(step_index) AS idx, list(message) AS msg, list(observation) AS obs,
-           list(action_kind) AS kinds, list(prompt_version) AS pv
+    SELECT trajectory_id, list(step_index) AS idx, list({PAIR}) AS pairs,
+           list(message) AS msg, list(action_kind) AS kinds, list(prompt_version) AS pv
     FROM steps GROUP BY trajectory_id
 ), per_traj AS (
     SELECT a.trajectory_id, t.question_id, t.num_steps, t.model, len(t.prompt) AS np, list_grade_up(a.idx) AS ord,
-           list_concat(t.prompt, flatten(list_transform(list_grade_up(a.idx), lambda i:
-               [{{'role': 'assistant', 'content': a.msg[i]}}, {{'role': 'user', 'content': a.obs[i]}}]))) AS full_,
+           list_concat(t.prompt, flatten(list_select(a.pairs, list_grade_up(a.idx)))) AS full_,
            a.msg, a.kinds, a.pv
     FROM agg a
     JOIN (SELECT trajectory_id, question_id, num_steps, model, from_json(prompt_messages, {MESSAGES_TYPE}) AS prompt
@@ -203,6 +203,35 @@ SELECT trajectory_id, question_id, k::INTEGER AS step_index,
 FROM r""",
 }
 CHECKSUM_SQL = f"SELECT count(*), sum(hash({COLUMNS})) FROM {{table}}"
+
+# What the view's parts cost on their own (each builds and consumes its lists; the sum keeps it from being pruned).
+_GROWING = "OVER (PARTITION BY trajectory_id ORDER BY step_index ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)"
+_LIVE = "FROM steps s JOIN trajectories t USING (trajectory_id) WHERE t.status <> 'error'"
+_PAIR_S = PAIR.replace("message", "s.message").replace("observation", "s.observation")
+_GROWING_S = _GROWING.replace("trajectory_id", "s.trajectory_id").replace("step_index", "s.step_index")
+COMPONENTS: dict[str, str] = {
+    "scan + join steps ⋈ trajectories":
+        f"SELECT count(*), sum(len(s.message) + len(t.prompt_messages)) {_LIVE}",
+    "from_json(prompt) on every step row":
+        f"SELECT count(*), sum(len(from_json(t.prompt_messages, {MESSAGES_TYPE}))) {_LIVE}",
+    "from_json(prompt) once per trajectory":
+        f"SELECT count(*), sum(len(from_json(prompt_messages, {MESSAGES_TYPE}))) FROM trajectories WHERE status <> 'error'",
+    "window count(*) (sort + frames, no list)":
+        f"SELECT count(*), sum(h) FROM (SELECT count(*) {_GROWING} AS h FROM steps)",
+    "window list(message) (strings, no structs)":
+        f"SELECT count(*), sum(len(h)) FROM (SELECT list(message) {_GROWING} AS h FROM steps)",
+    "window flatten(list(pair)), steps alone":
+        f"SELECT count(*), sum(len(h)) FROM (SELECT flatten(list({PAIR}) {_GROWING}) AS h FROM steps)",
+    "window flatten(list(pair)), steps ⋈ traj (view)":
+        f"SELECT count(*), sum(len(h) + len(p)) FROM (SELECT t.prompt_messages AS p, "
+        f"flatten(list({_PAIR_S}) {_GROWING_S}) AS h {_LIVE})",
+    "per-trajectory flatten(list(pair ORDER BY step))":
+        f"SELECT count(*), sum(len(u)) FROM (SELECT flatten(list({PAIR} ORDER BY step_index)) AS u "
+        "FROM steps GROUP BY trajectory_id)",
+    "per-trajectory list(...) unordered x3":
+        "SELECT count(*), sum(len(a) + len(b) + len(c)) FROM (SELECT list(step_index) AS a, list(message) AS b, "
+        "list(observation) AS c FROM steps GROUP BY trajectory_id)",
+}
 
 
 # -- measuring ------------------------------------------------------------------------------------------
@@ -340,6 +369,44 @@ def output_copy_floor(con: duckdb.DuckDBPyConnection, repeats: int) -> Timing:
     return t
 
 
+def time_components(con: duckdb.DuckDBPyConnection, repeats: int) -> list[tuple[str, int, float]]:
+    out = []
+    for label, sql in COMPONENTS.items():
+        walls = []
+        for _ in range(repeats):
+            with Measure() as m:
+                (rows, _),  = con.execute(sql).fetchall()
+            walls.append(m.wall)
+        out.append((label, rows, min(walls)))
+    return out
+
+
+def profile_operators(con: duckdb.DuckDBPyConnection, sql: str, path: Path) -> list[tuple[int, str, float, int, str]]:
+    """DuckDB's per-operator CPU time (summed over threads) for one run of `sql`: (depth, name, s, rows, detail)."""
+    con.execute("PRAGMA enable_profiling = 'json'")
+    con.execute(f"PRAGMA profiling_output = '{path}'")
+    try:
+        con.execute(sql).fetchall()
+    finally:
+        con.execute("PRAGMA disable_profiling")
+    tree = json.loads(path.read_text())
+    out: list[tuple[int, str, float, int, str]] = []
+
+    def walk(node: dict, depth: int) -> None:
+        info = node.get("extra_info") or {}
+        detail = info.get("Projections") or info.get("Aggregates") or info.get("Function") or info.get("Conditions") or ""
+        if isinstance(detail, list):
+            detail = ", ".join(map(str, detail))
+        out.append((depth, str(node.get("name")), float(node.get("timing") or 0.0),
+                    int(node.get("intermediate_rows") or node.get("operator_cardinality") or 0), str(detail)))
+        for child in node.get("children", []):
+            walk(child, depth + 1)
+
+    for root in tree.get("operator") or tree.get("children") or []:
+        walk(root, 0)
+    return out
+
+
 FETCH_TRAJ = """SELECT trajectory_id, question_id, num_steps, model, prompt_messages FROM trajectories
                 WHERE status <> 'error'"""
 FETCH_STEPS = """SELECT trajectory_id, step_index, message, observation, action_kind, prompt_version FROM steps
@@ -394,9 +461,12 @@ class DecompResult:
     floor: Timing
     fetch: Timing
     loop: Timing
+    loop_nogc: Timing
     loop_gc_s: float
     check: str
     agree: list[str]
+    components: list[tuple[str, int, float]]
+    profiles: dict[str, list[tuple[int, str, float, int, str]]]
 
 
 def run_decomposition(n: int, variants: list[str], repeats: int, tmp: Path, log) -> DecompResult:
@@ -415,6 +485,10 @@ def run_decomposition(n: int, variants: list[str], repeats: int, tmp: Path, log)
             if reference is None:
                 reference = (checksum, state_len)
                 floor = output_copy_floor(con, repeats)  # on the view's output
+                (profile["state_msgs"], profile["history_msgs"], profile["state_mb"], profile["history_mb"]), = con.execute(
+                    "SELECT sum(len(state)), sum(len(history)), "
+                    "sum(list_sum(list_transform(state, lambda m: len(m.content)))) / 1e6, "
+                    "sum(list_sum(list_transform(history, lambda m: len(m.content)))) / 1e6 FROM bench_sub").fetchall()
                 ref_state_len = state_len
             elif (checksum, state_len) != reference:
                 raise AssertionError(f"variant {name} does not produce the view's rows: {checksum} vs {reference[0]}")
@@ -426,6 +500,7 @@ def run_decomposition(n: int, variants: list[str], repeats: int, tmp: Path, log)
         con.execute(f"CREATE TEMP TABLE bench_sub AS {VARIANTS['view']}")
         fetch = Timing("python", "fetch rows", profile["rows"])
         loop = Timing("python", "loop", profile["rows"])
+        loop_nogc = Timing("python", "loop, GC off", profile["rows"])
         gc_s = []
         for r in range(repeats):
             with Measure() as m:
@@ -436,12 +511,28 @@ def run_decomposition(n: int, variants: list[str], repeats: int, tmp: Path, log)
                 rows = python_decompose(traj_rows, step_rows)
             loop.add(m)
             gc_s.append(_gc_time() - t_gc)
+            del rows
+            gc.collect()
+            gc.disable()
+            try:
+                with Measure(collect=False) as m:
+                    rows = python_decompose(traj_rows, step_rows)
+            finally:
+                gc.enable()
+            loop_nogc.add(m)
             log(f"  [python] repeat {r + 1}/{repeats}: fetch {fetch.walls[-1]:.3f} s, loop {loop.walls[-1]:.3f} s "
-                f"(of which GC {gc_s[-1]:.3f} s)")
+                f"(of which GC {gc_s[-1]:.3f} s), loop with GC off {loop_nogc.walls[-1]:.3f} s")
             if r == repeats - 1:
                 check = check_python(con, rows, profile["rows"], ref_state_len)
             del rows, traj_rows, step_rows
-        return DecompResult(profile, str(threads), timings, floor, fetch, loop, statistics.median(gc_s), check, agree)
+        log("  components and operator profiles ...")
+        components = time_components(con, repeats)
+        fastest = min((t for t in timings if t.query == "states"), key=lambda t: statistics.median(t.walls)).label
+        profiles = {name: profile_operators(con, f"SELECT count(*), sum(len(state)) FROM ({VARIANTS[name]})",
+                                            tmp / f"profile-{name}.json")
+                    for name in dict.fromkeys(["view", fastest])}
+        return DecompResult(profile, str(threads), timings, floor, fetch, loop, loop_nogc, statistics.median(gc_s),
+                            check, agree, components, profiles)
     finally:
         store.close()
 
@@ -588,47 +679,61 @@ def _m(rate: float) -> str:
 
 def decomposition_report(res: DecompResult, repeats: int) -> str:
     p = res.profile
+    med = lambda t: statistics.median(t.walls)  # noqa: E731
     view = {t.query: t for t in res.sql if t.label == "view"}
-    head = ("variant", "query", "rows", "wall s best | med", "rows/s best | med", "vs view (med)", "cores",
+    head = ("variant", "query", "rows", "wall s best | med", "rows/s best | med", "vs view best (med)", "cores",
             "goal", "result")
     rows = []
     for t in res.sql:
-        ratio = statistics.median(view[t.query].walls) / statistics.median(t.walls)
         ok = t.median_rate >= GOAL_ROWS_PER_S
-        rows.append((t.label, t.query, f"{t.rows:,}", f"{min(t.walls):.3f} | {statistics.median(t.walls):.3f}",
-                     f"{_m(t.best_rate)} | {_m(t.median_rate)}", f"{ratio:.2f}x", f"{t.cores:.2f}",
-                     f">= {_m(GOAL_ROWS_PER_S)}/s", "PASS" if ok else "FAIL"))
-    for t in (res.floor, res.fetch, res.loop):
-        rows.append((t.label, t.query, f"{t.rows:,}", f"{min(t.walls):.3f} | {statistics.median(t.walls):.3f}",
+        rows.append((t.label, t.query, f"{t.rows:,}", f"{min(t.walls):.3f} | {med(t):.3f}",
                      f"{_m(t.best_rate)} | {_m(t.median_rate)}",
-                     f"{statistics.median(view[t.query if t.query == 'CTAS' else 'states'].walls) / statistics.median(t.walls):.2f}x",
-                     f"{t.cores:.2f}", "", ""))
+                     f"{min(view[t.query].walls) / min(t.walls):.2f}x ({med(view[t.query]) / med(t):.2f}x)",
+                     f"{t.cores:.2f}", f">= {_m(GOAL_ROWS_PER_S)}/s", "PASS" if ok else "FAIL"))
+    for t in (res.floor, res.fetch, res.loop, res.loop_nogc):
+        rows.append((t.label, t.query, f"{t.rows:,}", f"{min(t.walls):.3f} | {med(t):.3f}",
+                     f"{_m(t.best_rate)} | {_m(t.median_rate)}", "", f"{t.cores:.2f}", "", ""))
     mix = ", ".join(f"{k}:{v}" for k, v in p["mix"])
     out = [
         f"decomposition: {p['trajectories']:,} trajectories ({p['errors']:,} errors, left out), {p['steps']:,} steps "
         f"-> {p['rows']:,} sub-trajectories; DuckDB {duckdb.__version__}, {res.threads} threads, {repeats} repeats",
         f"  data: prompt message {p['prompt_chars']:.0f} chars, action {p['message_chars']:.0f} chars, observation "
-        f"{p['observation_chars']:.0f} chars; trajectories by steps {mix}",
-        "  states = SELECT count(*), sum(len(state)) FROM (...);  CTAS = CREATE TEMP TABLE ... AS ...",
+        f"{p['observation_chars']:.0f} chars; trajectories by number of steps {mix}",
+        f"  output: {p['state_msgs']:,} messages in the states ({p['state_mb']:.0f} MB of text), {p['history_msgs']:,} in the "
+        f"histories ({p['history_mb']:.0f} MB): {p['state_msgs'] / p['rows']:.1f} messages and "
+        f"{1e6 * (p['state_mb'] + p['history_mb']) / p['rows']:.0f} chars per sub-trajectory",
+        "  states = SELECT count(*), sum(len(state)) FROM (<variant>);  CTAS = CREATE TEMP TABLE ... AS <variant>",
         "",
         *_table(head, rows),
         "",
     ]
-    loop_med = statistics.median(res.loop.walls)
-    fetch_med = statistics.median(res.fetch.walls)
+    loop, nogc, fetch = med(res.loop), med(res.loop_nogc), med(res.fetch)
     for q in ("states", "CTAS"):
-        v = statistics.median(view[q].walls)
-        best_alt = min((t for t in res.sql if t.query == q), key=lambda t: statistics.median(t.walls))
-        out.append(f"  factor over the Python loop ({q}, medians): view {loop_med / v:.1f}x (loop only), "
-                   f"{(loop_med + fetch_med) / v:.1f}x (fetch + loop); fastest, {best_alt.label}: "
-                   f"{loop_med / statistics.median(best_alt.walls):.1f}x / {(loop_med + fetch_med) / statistics.median(best_alt.walls):.1f}x")
-    out.append(f"  Python loop: GC {res.loop_gc_s:.3f} s of {loop_med:.3f} s; checked against the view: {res.check}")
+        v = med(view[q])
+        alt = min((t for t in res.sql if t.query == q), key=med)
+        out.append(f"  factor over the Python loop ({q}, medians): view {loop / v:.1f}x the loop, {nogc / v:.1f}x the "
+                   f"loop with GC off, {(loop + fetch) / v:.1f}x fetch + loop"
+                   + (f"; fastest variant {alt.label}: {loop / med(alt):.1f}x / {nogc / med(alt):.1f}x / "
+                      f"{(loop + fetch) / med(alt):.1f}x" if alt.label != "view" else ""))
+    out.append(f"  output-copy floor: writing the view's rows alone takes {med(res.floor) / med(view['CTAS']):.0%} of "
+               f"the view's CTAS ({_m(res.floor.median_rate)} rows/s): no formulation can materialise faster")
+    out.append(f"  Python loop: GC {res.loop_gc_s:.3f} s of {loop:.3f} s; checked against the view: {res.check}")
     if res.agree:
         out.append(f"  variants checked equal to the view (rows + hash of every column): {', '.join(res.agree)}")
     foreign = [f for t in [*res.sql, res.floor, res.fetch, res.loop] for f in t.foreign]
     if foreign:
         warn = "  <-- the machine was not idle: figures are low and noisy" if max(foreign) > 0.25 else ""
         out.append(f"  other processes' load: median {statistics.median(foreign):.2f} cores, up to {max(foreign):.2f}{warn}")
+    out += ["", "where the time goes: the view's parts on their own (best of the repeats; rows/s = sub-trajectories "
+            "/ wall)", ""]
+    comp = [(label, f"{n:,}", f"{w:.3f}", _m(p["rows"] / w)) for label, n, w in res.components]
+    out += _table(("component", "input rows", "wall s", "rows/s"), comp)
+    for name, ops in res.profiles.items():
+        out += ["", f"operator CPU time (s, summed over threads) of the states query, {name}:"]
+        for depth, op, secs, n, detail in ops:
+            if op in ("RESULT_COLLECTOR", "UNGROUPED_AGGREGATE") and secs < 0.005:
+                continue
+            out.append(f"  {'  ' * depth}{op:<14} {secs:7.3f}  {n:>9,} rows  {detail[:110]}")
     return "\n".join(out)
 
 
