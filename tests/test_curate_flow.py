@@ -109,3 +109,44 @@ def test_curated_views_hold_what_their_definitions_say(tmp_path):
         # An LLM grade overrides the rule grade for the outcome.
         store.upsert("grades", pa.Table.from_pylist([{"trajectory_id": "t1", "method": "llm", "correct": True}]))
         assert {r[0] for r in store.query("SELECT DISTINCT trajectory_id FROM curated_process_outcome")} == {"t0", "t1"}
+
+
+def test_self_consistency_with_k_judge_samples(tmp_path):
+    import pyarrow as pa
+    from helpers import build_labeled_db
+
+    from swirl_core.store import Store
+
+    build_labeled_db(tmp_path / "k.duckdb")
+    with Store(tmp_path / "k.duckdb") as store:
+        # Two more samples for t0's steps: step 0 stays unanimous GOOD, step 1 splits 2 GOOD / 1 BAD.
+        store.upsert("judgments", pa.Table.from_pylist([
+            {"judgment_id": f"x{i}", "trajectory_id": "t0", "step_index": s, "sample_index": i, "judge_model": "j",
+             "judge_fingerprint": "f", "prompt_version": "v", "verdict": v}
+            for i, (s, v) in enumerate([(0, "GOOD"), (0, "GOOD"), (1, "GOOD"), (1, "BAD")], start=1)]))
+        assert store.query("SELECT * FROM judge_self_consistency") == [(2, 0.5, round((1 + 2 / 3) / 2, 4))]
+        assert store.query("SELECT verdict FROM step_verdicts WHERE trajectory_id = 't0' ORDER BY step_index") == [
+            ("GOOD",), ("GOOD",)]
+
+
+@pytest.mark.slow
+def test_curate_cli(tmp_path, prefect_api):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from helpers import build_labeled_db
+
+    build_labeled_db(tmp_path / "c.duckdb")
+    with ScriptedServer(default="Fine step. GOOD") as srv:
+        out = subprocess.run(
+            [sys.executable, "-m", "flows.cli", "curate", "--db", str(tmp_path / "c.duckdb"), "--judge", "openai/judge",
+             "--judge-api-base", srv.base_url, "--grader", "rule", "--workers", "1", "--no-progress"],
+            cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+        assert srv.stats()["completed"] == 2  # 8 steps, but the 4 samples repeat the same 2 (state, action) pairs
+    assert "curation_retention" in out.stdout and "process_outcome" in out.stdout
+    missing = subprocess.run([sys.executable, "-m", "flows.cli", "curate", "--db", str(tmp_path / "nope.duckdb")],
+                             cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "swirl generate" in missing.stderr

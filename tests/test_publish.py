@@ -117,3 +117,14 @@ def test_publish_to_a_hub_then_load_dataset_and_republish_without_a_commit(label
         assert json.loads(out.stdout.strip().splitlines()[-1]) == ["t0", "t1"]
     stored = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
     assert token.encode() not in stored
+
+
+def test_token_can_come_from_a_prefect_secret_block(prefect_api):
+    from prefect.blocks.system import Secret
+
+    from flows.publish import _token
+    from swirl_core.config import PublishConfig
+
+    Secret(value="hf_from_block").save("swirl-test-hf-token", overwrite=True)
+    assert _token(PublishConfig(repo_id="user/x", token_secret="swirl-test-hf-token")) == "hf_from_block"
+    assert _token(PublishConfig(repo_id="user/x")) is None  # huggingface_hub then reads HF_TOKEN itself
