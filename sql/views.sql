@@ -31,23 +31,32 @@ GROUP BY ALL;
 -- ---------------------------------------------------------------- curation (SWiRL stage 1)
 
 -- Step-wise decomposition: a trajectory with K actions gives K (state, action) pairs. The state
--- s_k is the prompt plus every earlier action and tool result, built with one window function.
+-- s_k is the prompt plus every earlier action and tool result. Each trajectory's full conversation
+-- is built once (prompt parsed once, turns aggregated unordered then put in step order) and every
+-- s_k is a slice of it: measured 1.7-1.9x faster than a window over growing frames
+-- (benchmarks/curation_throughput.py).
 CREATE OR REPLACE VIEW sub_trajectories AS
-WITH decomposed AS (
-    SELECT s.trajectory_id, t.question_id, s.step_index, t.prompt_messages,
-           coalesce(flatten(list([{'role': 'assistant', 'content': s.message},
-                                  {'role': 'user', 'content': s.observation}]) OVER earlier), []) AS history,
-           s.message AS action, s.action_kind, s.step_index = t.num_steps - 1 AS is_last_step,
-           t.model, s.prompt_version
-    FROM steps s JOIN trajectories t USING (trajectory_id)
-    WHERE t.status <> 'error'
-    WINDOW earlier AS (PARTITION BY s.trajectory_id ORDER BY s.step_index
-                       ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
-)
-SELECT trajectory_id, question_id, step_index,
-       list_concat(from_json(prompt_messages, '[{"role":"VARCHAR","content":"VARCHAR"}]'), history) AS state,
-       history, action, action_kind, is_last_step, model, prompt_version
-FROM decomposed;
+WITH agg AS (
+    SELECT trajectory_id, list(step_index) AS idx,
+           list([{'role': 'assistant', 'content': message}, {'role': 'user', 'content': observation}]) AS pairs,
+           list(message) AS msg, list(action_kind) AS kinds, list(prompt_version) AS pv
+    FROM steps GROUP BY trajectory_id
+), per_trajectory AS (
+    SELECT a.trajectory_id, t.question_id, t.num_steps, t.model, len(t.prompt) AS np,
+           list_grade_up(a.idx) AS ord,
+           list_concat(t.prompt, flatten(list_select(a.pairs, list_grade_up(a.idx)))) AS conversation,
+           a.msg, a.kinds, a.pv
+    FROM agg a
+    JOIN (SELECT trajectory_id, question_id, num_steps, model,
+                 from_json(prompt_messages, '[{"role":"VARCHAR","content":"VARCHAR"}]') AS prompt
+          FROM trajectories WHERE status <> 'error') t USING (trajectory_id)
+), expanded AS (SELECT *, unnest(range(len(ord))) AS k FROM per_trajectory)
+SELECT trajectory_id, question_id, k::INTEGER AS step_index,
+       list_slice(conversation, 1, np + 2 * k) AS state,
+       list_slice(conversation, np + 1, np + 2 * k) AS history,
+       msg[ord[k + 1]] AS action, kinds[ord[k + 1]] AS action_kind, k = num_steps - 1 AS is_last_step, model,
+       pv[ord[k + 1]] AS prompt_version
+FROM expanded;
 
 -- Majority vote of the judge samples of each step.
 CREATE OR REPLACE VIEW step_verdicts AS
