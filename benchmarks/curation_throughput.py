@@ -81,10 +81,9 @@ import duckdb  # noqa: E402
 from scripted_server import fetch_stats, start_subprocess  # noqa: E402
 
 from swirl_core.config import ModelConfig  # noqa: E402
-from swirl_core.generation import tune_gc  # noqa: E402
 from swirl_core.judging import JudgeSpec, StepJudge, StepToJudge  # noqa: E402
 from swirl_core.llm import cache as llm_cache  # noqa: E402
-from swirl_core.llm.factory import build_client  # noqa: E402
+from swirl_core.llm.factory import build_client, tune_gc  # noqa: E402
 from swirl_core.store import Store  # noqa: E402
 
 GOAL_ROWS_PER_S = 2_000_000

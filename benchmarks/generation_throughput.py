@@ -83,9 +83,8 @@ from scripted_server import fetch_stats, start_subprocess  # noqa: E402
 
 from swirl_core.agent import Agent, PolicySpec  # noqa: E402
 from swirl_core.config import ModelConfig  # noqa: E402
-from swirl_core.generation import tune_gc  # noqa: E402
 from swirl_core.llm import cache as llm_cache  # noqa: E402
-from swirl_core.llm.factory import build_client  # noqa: E402
+from swirl_core.llm.factory import build_client, tune_gc  # noqa: E402
 from swirl_core.records import Question  # noqa: E402
 from swirl_core.tools.calculator import Calculator  # noqa: E402
 

@@ -41,7 +41,8 @@ def generate(config: GenerateConfig = GenerateConfig()) -> dict[str, Any]:
     work_dir = config.resolved_work_dir
     journal_dir = work_dir / "journal"
     with Store(config.db) as store:
-        store.ingest_journals(journal_dir) if journal_dir.exists() else None
+        if journal_dir.exists():  # calls paid by an interrupted earlier attempt join the ledger first
+            store.ingest_journals(journal_dir)
         stored_config = config.model_dump(mode="json") | {"resolved_policy": {
             "max_steps": plan.policy.max_steps, "few_shot": plan.policy.few_shot, "constraint": plan.policy.constraint,
             "max_tokens": plan.policy.max_tokens, "corpus": plan.corpus_path, "fingerprint": plan.policy.fingerprint}}

@@ -6,7 +6,6 @@ rows to the process judge on Dask workers and writes verdicts and grades back (s
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Iterator
 
@@ -14,10 +13,10 @@ import pyarrow as pa
 from pydantic import BaseModel
 
 from swirl_core.config import CurateConfig, ModelConfig
-from swirl_core.generation import tune_gc
 from swirl_core.grading import rule_grade
 from swirl_core.hashing import content_hash
 from swirl_core.judging import (
+    GRADE_CONSTRAINT,
     GRADER_PROMPT_VERSION,
     JUDGE_PROMPT_VERSION,
     JudgeSpec,
@@ -28,19 +27,12 @@ from swirl_core.judging import (
     StepToJudge,
     TrajectoryToGrade,
 )
-from swirl_core.llm.factory import build_client
-
-VERDICT_CONSTRAINT = "choice:GOOD|BAD"  # small in-process judges answer with the verdict alone
-GRADE_CONSTRAINT = "choice:YES|NO"
+from swirl_core.llm.factory import run_with_client
+from swirl_core.store import query_dicts
 
 
 def judge_spec(config: CurateConfig) -> JudgeSpec:
-    cfg = config.judge
-    return JudgeSpec(
-        model=cfg.model, samples=config.judge_samples, max_reasks=config.max_reasks,
-        temperature=cfg.temperature if config.judge_samples == 1 else max(cfg.temperature, 0.7),
-        max_tokens=cfg.resolved_max_tokens, constraint=VERDICT_CONSTRAINT if cfg.is_local else None,
-    )
+    return JudgeSpec.for_model(config.judge, config.judge_samples, config.max_reasks)
 
 
 def judge_fingerprint(spec: JudgeSpec) -> str:
@@ -122,17 +114,8 @@ def judge_shards(table: pa.Table, config: CurateConfig, spec: JudgeSpec, run_id:
 
 
 def run_judge_shard(shard: JudgeShard) -> list[Judgment]:
-    tune_gc()
-
-    async def main() -> list[Judgment]:
-        client = build_client(shard.judge, shard.journal_dir, fsync=shard.fsync,
-                              tags={"run_id": shard.run_id, "purpose": "judge"})
-        try:
-            return await StepJudge(client, shard.spec).judge_many(shard.items)
-        finally:
-            await client.aclose()
-
-    return asyncio.run(main())
+    return run_with_client(shard.judge, shard.journal_dir, lambda client: StepJudge(client, shard.spec).judge_many(shard.items),
+                           fsync=shard.fsync, tags={"run_id": shard.run_id, "purpose": "judge"})
 
 
 def judgment_rows(judgments: list[Judgment], run_id: str, fingerprint: str) -> pa.Table:
@@ -154,7 +137,8 @@ def judgment_rows(judgments: list[Judgment], run_id: str, fingerprint: str) -> p
 
 def _ungraded(con, config: CurateConfig, methods: tuple[str, ...]) -> list[dict]:
     where, params = _scope(config)
-    cur = con.execute(
+    return query_dicts(
+        con,
         f"""
         SELECT t.trajectory_id, t.question_id, q.task, q.question, q.answer, q.answer_aliases AS aliases, t.final_answer
         FROM trajectories t JOIN questions q USING (question_id)
@@ -165,8 +149,6 @@ def _ungraded(con, config: CurateConfig, methods: tuple[str, ...]) -> list[dict]
         """,
         [list(methods), *params],
     )
-    cols = [d[0] for d in cur.description]
-    return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 
 
 def rule_grade_rows(con, config: CurateConfig, run_id: str) -> pa.Table:
@@ -192,19 +174,15 @@ def grade_shards(con, config: CurateConfig, run_id: str) -> Iterator[GradeShard]
 
 
 def run_grade_shard(shard: GradeShard) -> list[LLMGrade]:
-    tune_gc()
+    cfg = shard.grader
 
-    async def main() -> list[LLMGrade]:
-        client = build_client(shard.grader, shard.journal_dir, fsync=shard.fsync,
-                              tags={"run_id": shard.run_id, "purpose": "grader"})
-        grader = OutcomeGrader(client, shard.grader.model, shard.max_reasks, max_tokens=shard.grader.resolved_max_tokens,
-                               constraint=GRADE_CONSTRAINT if shard.grader.is_local else None)
-        try:
-            return await grader.grade_many(shard.items)
-        finally:
-            await client.aclose()
+    def work(client):
+        grader = OutcomeGrader(client, cfg.model, shard.max_reasks, max_tokens=cfg.resolved_max_tokens,
+                               constraint=GRADE_CONSTRAINT if cfg.is_local else None)
+        return grader.grade_many(shard.items)
 
-    return asyncio.run(main())
+    return run_with_client(cfg, shard.journal_dir, work, fsync=shard.fsync,
+                           tags={"run_id": shard.run_id, "purpose": "grader"})
 
 
 GRADE_SCHEMA = pa.schema([
@@ -229,9 +207,7 @@ def curation_report(con) -> dict[str, list[dict]]:
     """The tables a curation run publishes: retention, agreement, GOOD rates, self-consistency."""
 
     def rows(sql: str) -> list[dict]:
-        cur = con.execute(sql)
-        cols = [d[0] for d in cur.description]
-        return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+        return query_dicts(con, sql)
 
     return {
         "retention": rows("SELECT * FROM curation_retention"),

@@ -6,9 +6,7 @@ shards only read seeds they are handed, call models and tools, and journal every
 
 from __future__ import annotations
 
-import asyncio
 import functools
-import gc
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,9 +17,10 @@ from pydantic import BaseModel
 from swirl_core.agent import Agent, PolicySpec
 from swirl_core.config import GenerateConfig, ModelConfig
 from swirl_core.hashing import content_hash
-from swirl_core.llm.factory import build_client
+from swirl_core.llm.factory import run_with_client
 from swirl_core.records import InvalidRow, Question, TaskKind, Trajectory
 from swirl_core.seeds import DATASETS, corpus_from_questions, load_seeds
+from swirl_core.store import query_dicts
 from swirl_core.tools import Tool
 from swirl_core.tools.calculator import Calculator
 from swirl_core.tools.search import SearchTool, corpus_hash, load_corpus
@@ -145,27 +144,14 @@ def shard_tools(shard: Shard) -> dict[str, Tool]:
     return {"search": _search_tool(shard.corpus_path, shard.search_k)} if shard.corpus_path else {}
 
 
-def tune_gc() -> None:
-    """Finished trajectories and journal entries stay alive until a shard returns; default GC
-    thresholds rescan them thousands of times (measured ~30 µs per call at high throughput)."""
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
-
-
 def run_shard(shard: Shard, on_done: Callable[[Trajectory], None] | None = None) -> list[Trajectory]:
     """Run one shard to completion in this process (a Dask worker, or the flow itself)."""
-    tune_gc()
-
-    async def main() -> list[Trajectory]:
-        client = build_client(shard.policy, shard.journal_dir, fsync=shard.fsync, tags={"run_id": shard.run_id, "purpose": "policy"})
-        policy = policy_spec(shard.policy, shard.task, shard.max_steps, shard.tools_fingerprint)
-        agent = Agent(client, policy, shard_tools(shard))
-        try:
-            return await agent.run_many([(shard.questions[j], s) for j, s in shard.work], on_done)
-        finally:
-            await client.aclose()
-
-    return asyncio.run(main())
+    policy = policy_spec(shard.policy, shard.task, shard.max_steps, shard.tools_fingerprint)
+    work = [(shard.questions[j], s) for j, s in shard.work]
+    return run_with_client(
+        shard.policy, shard.journal_dir, lambda client: Agent(client, policy, shard_tools(shard)).run_many(work, on_done),
+        fsync=shard.fsync, tags={"run_id": shard.run_id, "purpose": "policy"},
+    )
 
 
 def default_workers(config: GenerateConfig) -> int:
@@ -179,9 +165,7 @@ def run_summary(con, run_id: str, trajectory_ids: list[str]) -> dict[str, list[d
     con.register("_plan", pa.table({"trajectory_id": pa.array(trajectory_ids, pa.string())}))
 
     def rows(sql: str) -> list[dict]:
-        cur = con.execute(sql)
-        cols = [d[0] for d in cur.description]
-        return [dict(zip(cols, r)) for r in cur.fetchall()]
+        return query_dicts(con, sql)
 
     try:
         return {

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from swirl_core.grading import normalize_answer
+from swirl_core.store import query_dicts
 
 FILTERS = ("none", "process", "outcome", "process_outcome")
 LICENCES = {  # of the seed datasets; the generated text inherits them
@@ -82,16 +83,16 @@ def export_folder(con, folder: str | Path, *, max_file_bytes: str = "256MB") -> 
     queries = {name: _TRAJECTORY_SQL.format(where=_WHERE[name]) for name in FILTERS} | {"steps": _STEPS_SQL}
     for config, sql in queries.items():
         for split in splits:
-            # An empty set still gets its (empty) file: every config stays loadable by name.
-            n = con.execute(f"SELECT count(*) FROM ({sql})", [split]).fetchall()[0][0]
             target = data / config
             target.mkdir(parents=True, exist_ok=True)
             name = _split_name(split)
-            con.execute(
+            # An empty set still gets its (empty) file: every config stays loadable by name.
+            # COPY answers with the number of rows it wrote, so the query runs once.
+            n = con.execute(
                 f"COPY ({sql}) TO '{target}' (FORMAT parquet, FILE_SIZE_BYTES '{max_file_bytes}', "
                 f"FILENAME_PATTERN '{name}-{{i}}', OVERWRITE_OR_IGNORE true)",
                 [split],
-            )
+            ).fetchall()[0][0]
             summary.files.setdefault(config, {})[name] = sorted(
                 str(p.relative_to(folder)) for p in target.glob(f"{name}-*.parquet"))
             summary.rows.setdefault(config, {})[name] = n
@@ -138,12 +139,6 @@ def _ngrams(text: str, n: int) -> set[tuple[str, ...]]:
     return {tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)}
 
 
-def _rows(con, sql: str, params: list | None = None) -> list[dict]:
-    cur = con.execute(sql, params or [])
-    cols = [d[0] for d in cur.description]
-    return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
-
-
 def _table(rows: list[dict]) -> str:
     if not rows:
         return "_none_"
@@ -158,13 +153,13 @@ def dataset_card(con, summary: ExportSummary, repo_id: str, contamination_report
     datasets = [r[0] for r in con.execute(
         "SELECT DISTINCT dataset FROM trajectory_labels ORDER BY 1").fetchall()]
     licences = sorted({LICENCES.get(d, "other") for d in datasets})
-    runs = _rows(con, "SELECT run_id, kind, dataset, model, prompt_version, status, "
+    runs = query_dicts(con, "SELECT run_id, kind, dataset, model, prompt_version, status, "
                       "strftime(started_at, '%Y-%m-%d') AS started FROM runs ORDER BY kind, run_id")
     gen_configs = [json.loads(r[0]) for r in con.execute(
         "SELECT config FROM runs WHERE kind = 'generate' ORDER BY run_id").fetchall()]
-    judges = _rows(con, "SELECT judge_model, prompt_version, count(*) AS judgments FROM judgments GROUP BY ALL ORDER BY ALL")
-    policies = _rows(con, "SELECT model, prompt_version, count(*) AS trajectories FROM trajectories GROUP BY ALL ORDER BY ALL")
-    example = _rows(con, "SELECT trajectory_id, step_index, action_kind, action FROM sub_trajectories "
+    judges = query_dicts(con, "SELECT judge_model, prompt_version, count(*) AS judgments FROM judgments GROUP BY ALL ORDER BY ALL")
+    policies = query_dicts(con, "SELECT model, prompt_version, count(*) AS trajectories FROM trajectories GROUP BY ALL ORDER BY ALL")
+    example = query_dicts(con, "SELECT trajectory_id, step_index, action_kind, action FROM sub_trajectories "
                          "ORDER BY trajectory_id, step_index LIMIT 3")
     configs_yaml = []
     for config in (*FILTERS, "steps"):
@@ -247,21 +242,21 @@ observation is stored as `INPUT → RESULT`.
 
 ## Retention per filter
 
-{_table(_rows(con, "SELECT * FROM curation_retention"))}
+{_table(query_dicts(con, "SELECT * FROM curation_retention"))}
 
 ## Judge quality
 
 Process verdict vs outcome (trajectories judged and graded):
 
-{_table(_rows(con, "SELECT * FROM judge_agreement"))}
+{_table(query_dicts(con, "SELECT * FROM judge_agreement"))}
 
 GOOD rate by step index:
 
-{_table(_rows(con, "SELECT * FROM good_rate_by_step"))}
+{_table(query_dicts(con, "SELECT * FROM good_rate_by_step"))}
 
 GOOD rate by action:
 
-{_table(_rows(con, "SELECT * FROM good_rate_by_action"))}
+{_table(query_dicts(con, "SELECT * FROM good_rate_by_action"))}
 
 ## Contamination check
 

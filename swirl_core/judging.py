@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from swirl_core.config import ModelConfig
 from swirl_core.llm.base import ChatRequest, LLMError
 from swirl_core.llm.client import LLMClient
 from swirl_core.protocol import ARROW
@@ -31,6 +32,9 @@ StepVerdict = Literal["GOOD", "BAD", "UNKNOWN"]
 # Bump a version whenever its text changes: every stored judgment records the version that made it.
 JUDGE_PROMPT_VERSION: dict[TaskKind, str] = {"qa": "judge-search-v1", "math": "judge-math-v1"}
 GRADER_PROMPT_VERSION = "grader-v1"
+# Small in-process judges answer with the verdict alone (a decoding constraint, recorded per call).
+VERDICT_CONSTRAINT = "choice:GOOD|BAD"
+GRADE_CONSTRAINT = "choice:YES|NO"
 
 # Re-asks of sample j use sample_index = seed = j + REASK_STRIDE * attempt: a new cache key, and
 # no collision with the other samples of the same step as long as samples < REASK_STRIDE.
@@ -309,6 +313,15 @@ class JudgeSpec(BaseModel):
             if (data.get("samples") or 1) > 1:
                 data["temperature"] = 0.7
         return data
+
+    @classmethod
+    def for_model(cls, cfg: ModelConfig, samples: int = 1, max_reasks: int = 2) -> JudgeSpec:
+        """The judge a `ModelConfig` names; curation and the RL reward share it so their verdicts agree."""
+        return cls(
+            model=cfg.model, samples=samples, max_reasks=max_reasks,
+            temperature=cfg.temperature if samples == 1 else max(cfg.temperature, 0.7),
+            max_tokens=cfg.resolved_max_tokens, constraint=VERDICT_CONSTRAINT if cfg.is_local else None,
+        )
 
 
 def _request(model: str, messages: list[dict[str, str]], *, index: int, attempt: int, temperature: float,

@@ -35,6 +35,13 @@ def scrub(value: Any) -> Any:
     return value
 
 
+def query_dicts(con, sql: str, params: Sequence[Any] | None = None) -> list[dict[str, Any]]:
+    """Rows of a query as dicts keyed by column name (for reports, cards and artifacts)."""
+    cur = con.execute(sql, params or [])
+    cols = [d[0] for d in cur.description]
+    return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+
 class Store:
     def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
         self.path = Path(path)

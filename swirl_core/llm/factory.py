@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from swirl_core.config import ModelConfig
 from swirl_core.llm.cache import shared_journal
@@ -19,6 +22,31 @@ def _api_key(cfg: ModelConfig) -> str | None:
             raise ValueError(f"environment variable {cfg.api_key_env} is not set")
         return key
     return None
+
+
+T = TypeVar("T")
+
+
+def tune_gc() -> None:
+    """Finished trajectories and journal entries stay alive until a shard returns; default GC
+    thresholds rescan them thousands of times (measured ~30 µs per call at high throughput)."""
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+
+
+def run_with_client(cfg: ModelConfig, journal_dir: str | Path | None, work: Callable[[LLMClient], Awaitable[T]], *,
+                    fsync: bool = False, tags: dict[str, Any] | None = None) -> T:
+    """Run one shard's `work(client)` to completion in this process (a Dask worker, or the flow itself)."""
+    tune_gc()
+
+    async def main() -> T:
+        client = build_client(cfg, journal_dir, fsync=fsync, tags=tags)
+        try:
+            return await work(client)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(main())
 
 
 def build_client(cfg: ModelConfig, journal_dir: str | Path | None, *, fsync: bool = False, tags: dict[str, Any] | None = None) -> LLMClient:

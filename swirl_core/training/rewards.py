@@ -25,7 +25,6 @@ from swirl_core.protocol import TAGS, parse_action
 
 log = logging.getLogger(__name__)
 
-VERDICT_CONSTRAINT = "choice:GOOD|BAD"  # as in curation: small in-process judges answer with the verdict alone
 
 
 def completion_text(completion: Any) -> str:
@@ -60,12 +59,7 @@ class JudgeReward:
         self.journal_dir = journal_dir
         self.fsync = fsync
         self.tags: dict[str, Any] = {"purpose": "reward", **({"run_id": run_id} if run_id else {})}
-        self.spec = spec or JudgeSpec(
-            model=judge.model, samples=samples, max_reasks=max_reasks,
-            # Same decoding as curation's judge (CurateConfig defaults it to T=0), so verdicts agree.
-            temperature=judge.temperature if samples == 1 else max(judge.temperature, 0.7),
-            max_tokens=judge.resolved_max_tokens, constraint=VERDICT_CONSTRAINT if judge.is_local else None,
-        )
+        self.spec = spec or JudgeSpec.for_model(judge, samples, max_reasks)  # the same judge as curation's
         self.batches = 0
         self.completions = 0
         self.calls = 0  # judge requests, re-asks included (cache hits too)
