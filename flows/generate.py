@@ -47,7 +47,7 @@ def generate(config: GenerateConfig = GenerateConfig()) -> dict[str, Any]:
             "max_steps": plan.policy.max_steps, "few_shot": plan.policy.few_shot, "constraint": plan.policy.constraint,
             "max_tokens": plan.policy.max_tokens, "corpus": plan.corpus_path, "fingerprint": plan.policy.fingerprint}}
         attempt = store.start_run(
-            plan.run_id, "generate", stored_config, dataset=config.dataset,
+            plan.run_id, "generate" if config.purpose == "train" else "eval-generate", stored_config, dataset=config.dataset,
             model=config.policy.model, prompt_version=plan.policy.prompt_version,
         )
         store.upsert_questions(plan.questions, plan.run_id)

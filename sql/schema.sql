@@ -129,3 +129,26 @@ CREATE TABLE IF NOT EXISTS grades (
     created_at      TIMESTAMPTZ DEFAULT current_timestamp,
     PRIMARY KEY (trajectory_id, method)
 );
+
+-- One row per evaluated question × model of an evaluation run (DESIGN.md §3, evaluation).
+-- The trajectory itself lives in `trajectories`/`steps` like generation's, from an eval-generate run.
+CREATE TABLE IF NOT EXISTS eval_results (
+    eval_run_id     VARCHAR NOT NULL,
+    label           VARCHAR NOT NULL,         -- the name given on the command line: base, sft, swirl, …
+    model           VARCHAR NOT NULL,         -- the model as called (a checkpoint folder carries its weights' hash)
+    question_id     VARCHAR NOT NULL,
+    dataset         VARCHAR NOT NULL,
+    split           VARCHAR NOT NULL,
+    tools           BOOLEAN NOT NULL,         -- false: no-tool mode
+    trajectory_id   VARCHAR NOT NULL,         -- → trajectories
+    status          VARCHAR NOT NULL,         -- answered | step_cap | error
+    final_answer    VARCHAR,
+    num_steps       INTEGER,
+    judge_correct   BOOLEAN,                  -- the LLM grader's YES/NO; NULL without --grader llm or when unparseable
+    exact_match     BOOLEAN,                  -- QA: normalized EM (aliases count); math: numeric equality
+    f1              DOUBLE,                   -- QA: max token F1; math: 1/0
+    step_score      DOUBLE,                   -- share of steps the process judge rated GOOD; NULL without a judge
+    judged_steps    INTEGER,
+    in_training     BOOLEAN NOT NULL,         -- the question (or a 13-gram of it) is in the training trajectories
+    PRIMARY KEY (eval_run_id, label, question_id)
+);

@@ -72,7 +72,7 @@ CREATE OR REPLACE VIEW trajectory_outcomes AS
 SELECT DISTINCT ON (trajectory_id) trajectory_id, method, correct, score
 FROM grades ORDER BY trajectory_id, (method = 'llm') DESC, method;
 
--- One row per finished trajectory: process pass (every step judged GOOD) and outcome pass.
+-- One row per finished training trajectory: process pass (every step judged GOOD) and outcome pass.
 CREATE OR REPLACE VIEW trajectory_labels AS
 WITH judged AS (
     SELECT trajectory_id, count(*) AS judged_steps, bool_and(verdict = 'GOOD') AS all_good
@@ -87,7 +87,9 @@ FROM trajectories t
 JOIN questions q USING (question_id)
 LEFT JOIN judged j USING (trajectory_id)
 LEFT JOIN trajectory_outcomes o USING (trajectory_id)
-WHERE t.status <> 'error' AND t.num_steps > 0;
+WHERE t.status <> 'error' AND t.num_steps > 0
+  -- evaluation runs' trajectories are judged and graded, but never become training data
+  AND t.run_id NOT IN (SELECT run_id FROM runs WHERE kind = 'eval-generate');
 
 -- The four curated sets of the paper, as sub-trajectories (SFT: state → action; RL: states).
 CREATE OR REPLACE VIEW curated_none AS
@@ -136,3 +138,17 @@ CREATE OR REPLACE VIEW judge_self_consistency AS
 SELECT count(*) AS steps, round(avg((good = votes OR bad = votes)::INT), 4) AS unanimous_rate,
        round(avg(greatest(good, bad) / votes), 4) AS mean_majority_share
 FROM step_verdicts WHERE votes > 1;
+
+-- ---------------------------------------------------------------- evaluation
+
+-- Means per evaluation run and model (the flow's report adds bootstrap CIs and paired tests).
+CREATE OR REPLACE VIEW eval_summary AS
+SELECT eval_run_id, dataset, split, tools, label, model, count(*) AS questions,
+       count(*) FILTER (WHERE status = 'answered') AS answered,
+       -- an unparseable grade counts as wrong; NULL throughout means the run had no LLM grader
+       round(CASE WHEN count(judge_correct) > 0 THEN avg(coalesce(judge_correct, false)::INT) END, 4) AS llm_judge,
+       round(avg(coalesce(exact_match, false)::INT), 4) AS exact_match,
+       round(avg(coalesce(f1, 0)), 4) AS f1,
+       round(avg(step_score), 4) AS step_score,
+       count(*) FILTER (WHERE in_training) AS in_training
+FROM eval_results GROUP BY ALL ORDER BY eval_run_id, label;

@@ -16,8 +16,8 @@ from swirl_core.llm.base import ChatRequest, LLMError
 from swirl_core.llm.client import LLMClient
 from swirl_core.protocol import (
     TAGS,
-    TASK_ACTIONS,
     action_regex,
+    actions,
     invalid_action_feedback,
     observation_message,
     parse_action,
@@ -41,10 +41,11 @@ class PolicySpec:
     top_p: float | None = None
     max_tokens: int = 256
     tools_fingerprint: str = ""
+    tools: bool = True  # False: no-tool mode, answer only (its own prompt version, so its own fingerprint)
 
     @property
     def prompt_version(self) -> str:
-        return prompt_version(self.task, self.few_shot)
+        return prompt_version(self.task, self.few_shot, self.tools)
 
     @functools.cached_property
     def fingerprint(self) -> str:
@@ -56,9 +57,9 @@ class PolicySpec:
     def request(self, messages: list[dict[str, str]], sample_index: int) -> ChatRequest:
         constraint, extra = None, {}
         if self.constraint == "grammar":
-            constraint = "grammar:" + "|".join(TAGS[k] for k in TASK_ACTIONS[self.task])
+            constraint = "grammar:" + "|".join(TAGS[k] for k in actions(self.task, self.tools))
         elif self.constraint == "regex":
-            constraint, extra = "regex", {"guided_regex": action_regex(self.task)}
+            constraint, extra = "regex", {"guided_regex": action_regex(self.task, self.tools)}
         return ChatRequest(
             model=self.model, messages=messages, temperature=self.temperature, top_p=self.top_p,
             max_tokens=self.max_tokens, sample_index=sample_index, seed=sample_index,
@@ -73,7 +74,8 @@ class Agent:
     tools: Mapping[str, Tool] = field(default_factory=dict)
 
     def initial_messages(self, question: Question) -> list[dict[str, str]]:
-        return policy_messages(self.policy.task, question.question, self.policy.max_steps, self.policy.few_shot)
+        p = self.policy
+        return policy_messages(p.task, question.question, p.max_steps, p.few_shot, p.tools)
 
     def _run_tool(self, kind: str, tool_input: str) -> ToolResult:
         tool = self.tools.get(kind)
@@ -94,11 +96,11 @@ class Agent:
             except LLMError as exc:
                 status, error = "error", str(exc)
                 break
-            parsed = parse_action(response.text, policy.task)
+            parsed = parse_action(response.text, policy.task, policy.tools)
             action = parsed.action
             observation, tool_error = None, False
             if action.kind == "invalid":
-                observation, tool_error = invalid_action_feedback(policy.task, action.error or "invalid"), True
+                observation, tool_error = invalid_action_feedback(policy.task, action.error or "invalid", policy.tools), True
             elif action.kind != "answer":
                 result = self._run_tool(action.kind, action.content)
                 observation, tool_error = observation_message(action.content, result.output), result.error

@@ -76,6 +76,8 @@ class ModelConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
+        if self.model.startswith(("/", "./", "../", "~")) and not is_local_model(self.model):
+            raise ValueError(f"no checkpoint folder at {self.model}")
         if self.constraint == "grammar" and not self.is_local:
             raise ValueError("constraint 'grammar' needs an in-process model; use 'regex' for a served model")
         if self.constraint == "regex" and self.is_local:
@@ -113,6 +115,8 @@ class GenerateConfig(BaseModel):
     shard_size: int = Field(8, ge=1, description="questions per shard")
     fsync: bool = Field(False, description="fsync the call journal after each response (power-loss safety)")
     progress: bool = True
+    tools: bool = Field(True, description="False: no-tool mode, the answer in one message (the paper's Figure 6)")
+    purpose: Literal["train", "eval"] = Field("train", description="eval runs never enter the curated training sets")
 
     @field_validator("data_files", mode="before")
     @classmethod
@@ -163,3 +167,92 @@ class PublishConfig(BaseModel):
         if self.out_dir:
             return Path(self.out_dir)
         return Path(self.db).with_suffix(".work") / "hub" / self.repo_id.replace("/", "__")
+
+
+def parse_model_spec(spec: str, **overrides: Any) -> ModelConfig:
+    """`MODEL[@API_BASE]`: a litellm name with an optional OpenAI-compatible endpoint, 'smollm2',
+    or a local checkpoint folder, e.g. `openai/sft@http://127.0.0.1:8000/v1` or `./out/swirl`."""
+    spec = spec.strip()
+    model, sep, api_base = spec.rpartition("@")
+    if not sep or not api_base.startswith(("http://", "https://")):
+        model, api_base = spec, None
+    if not model:
+        raise ValueError(f"model spec {spec!r} names no model")
+    return ModelConfig(model=model, api_base=api_base, **overrides)
+
+
+class EvalModel(BaseModel):
+    """One model under evaluation, with the label the report uses (base, sft, swirl, …)."""
+
+    label: str = Field(..., pattern=r"^[\w.+-]{1,64}$")
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig(temperature=0.0))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _greedy_by_default(cls, data: Any) -> Any:
+        # Evaluation decodes greedily unless told otherwise; generation's default (0.7) samples.
+        if isinstance(data, dict) and isinstance(data.get("model"), dict) and "temperature" not in data["model"]:
+            data = {**data, "model": {**data["model"], "temperature": 0.0}}
+        return data
+
+    @classmethod
+    def parse(cls, text: str, **overrides: Any) -> EvalModel:
+        """`LABEL=MODEL[@API_BASE]` from the command line."""
+        label, sep, spec = text.partition("=")
+        if not sep or not label.strip() or not spec.strip():
+            raise ValueError(f"--model takes LABEL=SPEC (e.g. sft=openai/sft@http://127.0.0.1:8000/v1), got {text!r}")
+        return cls(label=label.strip(), model=parse_model_spec(spec, **({"temperature": 0.0} | overrides)))
+
+
+class EvalConfig(BaseModel):
+    """Parameters of the `evaluate` flow: the same agent loop and step caps for every model."""
+
+    db: str = "swirl.duckdb"
+    dataset: str = Field("demo-math", description="gsm8k, hotpotqa, musique, beerqa, cofca, generic, demo-math, demo-qa")
+    data_files: list[str] | None = Field(None, description="local JSONL/JSON/Parquet files; default: the Hub dataset")
+    split: str = Field("test", description="a split not used for training (the contamination check reports overlap)")
+    hub_name: str | None = None
+    hub_config: str | None = None
+    limit: int | None = Field(None, ge=1)
+    models: list[EvalModel] = Field(default_factory=lambda: [EvalModel(label="base")], min_length=1)
+    tools: bool = Field(True, description="False: no-tool mode (the paper's Figure 6)")
+    max_steps: int | None = Field(None, ge=1, le=50, description="step cap; default 10 for math, 5 for QA (1 without tools)")
+    corpus: str | None = Field(None, description="search corpus; default: the dataset's own")
+    search_k: int = Field(1, ge=1, le=20)
+    grader: Literal["rule", "llm"] = Field("rule", description="correctness: rule-based only, or also the judge's YES/NO")
+    judge: ModelConfig | None = Field(None, description="LLM grader and process judge; without it, no judge metrics")
+    step_scores: bool = Field(True, description="mean process-judge step score (needs a judge)")
+    n_resamples: int = Field(2000, ge=100, le=100_000, description="bootstrap resamples for the CIs")
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+    report: str | None = Field(None, description="markdown report path; default: <db>.work/eval/report-<run>.md")
+    work_dir: str | None = None
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    shard_size: int = Field(16, ge=1, description="questions per shard (local models batch across a shard)")
+    progress: bool = True
+
+    @field_validator("data_files", mode="before")
+    @classmethod
+    def _listify(cls, v: Any) -> Any:
+        return [v] if isinstance(v, (str, Path)) else v
+
+    @model_validator(mode="after")
+    def _check(self) -> EvalConfig:
+        labels = [m.label for m in self.models]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"model labels must be unique, got {labels}")
+        if self.grader == "llm" and self.judge is None:
+            raise ValueError("--grader llm needs a judge model (--judge MODEL[@API_BASE])")
+        return self
+
+    @property
+    def resolved_work_dir(self) -> Path:
+        return Path(self.work_dir) if self.work_dir else Path(self.db).with_suffix(".work")
+
+    def generate_config(self, model: EvalModel) -> GenerateConfig:
+        """One greedy trajectory per question, through the generation flow (same loop, caps, journal)."""
+        return GenerateConfig(
+            dataset=self.dataset, data_files=self.data_files, split=self.split, hub_name=self.hub_name,
+            hub_config=self.hub_config, limit=self.limit, samples=1, max_steps=self.max_steps, policy=model.model,
+            corpus=self.corpus, search_k=self.search_k, db=self.db, work_dir=self.work_dir, cluster=self.cluster,
+            shard_size=self.shard_size, progress=self.progress, tools=self.tools, purpose="eval",
+        )

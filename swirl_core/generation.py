@@ -18,6 +18,7 @@ from swirl_core.agent import Agent, PolicySpec
 from swirl_core.config import GenerateConfig, ModelConfig
 from swirl_core.hashing import content_hash
 from swirl_core.llm.factory import run_with_client
+from swirl_core.llm.local_models import model_identity
 from swirl_core.records import InvalidRow, Question, TaskKind, Trajectory
 from swirl_core.seeds import DATASETS, corpus_from_questions, load_seeds
 from swirl_core.store import query_dicts
@@ -41,6 +42,7 @@ class Shard(BaseModel):
     tools_fingerprint: str
     journal_dir: str
     fsync: bool = False
+    tools: bool = True
 
 
 @dataclass
@@ -54,11 +56,11 @@ class GenerationPlan:
     work: list[tuple[Question, int, str]]  # (question, sample index, trajectory id)
 
 
-def policy_spec(cfg: ModelConfig, task: TaskKind, max_steps: int, tools_fingerprint: str) -> PolicySpec:
+def policy_spec(cfg: ModelConfig, task: TaskKind, max_steps: int, tools_fingerprint: str, tools: bool = True) -> PolicySpec:
     return PolicySpec(
-        model=cfg.model, task=task, max_steps=max_steps, few_shot=cfg.resolved_few_shot,
+        model=model_identity(cfg.model), task=task, max_steps=max_steps, few_shot=cfg.resolved_few_shot,
         constraint=cfg.resolved_constraint, temperature=cfg.temperature, top_p=cfg.top_p,
-        max_tokens=cfg.resolved_max_tokens, tools_fingerprint=tools_fingerprint,
+        max_tokens=cfg.resolved_max_tokens, tools_fingerprint=tools_fingerprint, tools=tools,
     )
 
 
@@ -97,12 +99,14 @@ def plan_generation(config: GenerateConfig) -> GenerationPlan:
     )
     if not seeds.questions:
         raise ValueError(f"no valid questions in {config.dataset!r} ({len(seeds.invalid)} invalid rows)")
-    corpus_path = resolve_corpus(config, spec.task, seeds.questions)
+    corpus_path = resolve_corpus(config, spec.task, seeds.questions) if config.tools else None
     tools_fp = content_hash("tools", corpus_hash(load_corpus(corpus_path)) if corpus_path else None, config.search_k)
-    policy = policy_spec(config.policy, spec.task, config.max_steps or spec.max_steps, tools_fp)
+    max_steps = config.max_steps or (spec.max_steps if config.tools else 1)
+    policy = policy_spec(config.policy, spec.task, max_steps, tools_fp, config.tools)
+    # Evaluation runs are kept apart from training data (the curated views read `generate` runs only).
     run_id = content_hash(
         "generate-run", config.dataset, config.split, sorted(q.question_id for q in seeds.questions),
-        config.samples, policy.fingerprint,
+        config.samples, policy.fingerprint, *(["eval"] if config.purpose == "eval" else []),
     )[:16]
     work = [
         (q, i, Trajectory.make_id(q.question_id, i, policy.fingerprint))
@@ -128,7 +132,7 @@ def make_shards(plan: GenerationPlan, config: GenerateConfig, todo: list[tuple[Q
             work=[(j, s) for j, qid in enumerate(chunk) for s in by_question[qid]],
             policy=config.policy, task=plan.task, max_steps=plan.policy.max_steps, corpus_path=plan.corpus_path,
             search_k=config.search_k, tools_fingerprint=plan.policy.tools_fingerprint,
-            journal_dir=str(config.resolved_work_dir / "journal"), fsync=config.fsync,
+            journal_dir=str(config.resolved_work_dir / "journal"), fsync=config.fsync, tools=config.tools,
         ))
     return shards
 
@@ -139,6 +143,8 @@ def _search_tool(path: str, k: int) -> SearchTool:
 
 
 def shard_tools(shard: Shard) -> dict[str, Tool]:
+    if not shard.tools:
+        return {}
     if shard.task == "math":
         return {"math": Calculator()}
     return {"search": _search_tool(shard.corpus_path, shard.search_k)} if shard.corpus_path else {}
@@ -146,7 +152,7 @@ def shard_tools(shard: Shard) -> dict[str, Tool]:
 
 def run_shard(shard: Shard, on_done: Callable[[Trajectory], None] | None = None) -> list[Trajectory]:
     """Run one shard to completion in this process (a Dask worker, or the flow itself)."""
-    policy = policy_spec(shard.policy, shard.task, shard.max_steps, shard.tools_fingerprint)
+    policy = policy_spec(shard.policy, shard.task, shard.max_steps, shard.tools_fingerprint, shard.tools)
     work = [(shard.questions[j], s) for j, s in shard.work]
     return run_with_client(
         shard.policy, shard.journal_dir, lambda client: Agent(client, policy, shard_tools(shard)).run_many(work, on_done),

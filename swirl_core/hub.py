@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from swirl_core.grading import normalize_answer
+from swirl_core.contamination import NGRAM, overlaps
 from swirl_core.store import query_dicts
 
 FILTERS = ("none", "process", "outcome", "process_outcome")
@@ -115,7 +115,7 @@ def upload_folder(folder: str | Path, repo_id: str, *, token: str | None, privat
             "new_commit": len(after) > len(before), "private": private}
 
 
-def contamination(con, eval_splits: tuple[str, ...] = ("test", "validation", "dev"), ngram: int = 13) -> dict[str, Any]:
+def contamination(con, eval_splits: tuple[str, ...] = ("test", "validation", "dev"), ngram: int = NGRAM) -> dict[str, Any]:
     """Overlap between published training questions and evaluation questions in the database.
 
     Exact overlap is on normalized question text; near overlap counts training questions sharing
@@ -126,17 +126,9 @@ def contamination(con, eval_splits: tuple[str, ...] = ("test", "validation", "de
     evals = [r[0] for r in con.execute(
         "SELECT DISTINCT question FROM questions WHERE split IN (SELECT unnest(?::VARCHAR[]))",
         [list(eval_splits)]).fetchall()]
-    norm_eval = {normalize_answer(q) for q in evals}
-    grams = {g for q in evals for g in _ngrams(q, ngram)}
-    exact = sum(normalize_answer(q) in norm_eval for q in train)
-    near = sum(bool(_ngrams(q, ngram) & grams) for q in train)
+    found = overlaps(train, evals, ngram)
     return {"train_questions": len(train), "eval_questions": len(evals), "eval_splits": list(eval_splits),
-            "exact_overlap": exact, f"{ngram}gram_overlap": near}
-
-
-def _ngrams(text: str, n: int) -> set[tuple[str, ...]]:
-    tokens = normalize_answer(text).split()
-    return {tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)}
+            "exact_overlap": sum(o.exact for o in found), f"{ngram}gram_overlap": sum(o.near for o in found)}
 
 
 def _table(rows: list[dict]) -> str:

@@ -6,7 +6,7 @@ import io
 
 
 def bar_chart_png(labels: list[str], values: list[float], *, title: str, ylabel: str,
-                  errors: list[float] | None = None) -> bytes:
+                  errors: list[float] | list[list[float]] | None = None) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")

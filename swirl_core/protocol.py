@@ -22,6 +22,8 @@ DEFAULT_STEP_CAP: dict[TaskKind, int] = {"qa": 5, "math": 10}
 
 # Bump a version whenever its text changes: every stored row records the version that made it.
 POLICY_PROMPT_VERSION: dict[TaskKind, str] = {"qa": "policy-qa-v1", "math": "policy-math-v1"}
+# No-tool mode (the paper's Figure 6): the same task answered in one message, without tools.
+NO_TOOL_PROMPT_VERSION: dict[TaskKind, str] = {"qa": "policy-qa-notool-v1", "math": "policy-math-notool-v1"}
 FEW_SHOT_SUFFIX = "+fewshot-v1"
 
 _QA_INSTRUCTIONS = """\
@@ -41,6 +43,15 @@ calculator at most {max_steps} times, one expression per message; never repeat a
 you already sent. When you know the result, give the final answer as a number in \
 <answer>ANSWER</answer>. In each message you may think briefly first, but then you must \
 EITHER calculate OR answer, never both in the same message."""
+
+_NO_TOOL_INSTRUCTIONS: dict[TaskKind, str] = {
+    "qa": """\
+Answer the question below in just a few words. No search engine is available: answer from what \
+you know. You may think briefly first, then give the final answer as <answer>ANSWER</answer>.""",
+    "math": """\
+Solve the math problem below. No calculator is available: work the arithmetic out yourself. You \
+may think briefly first, then give the final answer as a number in <answer>ANSWER</answer>.""",
+}
 
 # Demonstrations given as earlier chat turns: small local models follow the protocol only
 # when they have seen it done (measured: 0/8 tagged steps zero-shot, 3/8 with chat-turn demos).
@@ -78,23 +89,37 @@ _DEMOS: dict[TaskKind, list[tuple[str, list[tuple[str, str | None]]]]] = {
     ],
 }
 
+_NO_TOOL_DEMOS: dict[TaskKind, list[tuple[str, list[tuple[str, str | None]]]]] = {
+    "math": [(_DEMOS["math"][0][0], [("24 / 4 = 6 boxes, and 6 * 3 = 18 dollars. <answer>18</answer>", None)])],
+    "qa": [(_DEMOS["qa"][0][0], [("Rusalka is by Antonín Dvořák, who was born in Bohemia. <answer>Czech Republic</answer>", None)])],
+}
 
-def prompt_version(task: TaskKind, few_shot: bool) -> str:
-    return POLICY_PROMPT_VERSION[task] + (FEW_SHOT_SUFFIX if few_shot else "")
+
+def actions(task: TaskKind, tools: bool = True) -> tuple[ActionKind, ...]:
+    """The actions a policy may take: its task's tool and the answer, or only the answer."""
+    return TASK_ACTIONS[task] if tools else ("answer",)
 
 
-def instructions(task: TaskKind, max_steps: int) -> str:
+def prompt_version(task: TaskKind, few_shot: bool, tools: bool = True) -> str:
+    base = POLICY_PROMPT_VERSION if tools else NO_TOOL_PROMPT_VERSION
+    return base[task] + (FEW_SHOT_SUFFIX if few_shot else "")
+
+
+def instructions(task: TaskKind, max_steps: int, tools: bool = True) -> str:
+    if not tools:
+        return _NO_TOOL_INSTRUCTIONS[task]
     template = _QA_INSTRUCTIONS if task == "qa" else _MATH_INSTRUCTIONS
     return template.format(max_steps=max_steps, arrow=ARROW)
 
 
-def policy_messages(task: TaskKind, question: str, max_steps: int, few_shot: bool = False) -> list[dict[str, str]]:
+def policy_messages(task: TaskKind, question: str, max_steps: int, few_shot: bool = False,
+                    tools: bool = True) -> list[dict[str, str]]:
     """The initial state s_0: the paper's single user turn, or system + demo turns + question."""
-    text = instructions(task, max_steps)
+    text = instructions(task, max_steps, tools)
     if not few_shot:
         return [{"role": "user", "content": f"{text}\n\nQuestion: {question}"}]
     messages = [{"role": "system", "content": text}]
-    for demo_question, turns in _DEMOS[task]:
+    for demo_question, turns in (_DEMOS if tools else _NO_TOOL_DEMOS)[task]:
         messages.append({"role": "user", "content": f"Question: {demo_question}"})
         for assistant, observation in turns:
             messages.append({"role": "assistant", "content": assistant})
@@ -108,7 +133,9 @@ def observation_message(tool_input: str, result: str) -> str:
     return f"{tool_input} {ARROW} {result}"
 
 
-def invalid_action_feedback(task: TaskKind, error: str) -> str:
+def invalid_action_feedback(task: TaskKind, error: str, tools: bool = True) -> str:
+    if not tools:
+        return f"Format error: {error}. Reply with brief reasoning followed by <answer>ANSWER</answer>."
     tool = "<search_query> QUERY </search_query>" if task == "qa" else "<math_exp> MATH EXP </math_exp>"
     return (
         f"Format error: {error}. Reply with brief reasoning followed by exactly one action: "
@@ -125,14 +152,14 @@ class Parsed:
     message: str  # the message as it should enter the conversation (cut after the first action)
 
 
-def parse_action(text: str, task: TaskKind) -> Parsed:
+def parse_action(text: str, task: TaskKind, tools: bool = True) -> Parsed:
     """Parse one model message into exactly one action; never raises.
 
     Tolerates text around the tag and a missing closing tag (the content runs to the next tag or
     the end). A second action is cut off, as a stop sequence would have done, and the message
     is marked truncated. No tag, an empty tag, or a tool the task lacks is an `invalid` action.
     """
-    allowed = TASK_ACTIONS[task]
+    allowed = actions(task, tools)
     opening = _OPEN_RE.search(text)
     if opening is None:
         return Parsed(Action(kind="invalid", content=text.strip()[:500], error="no action tag"), text)
@@ -157,7 +184,7 @@ def parse_action(text: str, task: TaskKind) -> Parsed:
     return Parsed(Action(kind=kind, reasoning=reasoning, content=content, truncated=truncated), message)
 
 
-def action_regex(task: TaskKind) -> str:
+def action_regex(task: TaskKind, tools: bool = True) -> str:
     """A regex for guided decoding on served models (vLLM `guided_regex`): brief reasoning, then one tag."""
-    forms = "|".join(f"<{TAGS[k]}>[^<]{{1,300}}</{TAGS[k]}>" for k in TASK_ACTIONS[task])
+    forms = "|".join(f"<{TAGS[k]}>[^<]{{1,300}}</{TAGS[k]}>" for k in actions(task, tools))
     return rf"[^<]{{0,400}}({forms})"

@@ -7,6 +7,8 @@ the user's cache and loaded from there (< 1 s) ever after.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -34,6 +36,27 @@ def resolve_local_model(model: str) -> Path:
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"no model checkpoint (config.json) in {path}")
     return path
+
+
+def model_identity(model: str) -> str:
+    """The name a model's calls are cached and stored under. A checkpoint folder gets a hash of its
+    weights appended, so a model retrained into the same folder never replays the old one's replies."""
+    if model.lower() in _SMOLLM2_ALIASES or not is_local_model(model):
+        return model
+    path = resolve_local_model(model)
+    files = sorted(f for f in path.iterdir() if f.suffix in (".safetensors", ".bin", ".json") and f.is_file())
+    return f"{model}@{_weights_hash(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))}"
+
+
+@functools.lru_cache(maxsize=32)
+def _weights_hash(files: tuple[tuple[str, int, int], ...]) -> str:
+    digest = hashlib.blake2b(digest_size=6)
+    for name, _, _ in files:  # size and mtime only key the memo; the hash is of the bytes
+        digest.update(Path(name).name.encode())
+        with open(name, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def smollm2_path() -> Path:

@@ -1,0 +1,77 @@
+"""The `evaluate` flow: base vs SFT vs SWiRL on held-out questions, same agent loop and step caps.
+
+Each model answers every question once (greedy) through the `generate` subflow, with tools executed
+live; the `curate` subflow adds the LLM grader's YES/NO and the process judge's step verdicts when a
+judge is configured. This flow joins them into `eval_results` and reports metrics with bootstrap
+CIs and paired tests. Everything it calls is journaled, so a rerun pays for nothing twice.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from flows.curate import run_curate
+from flows.generate import run_generate
+from swirl_core.config import CurateConfig, EvalConfig, ModelConfig
+from swirl_core.curation import judge_fingerprint, judge_spec, rule_grade_rows
+from swirl_core.evaluation import METRIC_TITLES, eval_run_id, metrics_for, report_markdown, summarize, write_results
+from swirl_core.generation import plan_generation
+from swirl_core.plots import bar_chart_png
+from swirl_core.store import Store
+from tasks.artifacts import png_markdown, publish_markdown, publish_tables
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate(config: EvalConfig = EvalConfig()) -> dict[str, Any]:
+    logger = get_run_logger()
+    # Seeds, corpora and checkpoints of every model are checked before the first call is paid for.
+    plans = {m.label: plan_generation(config.generate_config(m)) for m in config.models}
+    generation_runs, failures = {}, []
+    for m in config.models:
+        logger.info("evaluating %s (%s) on %d questions", m.label, m.model.model, len(plans[m.label].questions))
+        result = run_generate(config.generate_config(m))
+        generation_runs[m.label] = result["run_id"]
+        failures += [f"{m.label}: {f}" for f in result["shard_failures"]]
+
+    curate_config = CurateConfig(
+        db=config.db, work_dir=config.work_dir, judge=config.judge or ModelConfig(), grader=config.grader,
+        skip_judge=config.judge is None or not config.step_scores, run_ids=sorted(generation_runs.values()),
+        cluster=config.cluster, progress=config.progress,
+    )
+    judged = not curate_config.skip_judge
+    fingerprint = judge_fingerprint(judge_spec(curate_config)) if judged else None
+    if judged or config.grader == "llm":
+        failures += run_curate(curate_config)["shard_failures"]
+
+    run_id = eval_run_id(config, generation_runs, fingerprint)
+    with Store(config.db) as store:
+        store.start_run(run_id, "evaluate", config.model_dump(mode="json"), dataset=config.dataset,
+                        model=",".join(generation_runs), prompt_version=next(iter(plans.values())).policy.prompt_version)
+        store.upsert("grades", rule_grade_rows(store.con, curate_config, run_id))  # cheap, in this process
+        n_rows = write_results(store.con, run_id, config, plans, fingerprint)
+        overview, metric_rows, comparisons = summarize(store.con, run_id, config)
+        store.finish_run(run_id, "failed" if failures else "completed",
+                         n_questions=len(next(iter(plans.values())).questions), n_trajectories=n_rows)
+
+    primary = metrics_for(config)[0]
+    means = [r for r in metric_rows if r["metric"] == primary]
+    png = bar_chart_png([r["label"] for r in means], [r["mean"] for r in means],
+                        errors=[[r["mean"] - r["ci_low"] for r in means], [r["ci_high"] - r["mean"] for r in means]],
+                        title=f"{config.dataset}: {METRIC_TITLES[primary]} ({config.confidence:.0%} CI)",
+                        ylabel=METRIC_TITLES[primary])
+    report_path = Path(config.report) if config.report else config.resolved_work_dir / "eval" / f"report-{run_id}.md"
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    plot_path = report_path.with_suffix(".png")
+    plot_path.write_bytes(png)
+    report_path.write_text(report_markdown(run_id, config, overview, comparisons, f"![{primary}]({plot_path.name})") + "\n")
+
+    publish_tables("evaluate", run_id, {"results": metric_rows, "paired_comparisons": comparisons})
+    publish_markdown("evaluate", report_markdown(run_id, config, overview, comparisons, png_markdown(png, primary)),
+                     f"evaluation run {run_id}")
+    logger.info("evaluation %s: report at %s", run_id, report_path)
+    return {"run_id": run_id, "status": "failed" if failures else "completed", "db": str(config.db),
+            "report": str(report_path), "plot": str(plot_path), "generation_runs": generation_runs,
+            "overview": overview, "metrics": metric_rows, "comparisons": comparisons, "failures": failures}
