@@ -30,6 +30,9 @@ from swirl_core.judging import (
 from swirl_core.llm.factory import run_with_client
 from swirl_core.store import query_dicts
 
+# How `_ask` (judging.py) words a judgment or grade whose call failed for good (retries exhausted, bad request).
+FAILED_PREFIX = "LLMError"
+
 
 def judge_spec(config: CurateConfig) -> JudgeSpec:
     return JudgeSpec.for_model(config.judge, config.judge_samples, config.max_reasks)
@@ -72,7 +75,7 @@ def _scope(config: CurateConfig, alias: str = "t") -> tuple[str, list]:
 
 
 def pending_steps(con, config: CurateConfig, fingerprint: str) -> pa.Table:
-    """Sub-trajectories this judge has not judged yet (one Arrow table, built by one query)."""
+    """Sub-trajectories this judge has not judged yet, or whose judging failed (one Arrow table, one query)."""
     where, params = _scope(config)
     return con.sql(
         f"""
@@ -82,7 +85,8 @@ def pending_steps(con, config: CurateConfig, fingerprint: str) -> pa.Table:
         JOIN trajectories t USING (trajectory_id)
         JOIN questions q ON q.question_id = s.question_id
         WHERE NOT EXISTS (SELECT 1 FROM judgments j WHERE j.trajectory_id = s.trajectory_id
-                          AND j.step_index = s.step_index AND j.judge_fingerprint = ?){where}
+                          AND j.step_index = s.step_index AND j.judge_fingerprint = ?
+                          AND NOT starts_with(coalesce(j.reasoning, ''), '{FAILED_PREFIX}')){where}
         ORDER BY s.question_id, s.trajectory_id, s.step_index
         """,
         params=[fingerprint, *params],
@@ -119,14 +123,16 @@ def run_judge_shard(shard: JudgeShard) -> list[Judgment]:
 
 
 def judgment_rows(judgments: list[Judgment], run_id: str, fingerprint: str) -> pa.Table:
-    """Rows for `judgments`; a failed call (not an unparseable verdict) is left out, so a rerun retries it."""
+    """Rows for `judgments`. A failed call (not an unparseable verdict) is stored too, as UNKNOWN with the
+    error as its reasoning, so the failure and its reason are on record; `pending_steps` hands its step to
+    the next run, whose judgment replaces the row (same `judgment_id`)."""
     return pa.Table.from_pylist([
         {"judgment_id": content_hash(j.trajectory_id, j.step_index, fingerprint, j.sample_index),
          "run_id": run_id, "trajectory_id": j.trajectory_id, "step_index": j.step_index,
          "sample_index": j.sample_index, "judge_model": j.judge_model, "judge_fingerprint": fingerprint,
          "prompt_version": j.prompt_version, "verdict": j.verdict, "reasoning": j.reasoning,
          "attempts": j.attempts, "call_keys": j.call_keys}
-        for j in judgments if not j.reasoning.startswith("LLMError")
+        for j in judgments
     ], schema=pa.schema([
         ("judgment_id", pa.string()), ("run_id", pa.string()), ("trajectory_id", pa.string()),
         ("step_index", pa.int32()), ("sample_index", pa.int32()), ("judge_model", pa.string()),

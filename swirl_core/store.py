@@ -7,6 +7,7 @@ statement per batch, never a Python loop of row inserts, and a rerun adds no dup
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,18 +43,38 @@ def query_dicts(con, sql: str, params: Sequence[Any] | None = None) -> list[dict
     return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 
 
+class DatabaseOpenError(RuntimeError):
+    """The database file cannot be opened (the message says which file and why)."""
+
+
+class DatabaseInUseError(DatabaseOpenError):
+    """Another process holds the database file: DuckDB allows one process per file while one writes."""
+
+
+_LOCK_HOLDER = re.compile(r"\(PID (\d+)\)")
+
+
+def connect(path: str | Path, *, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+    """Open the database; a file locked by another process raises `DatabaseInUseError` saying what to do."""
+    try:
+        return duckdb.connect(str(path), read_only=read_only)
+    except duckdb.IOException as exc:
+        if "lock" not in str(exc).lower():
+            raise DatabaseOpenError(f"cannot open {path}: {exc}") from exc
+        pid = _LOCK_HOLDER.search(str(exc))
+        holder = f"another process (pid {pid.group(1)})" if pid else "another process"
+        raise DatabaseInUseError(
+            f"database {path} is in use by {holder}; wait for it to finish or use another --db "
+            "(DuckDB allows one writing process per file)"
+        ) from exc
+
+
 class Store:
     def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
         self.path = Path(path)
         if not read_only:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self.con = duckdb.connect(str(self.path), read_only=read_only)
-        except duckdb.IOException as exc:
-            raise RuntimeError(
-                f"cannot open {self.path}: {exc}. DuckDB allows one writing process; "
-                "is another swirl run using this database?"
-            ) from exc
+        self.con = connect(self.path, read_only=read_only)
         if not read_only:
             self.apply_sql("schema.sql", "views.sql")
 

@@ -10,7 +10,14 @@ request body, and counts what it answered, so tests can drive the real LLM clien
     ...; fetch_stats(base_url); proc.terminate(); proc.wait()
 
 CLI: python tests/scripted_server.py --port 0 --latency 0.2 --default "<answer>4</answer>" \
-        [--scripts-json FILE] [--rules-json FILE] [--rate-limit-first N ...]  -> prints "READY <base_url>"
+        [--scripts-json FILE] [--rules-json FILE] [--rate-limit-first N ...] [--p-rate-limit 0.3 --seed 7 ...] \
+        [--stamp-replies]  -> prints "READY <base_url>"
+
+Faults come in two forms. Phases (`rate_limit_first`, ... `truncated_first`) walk every distinct body through
+the same sequence of attempts. Rates (`p_rate_limit`, ... `p_truncated`) draw each attempt's fault from an RNG
+seeded with (seed, body digest, attempt number): a reproducible fault matrix however requests interleave. Every
+chat-completion attempt is logged (`attempt_log()`, GET /_attempts) with its arrival and reply times, status,
+fault and Retry-After, so tests can check a client's retry budget and backoff at the server.
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ import itertools
 import json
 import os
 import queue
+import random
 import re
 import select
 import signal
@@ -53,6 +61,16 @@ class Faults:
     malformed_first: int = 0  # then the next N get a 200 whose body is not valid JSON
     slow_first: int = 0  # then the next N sleep slow_s before answering (to trigger client timeouts)
     slow_s: float = 5.0
+    truncated_first: int = 0  # then the next N get a 200 head whose body stops short of its Content-Length
+    # Per-attempt random faults, drawn in this order from an RNG keyed on (seed, body digest, attempt number);
+    # they apply once the phases above are used up. A hang sleeps slow_s, a truncated reply is cut off mid-body.
+    p_rate_limit: float = 0.0
+    p_server_error: float = 0.0
+    p_hang: float = 0.0
+    p_malformed: float = 0.0
+    p_truncated: float = 0.0
+    seed: int = 0
+    retry_after_max_s: float = 0.0  # > retry_after_s: each random 429's Retry-After is drawn from [retry_after_s, this]
 
 
 def _text(content: Any) -> str:
@@ -92,11 +110,14 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # per-request logging would cost more than the reply
         pass
 
-    def _send(self, code: int, body: bytes, extra: str = "") -> None:
+    def _send(self, code: int, body: bytes, extra: str = "", cut: int | None = None) -> None:
         # Head and body in one write: one syscall, and always a Content-Length so keep-alive works.
+        # `cut`: send only that many body bytes, then hang up (a reply truncated on the wire).
+        if cut is not None:
+            self.close_connection = True
         close = "Connection: close\r\n" if self.close_connection else ""
         head = f"HTTP/1.1 {code} {_REASONS[code]}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n{extra}{close}\r\n"
-        self.wfile.write(head.encode() + body)
+        self.wfile.write(head.encode() + (body if cut is None else body[:cut]))
 
     def _route(self) -> str:
         path = self.path.split("?", 1)[0]
@@ -131,17 +152,19 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, _MODELS)
         elif route == "/_stats":
             self._send(200, json.dumps(self.server.owner.stats()).encode())
+        elif route == "/_attempts":
+            self._send(200, json.dumps(self.server.owner.attempt_log()).encode())
         else:
             self._send(404, _error(f"no route GET {self.path}", "invalid_request_error", "not_found"))
 
     def do_POST(self) -> None:
         route, raw = self._route(), self._read_body()
         if route == "/chat/completions":
-            code, body, extra = self.server.owner._complete(raw, self._client_gone)
+            code, body, extra, cut = self.server.owner._complete(raw, self._client_gone)
             if code == CLIENT_GONE:
                 self.close_connection = True
             else:
-                self._send(code, body, extra)
+                self._send(code, body, extra, cut)
         elif route == "/_reset":
             self.server.owner.reset_stats()
             self._send(200, b"{}")
@@ -154,11 +177,14 @@ class ScriptedServer:
 
     def __init__(self, *, scripts: dict[str, list[str]] | None = None, rules: list[tuple[str, str]] | None = None,
                  default: str = "<answer>unknown</answer>", faults: Faults | None = None, port: int = 0,
-                 responder: Callable[[dict], str] | None = None) -> None:
+                 responder: Callable[[dict], str] | None = None, stamp_replies: bool = False) -> None:
         self.scripts = dict(scripts or {})
         self._keys = list(self.scripts)
         self._rules = [(re.compile(rx, re.DOTALL), reply) for rx, reply in (rules or [])]
         self.default, self.responder = default, responder
+        # Prefix every reply with "[req:<16 hex of the body's sha256>]": a stored reply then names the request
+        # that paid for it (replies stay deterministic per body, so a replayed conversation is unchanged).
+        self.stamp_replies = stamp_replies
         self.faults = faults or Faults()  # read per request, so a test may swap it while running
         self.port = port
         self._lock = threading.Lock()
@@ -207,6 +233,7 @@ class ScriptedServer:
             self._statuses: collections.Counter[int] = collections.Counter()
             self._attempts: dict[str, int] = {}
             self._requests: collections.deque[dict] = collections.deque(maxlen=10_000)
+            self._log: collections.deque[dict] = collections.deque(maxlen=200_000)
 
     def stats(self) -> dict:
         with self._lock:
@@ -216,6 +243,15 @@ class ScriptedServer:
     def completed_twice(self) -> list[str]:
         with self._lock:
             return [h for h, n in self._by_body.items() if n > 1]
+
+    def attempt_log(self) -> list[dict]:
+        """One entry per chat-completion attempt, in arrival order: digest (sha256 of the body), attempt
+        (1-based, per body), arrived / replied (time.time() when the body was read / the reply was ready),
+        status (CLIENT_GONE when the client had hung up), fault (None, "rate_limit", "server_error",
+        "malformed", "hang", "truncated"), retry_after (seconds, on 429s) and completed (a whole, valid reply
+        was sent: what `stats()["completed"]` counts)."""
+        with self._lock:
+            return [dict(e) for e in self._log]
 
     @property
     def requests(self) -> list[dict]:
@@ -260,8 +296,32 @@ class ScriptedServer:
                 self._by_body[digest] += 1
         return status
 
-    def _complete(self, raw: bytes, client_gone: Callable[[], bool]) -> tuple[int, bytes, str]:
-        """(status, body, extra header lines) for one chat-completion attempt; faults apply per distinct body."""
+    def _fault(self, digest: str, k: int) -> tuple[str | None, float | None]:
+        """The fault of 0-based attempt k of a body, and the Retry-After of a 429: phases first, then rates."""
+        f, attempt = self.faults, k
+        for kind, n in (("rate_limit", f.rate_limit_first), ("server_error", f.server_error_first),
+                        ("malformed", f.malformed_first), ("hang", f.slow_first), ("truncated", f.truncated_first)):
+            if k < n:
+                return kind, (f.retry_after_s if kind == "rate_limit" else None)
+            k -= n
+        rates = (("rate_limit", f.p_rate_limit), ("server_error", f.p_server_error), ("hang", f.p_hang),
+                 ("malformed", f.p_malformed), ("truncated", f.p_truncated))
+        if not any(p > 0 for _, p in rates):
+            return None, None
+        rng = random.Random(f"{f.seed}:{digest}:{attempt}")  # str seeds hash with sha512: stable across processes
+        u, edge = rng.random(), 0.0
+        for kind, p in rates:
+            edge += p
+            if u < edge:
+                if kind != "rate_limit":
+                    return kind, None
+                hi = max(f.retry_after_s, f.retry_after_max_s)
+                return kind, round(rng.uniform(f.retry_after_s, hi), 3)
+        return None, None
+
+    def _complete(self, raw: bytes, client_gone: Callable[[], bool]) -> tuple[int, bytes, str, int | None]:
+        """(status, body, extra header lines, body bytes to send or None for all) for one chat-completion
+        attempt; faults apply per distinct body."""
         try:
             body = json.loads(raw)
             messages = body["messages"]
@@ -270,35 +330,47 @@ class ScriptedServer:
         except (ValueError, KeyError, TypeError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             with self._lock:
                 self._total += 1
-            return self._count(400), _error("request body must be JSON with a 'messages' list", "invalid_request_error"), ""
+            return self._count(400), _error("request body must be JSON with a 'messages' list", "invalid_request_error"), "", None
         digest = hashlib.sha256(raw).hexdigest()
+        arrived = time.time()
         with self._lock:
             self._total += 1
             k = self._attempts[digest] = self._attempts.get(digest, 0) + 1
             self._requests.append(body)
+            entry = {"digest": digest, "attempt": k, "arrived": arrived, "replied": None, "status": None,
+                     "fault": None, "retry_after": None, "completed": False}
+            self._log.append(entry)
+        code, payload, extra, cut = self._attempt(body, messages, digest, k - 1, client_gone, entry)
+        with self._lock:
+            entry["status"], entry["replied"] = code, time.time()
+        return code, payload, extra, cut
+
+    def _attempt(self, body: dict, messages: list, digest: str, k: int, client_gone: Callable[[], bool],
+                 entry: dict) -> tuple[int, bytes, str, int | None]:
         f = self.faults
         if f.latency_s > 0:
             time.sleep(f.latency_s)
-        k -= 1  # 0-based attempt index, walked through the fault phases in order
-        if k < f.rate_limit_first:
+        fault, retry_after = self._fault(digest, k)
+        with self._lock:
+            entry["fault"], entry["retry_after"] = fault, retry_after
+        if fault == "rate_limit":
             return (self._count(429), _error("scripted rate limit", "requests", "rate_limit_exceeded"),
-                    f"Retry-After: {f.retry_after_s:g}\r\n")
-        k -= f.rate_limit_first
-        if k < f.server_error_first:
-            return self._count(500), _error("scripted server error", "server_error"), ""
-        k -= f.server_error_first
-        if k < f.malformed_first:
-            return self._count(200), _MALFORMED, ""
-        k -= f.malformed_first
-        if k < f.slow_first:
+                    f"Retry-After: {retry_after:g}\r\n", None)
+        if fault == "server_error":
+            return self._count(500), _error("scripted server error", "server_error"), "", None
+        if fault == "malformed":
+            return self._count(200), _MALFORMED, "", None
+        if fault == "hang":
             time.sleep(f.slow_s)
-        if (f.latency_s > 0 or k < f.slow_first) and client_gone():
-            return self._count(CLIENT_GONE), b"", ""  # not "completed": nobody was there to receive it
+        if (f.latency_s > 0 or fault == "hang") and client_gone():
+            return self._count(CLIENT_GONE), b"", "", None  # not "completed": nobody was there to receive it
         texts = [_text(m.get("content")) if isinstance(m, dict) else "" for m in messages]
         try:
             text = self._reply(body, messages, texts)
         except Exception as exc:  # a broken responder should fail the request visibly, not kill the connection
-            return self._count(500), _error(f"responder failed: {exc!r}", "server_error"), ""
+            return self._count(500), _error(f"responder failed: {exc!r}", "server_error"), "", None
+        if self.stamp_replies:
+            text = f"[req:{digest[:16]}] {text}"
         n = body.get("n")
         n = n if isinstance(n, int) and n > 1 else 1
         prompt_tokens, completion_tokens = sum(len(t.split()) for t in texts), len(text.split()) * n
@@ -310,7 +382,11 @@ class ScriptedServer:
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens},
         }).encode()
-        return self._count(200, digest), payload, ""
+        if fault == "truncated":  # a 200 head, half the body, then a hang-up: never a completed request
+            return self._count(200), payload, "", len(payload) // 2
+        with self._lock:
+            entry["completed"] = True
+        return self._count(200, digest), payload, "", None
 
 
 # -- separate-process mode (the server must not share a benchmark client's GIL) ------------------------
@@ -327,6 +403,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--default", default="<answer>unknown</answer>")
     p.add_argument("--scripts-json", help='file with {"substring": ["step 0 reply", "step 1 reply", ...]}')
     p.add_argument("--rules-json", help='file with [["regex", "reply"], ...]')
+    p.add_argument("--stamp-replies", action="store_true", help="prefix every reply with [req:<body digest>]")
     for f in fields(Faults):
         p.add_argument(*_fault_flags(f), dest=f.name, type=type(f.default), default=f.default)
     args = p.parse_args(argv)
@@ -336,7 +413,8 @@ def main(argv: list[str] | None = None) -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    srv = ScriptedServer(scripts=scripts, rules=rules, default=args.default, faults=faults, port=args.port).start()
+    srv = ScriptedServer(scripts=scripts, rules=rules, default=args.default, faults=faults, port=args.port,
+                         stamp_replies=args.stamp_replies).start()
     print(f"READY {srv.base_url}", flush=True)
     while not stop.is_set():
         time.sleep(0.1)  # sleeping in the main thread keeps it free to run the signal handler
@@ -386,6 +464,13 @@ def fetch_stats(base_url: str, timeout_s: float = 5.0) -> dict:
         stats = json.loads(resp.read())
     stats["statuses"] = {int(k): v for k, v in stats["statuses"].items()}
     return stats
+
+
+def fetch_attempts(base_url: str, timeout_s: float = 5.0) -> list[dict]:
+    """GET /_attempts of a (subprocess) server: its `attempt_log()`."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(base_url.rstrip("/") + "/_attempts", timeout=timeout_s) as resp:
+        return json.loads(resp.read())
 
 
 if __name__ == "__main__":

@@ -4,8 +4,10 @@ Why a journal of files rather than DuckDB or litellm's cache: Dask workers must 
 DuckDB file (one writer), and a plain directory works from any process — or any machine, when the
 work directory is on shared storage. Each process appends to its own file, so writers never
 interleave; a response is written and flushed *before* the caller sees it, so a SIGKILL at any
-moment loses no paid response. Every process reads all journals of the directory at start, and the
-flow ingests them into the `llm_calls` table.
+moment loses no paid response. Every process reads all journals of the directory at start, and reads
+what other processes appended since each time a shard takes the journal (`shared_journal`): a Dask
+worker lives across shards and runs, and a shard that a dead worker had started may land on it.
+The flow ingests the journals into the `llm_calls` table.
 """
 
 from __future__ import annotations
@@ -31,18 +33,41 @@ class CallJournal:
         self._entries: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
         self._file = None
+        self._offsets: dict[Path, int] = {}  # bytes of each other journal already read
         self.path = self.directory / f"calls-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
         self._load()
 
-    def _load(self) -> None:
+    def _load(self) -> int:
+        """Read what the other journals of the directory gained since the last read; returns the new entries."""
+        before = len(self._entries)
         for path in sorted(self.directory.glob(JOURNAL_GLOB)):
+            start = self._offsets.get(path, 0)
+            if path == self.path or path.stat().st_size <= start:
+                continue
             with open(path, "rb") as fh:
-                for line in fh:
-                    try:
-                        record = orjson.loads(line)
-                    except orjson.JSONDecodeError:
-                        continue  # a line torn by a crash mid-write: that call was never used
-                    self._remember(record)
+                fh.seek(start)
+                data = fh.read()
+            lines = data.split(b"\n")
+            tail = lines.pop()  # after the last newline: a line still being written, or torn by a crash
+            read = len(data) - len(tail)
+            for line in lines:
+                try:
+                    self._remember(orjson.loads(line))
+                except orjson.JSONDecodeError:
+                    continue  # a line torn by a crash mid-write: that call was never used
+            if tail:
+                try:
+                    self._remember(orjson.loads(tail))  # whole but for its newline
+                    read = len(data)
+                except orjson.JSONDecodeError:
+                    pass  # read again next time: if its writer died, that call was never used
+            self._offsets[path] = start + read
+        return len(self._entries) - before
+
+    def refresh(self) -> int:
+        """Take in the calls other processes journaled since this one last looked; returns how many."""
+        with self._lock:
+            return self._load()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -77,9 +102,15 @@ _journals_lock = threading.Lock()
 
 
 def shared_journal(directory: str | Path, *, fsync: bool = False) -> CallJournal:
-    """One journal per directory per process, shared by every client (policy and judge)."""
+    """One journal per directory per process, shared by every client (policy and judge).
+
+    A cached journal first reads what other processes journaled since: a long-lived process (a Dask
+    worker) must see the calls of a shard that ran, or died, elsewhere before it resumes that shard.
+    """
     key = Path(directory).resolve()
     with _journals_lock:
         if key not in _journals:
             _journals[key] = CallJournal(key, fsync=fsync)
+        else:
+            _journals[key].refresh()
         return _journals[key]
