@@ -17,6 +17,8 @@ examples:
   swirl generate --dataset hotpotqa --data-files dev.json --corpus wiki.jsonl \\
       --policy hosted_vllm/Qwen2.5-7B-Instruct --policy-api-base http://127.0.0.1:8000/v1
   swirl curate --db swirl.duckdb --judge openai/gpt-4o-mini --grader llm
+  swirl evaluate --dataset gsm8k --data-files ../shared/data/gsm8k/test_dev.jsonl --limit 300 \
+      --model base=smollm2 --model sft=./out/sft --model swirl=./out/swirl --judge openai/gpt-4o-mini --grader llm
   swirl sql --db swirl.duckdb "SELECT status, count(*) FROM trajectories GROUP BY 1"
 """
 
@@ -122,6 +124,39 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--token-secret", help="Prefect Secret block holding the token (default: HF_TOKEN)")
     pub.add_argument("--dry-run", action="store_true", help="export and write the card only")
 
+    ev = sub.add_parser("evaluate", help="compare models (base, SFT, SWiRL) on held-out questions with CIs",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ev.add_argument("--db", default="swirl.duckdb", help="DuckDB file (results land in eval_results)")
+    ev.add_argument("--dataset", default="demo-math",
+                    help="gsm8k, hotpotqa, musique, beerqa, cofca, generic, demo-math, demo-qa")
+    ev.add_argument("--data-files", nargs="+", metavar="PATH", help="local JSONL/JSON/Parquet (default: the Hub dataset)")
+    ev.add_argument("--split", default="test", help="a split the models were not trained on")
+    ev.add_argument("--hub-name", help="Hub dataset name (default: the dataset's usual one)")
+    ev.add_argument("--hub-config", help="Hub dataset config")
+    ev.add_argument("--limit", type=int, help="first N valid questions")
+    ev.add_argument("--model", action="append", dest="models", metavar="LABEL=SPEC",
+                    help="repeatable; SPEC is a litellm name with an optional @API_BASE "
+                         "(sft=openai/sft@http://127.0.0.1:8000/v1), 'smollm2', or a checkpoint folder "
+                         "(swirl=./out/swirl) (default: base=smollm2)")
+    ev.add_argument("--grader", choices=["rule", "llm"], default="rule",
+                    help="correctness: exact match/F1 (rule), plus the judge's YES/NO (llm)")
+    ev.add_argument("--judge", metavar="MODEL[@API_BASE]",
+                    help="LLM grader and process judge (mean step score); none: rule metrics only")
+    ev.add_argument("--no-step-scores", action="store_true", help="skip the process judge's step scores")
+    ev.add_argument("--no-tools", action="store_true", help="no-tool mode: answer in one message (paper's Figure 6)")
+    ev.add_argument("--max-steps", type=int, help="step cap (default: 10 math, 5 QA, 1 without tools)")
+    ev.add_argument("--corpus", help="search corpus JSONL/Parquet (title,text), or 'seeds'")
+    ev.add_argument("--search-k", type=int, default=1, help="paragraphs returned per search")
+    ev.add_argument("--temperature", type=float, default=0.0, help="policy temperature (greedy by default)")
+    ev.add_argument("--max-tokens", type=int, help="tokens per step (default: 256 API, 64 in-process)")
+    ev.add_argument("--concurrency", type=int, default=32, help="max requests in flight per worker")
+    ev.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples for the CIs")
+    ev.add_argument("--report", help="markdown report path (default: <db>.work/eval/report-<run>.md)")
+    ev.add_argument("--work-dir", help="call journals (default: <db>.work)")
+    ev.add_argument("--scheduler-address", help="Dask scheduler tcp://HOST:PORT (default: a local cluster)")
+    ev.add_argument("--workers", type=int, help="local Dask workers")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     sql = sub.add_parser("sql", help="run a SQL query on the database and print the result")
     sql.add_argument("query", help="SQL, e.g. \"SELECT * FROM run_report\"")
     sql.add_argument("--db", default="swirl.duckdb", help="DuckDB file (opened read-only)")
@@ -209,6 +244,35 @@ def cmd_curate(args: argparse.Namespace) -> int:
           f"  swirl sql --db {db} \"SELECT * FROM good_rate_by_step\"")
     for failure in result["shard_failures"]:
         print(f"shard failed: {failure} — rerun the same command to resume", file=sys.stderr)
+    return 0 if result["status"] == "completed" else 1
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from swirl_core.config import ClusterConfig, EvalConfig, EvalModel, parse_model_spec
+
+    tuning = {"temperature": args.temperature, "max_tokens": args.max_tokens, "concurrency": args.concurrency}
+    models = [EvalModel.parse(m, **tuning) for m in (args.models or ["base=smollm2"])]
+    config = EvalConfig(
+        db=args.db, dataset=args.dataset, data_files=args.data_files, split=args.split, hub_name=args.hub_name,
+        hub_config=args.hub_config, limit=args.limit, models=models, tools=not args.no_tools,
+        max_steps=args.max_steps, corpus=args.corpus, search_k=args.search_k, grader=args.grader,
+        judge=parse_model_spec(args.judge, temperature=0.0) if args.judge else None,
+        step_scores=not args.no_step_scores, n_resamples=args.resamples, report=args.report, work_dir=args.work_dir,
+        cluster=ClusterConfig(address=args.scheduler_address, n_workers=args.workers), progress=not args.no_progress,
+    )
+    from flows.evaluate import evaluate
+    from flows.runtime import prefect_api
+    from swirl_core.generation import plan_generation
+
+    for m in config.models:  # bad seeds, options or checkpoints: a one-line error before any call
+        plan_generation(config.generate_config(m))
+    with prefect_api():
+        result = evaluate(config)
+    print(Path(result["report"]).read_text().rsplit("\n![", 1)[0])  # the report's tables, without the plot link
+    print(f"report: {result['report']} (plot: {result['plot']})\n"
+          f"  swirl sql --db {result['db']} \"SELECT * FROM eval_summary WHERE eval_run_id = '{result['run_id']}'\"")
+    for failure in result["failures"]:
+        print(f"failed: {failure} — rerun the same command to resume", file=sys.stderr)
     return 0 if result["status"] == "completed" else 1
 
 
@@ -313,12 +377,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     apply_quiet_env()
     args = build_parser().parse_args(argv)
     handlers = {"generate": cmd_generate, "curate": cmd_curate, "train": cmd_train, "publish": cmd_publish,
-                "sql": cmd_sql}
+                "evaluate": cmd_evaluate, "sql": cmd_sql}
     try:
+        _check_db_free(args)
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError) as exc:  # bad input: a clear message, not a traceback
         print(f"swirl {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        from swirl_core.store import DatabaseInUseError, DatabaseOpenError
+
+        if not isinstance(exc, DatabaseOpenError):
+            raise
+        print(f"swirl {args.command}: error: {exc}", file=sys.stderr)
+        return 3 if isinstance(exc, DatabaseInUseError) else 2
+
+
+def _check_db_free(args: argparse.Namespace) -> None:
+    """A database another process holds fails here in one line, not as a traceback from inside a flow."""
+    if getattr(args, "db", None) and Path(args.db).is_file():
+        from swirl_core.store import connect
+
+        connect(args.db, read_only=args.command in ("train", "publish", "sql")).close()
 
 
 if __name__ == "__main__":
