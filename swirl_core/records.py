@@ -120,5 +120,8 @@ class LLMResponse(BaseModel):
     cost_usd: float | None = None  # None = unknown price, never 0 by default
     latency_s: float = 0.0
     model: str
+    # Under a `choice:` constraint (in-process): the probability of each choice at the first generated
+    # token, renormalised over the choices. A judge calibrates on these instead of the argmax.
+    choice_probs: dict[str, float] | None = None
     cached: bool = False
     key: str = ""

@@ -355,3 +355,37 @@ async def test_outcome_grader_reasks_then_gives_none(tmp_path):
         await client.aclose()
         assert grade.correct is None and grade.reasoning == "Hard to say." and grade.call_key
         assert srv.stats()["total"] == 2
+
+
+async def test_local_judge_decides_at_a_threshold_set_on_reference_steps(tiny_model_dir, tmp_path):
+    """An in-process judge says GOOD when P(GOOD) reaches the midpoint of its P(GOOD) on known-good and known-bad
+    reference steps: asked once per task, journaled, and recorded with each verdict."""
+    import re
+
+    from swirl_core.config import ModelConfig
+    from swirl_core.judging import REFERENCE_STEPS, JudgeSpec, StepJudge, StepToJudge
+    from swirl_core.llm.factory import build_client
+
+    cfg = ModelConfig(model=str(tiny_model_dir), temperature=0.0)
+    spec = JudgeSpec.for_model(cfg)
+    assert spec.calibration == "reference" and spec.constraint == "choice:GOOD|BAD"
+    assert JudgeSpec.for_model(ModelConfig(model="openai/gpt-4o-mini")).calibration == "none"
+    assert {good for *_, good in REFERENCE_STEPS["math"]} == {True, False} == {good for *_, good in REFERENCE_STEPS["qa"]}
+    items = [StepToJudge(trajectory_id=f"t{i}", step_index=0, task="math", question=f"What is {i} + {i}?", turns=[],
+                         action_message=msg)
+             for i, msg in enumerate(["<math_exp>1 + 1</math_exp>", "<answer>7</answer>", "I do not know", "<math_exp>2*9</math_exp>"])]
+    client = build_client(cfg, tmp_path)
+    judgments = await StepJudge(client, spec).judge_many(items)
+    sent = client.stats["sent"]
+    await client.aclose()
+    assert sent == len(items) + len(REFERENCE_STEPS["math"])  # the threshold is asked for once, not per step
+    thresholds = set()
+    for j in judgments:
+        p_good, threshold = map(float, re.findall(r"(\d\.\d+)", j.reasoning))
+        thresholds.add(threshold)
+        assert j.attempts == 1 and j.verdict == ("GOOD" if p_good >= threshold else "BAD")
+    assert len(thresholds) == 1
+    replay = build_client(cfg, tmp_path)
+    again = await StepJudge(replay, spec).judge_many(items)
+    await replay.aclose()
+    assert replay.stats["sent"] == 0 and [j.reasoning for j in again] == [j.reasoning for j in judgments]

@@ -74,3 +74,22 @@ async def test_choice_constraint_gives_exactly_one_of_the_choices(tiny_model_dir
     texts = [r.text for r in await asyncio.gather(*(client.complete(r) for r in requests))]
     await client.aclose()
     assert set(texts) <= {"GOOD", "BAD"}, texts
+
+
+async def test_choice_probabilities_are_reported_journaled_and_replayed(tiny_model_dir, tmp_path):
+    from swirl_core.llm.base import ChatRequest
+
+    cfg = ModelConfig(model=str(tiny_model_dir), temperature=0.0)
+    requests = [ChatRequest(model="m", messages=[{"role": "user", "content": f"Is step {i} good?"}], temperature=0.0,
+                            max_tokens=8, constraint="choice:GOOD|BAD") for i in range(4)]
+    client = build_client(cfg, tmp_path)
+    fresh = await asyncio.gather(*(client.complete(r) for r in requests))
+    await client.aclose()
+    for r in fresh:
+        assert set(r.choice_probs) == {"GOOD", "BAD"} and abs(sum(r.choice_probs.values()) - 1) < 1e-4
+        assert 0 < r.choice_probs["GOOD"] < 1
+    assert len({r.choice_probs["GOOD"] for r in fresh}) > 1  # the probabilities follow the prompt
+    replay = build_client(cfg, tmp_path)
+    again = await asyncio.gather(*(replay.complete(r) for r in requests))
+    await replay.aclose()
+    assert replay.stats["sent"] == 0 and [r.choice_probs for r in again] == [r.choice_probs for r in fresh]

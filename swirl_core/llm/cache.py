@@ -22,7 +22,8 @@ from typing import Any
 import orjson
 
 JOURNAL_GLOB = "calls-*.jsonl"
-REPLAY_FIELDS = ("key", "text", "finish_reason", "prompt_tokens", "completion_tokens", "cost_usd", "latency_s")
+REPLAY_FIELDS = ("key", "text", "finish_reason", "prompt_tokens", "completion_tokens", "cost_usd", "latency_s",
+                 "choice_probs")
 
 
 class CallJournal:

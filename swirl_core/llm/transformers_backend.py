@@ -256,7 +256,9 @@ class TransformersBackend:
             tags = _allowed_tags(first.constraint)
             processor = ActionGrammar(tok, prompt_len, first.max_tokens, tags, "math_exp" in tags, self._token_strings, self._grammar_masks)
         elif kind == "choice":
-            processor = ChoiceGrammar(tok, prompt_len, tuple(arg.split("|")), self._token_strings, self._grammar_masks)
+            choices = tuple(arg.split("|"))
+            processor = ChoiceGrammar(tok, prompt_len, choices, self._token_strings, self._grammar_masks)
+            kwargs.update(output_scores=True, return_dict_in_generate=True)
         else:
             processor = None
         if processor is not None:
@@ -270,6 +272,9 @@ class TransformersBackend:
         with torch.inference_mode():
             out = model.generate(**enc, **kwargs)
         enc.pop("cache", None)
+        probs = self._choice_probs(out.scores[0], choices) if kind == "choice" else [None] * len(requests)
+        if kind == "choice":
+            out = out.sequences
         elapsed = time.perf_counter() - started
         self.batches.append(len(requests))
         responses = []
@@ -282,9 +287,29 @@ class TransformersBackend:
                 LLMResponse(
                     text=text, finish_reason=finish, prompt_tokens=int(enc["attention_mask"][row].sum()),
                     completion_tokens=n_new, cost_usd=0.0, latency_s=elapsed, model=request.model,
+                    choice_probs=probs[row],
                 )
             )
         return responses
+
+    def _choice_probs(self, first_scores, choices: tuple[str, ...]) -> list[dict[str, float]]:
+        """Each choice's probability at the first generated token: the mass of the allowed tokens that
+        begin only that choice, renormalised over the choices (the grammar has already masked the rest)."""
+        import torch
+
+        key = ("owners", choices, first_scores.shape[1])
+        if key not in self._grammar_masks:
+            owner: dict[str, list[int]] = {}
+            for i, s in enumerate(self._token_strings[: first_scores.shape[1]]):
+                starts = [c for c in choices if s and c.startswith(s)]
+                if len(starts) == 1:
+                    owner.setdefault(starts[0], []).append(i)
+            self._grammar_masks[key] = owner
+        owner = self._grammar_masks[key]
+        p = torch.softmax(first_scores.float(), dim=-1)
+        mass = torch.stack([p[:, owner.get(c, [])].sum(dim=-1) for c in choices], dim=-1)
+        mass = mass / mass.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+        return [{c: round(float(v), 6) for c, v in zip(choices, row, strict=True)} for row in mass]
 
     def _encode(self, prompts: list[str]) -> dict:
         """Tokenize a batch, reusing the KV cache of the prefix all prompts share.
