@@ -13,7 +13,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,8 +49,8 @@ class DatasetSpec:
     hub_name: str | None
     hub_config: str | None
     adapter: Adapter
-    # Files the project ships (the offline demo): used when neither data_files nor a Hub name is given.
-    default_files: tuple[str, ...] = ()
+    # Files the project ships per split (the offline demo): used when neither data_files nor a Hub name is given.
+    default_files: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     default_corpus: str | None = None
 
 
@@ -256,10 +256,11 @@ DATASETS: dict[str, DatasetSpec] = {
         DatasetSpec("beerqa", "qa", 5, None, None, adapt_beerqa),
         DatasetSpec("cofca", "qa", 5, None, None, adapt_cofca),
         DatasetSpec("generic", "qa", 5, None, None, adapt_generic),
-        DatasetSpec("demo-math", "math", 10, None, None, adapt_gsm8k, (str(DEMO_DIR / "demo_math.jsonl"),)),
+        DatasetSpec("demo-math", "math", 10, None, None, adapt_gsm8k, {
+            "train": (str(DEMO_DIR / "demo_math.jsonl"),), "test": (str(DEMO_DIR / "demo_math_test.jsonl"),)}),
         DatasetSpec(
             "demo-qa", "qa", 5, None, None, adapt_generic,
-            (str(DEMO_DIR / "demo_qa.jsonl"),), str(DEMO_DIR / "demo_corpus.jsonl"),
+            {"train": (str(DEMO_DIR / "demo_qa.jsonl"),)}, str(DEMO_DIR / "demo_corpus.jsonl"),
         ),
     )
 }
@@ -408,7 +409,9 @@ def load_seeds(
         raise SeedError(f"limit must be >= 0, got {limit}")
 
     if data_files is None and hub_name is None and spec.default_files:
-        data_files = list(spec.default_files)
+        if split not in spec.default_files:
+            raise SeedError(f"dataset {dataset!r} ships the splits {', '.join(spec.default_files)}; got split {split!r}")
+        data_files = list(spec.default_files[split])
     if data_files is not None:
         rows = _read_files(_expand(data_files))
     else:
