@@ -89,3 +89,23 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from helpers import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def prefect_stack(tmp_path_factory):
+    """A real `prefect server` (API + UI), the work pools, the `generate-nightly` deployment and a process
+    worker (tests/prefect_stack.py): started once per session, shared by the deployment and browser tests.
+    A failed start is cached by pytest and reported to every test that asks for the stack."""
+    import time
+
+    from prefect_stack import PrefectStack
+
+    stack = PrefectStack(tmp_path_factory.mktemp("prefect-stack"))
+    try:
+        started = time.monotonic()
+        stack.start()
+        phases = ", ".join(f"{k} {v:.1f}s" for k, v in stack.timings.items())
+        print(f"\nprefect stack up in {time.monotonic() - started:.1f}s ({phases}): {stack.ui_url}")
+        yield stack
+    finally:
+        stack.stop()
