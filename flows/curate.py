@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from flows.runtime import task_runner
 from swirl_core.config import CurateConfig
 from swirl_core.curation import (
+    calibration_shard,
     curation_report,
     grade_shards,
     judge_fingerprint,
@@ -32,7 +33,7 @@ from swirl_core.judging import Judgment, LLMGrade
 from swirl_core.plots import bar_chart_png
 from swirl_core.store import Store
 from tasks.artifacts import png_markdown, publish_markdown, publish_tables
-from tasks.curate import grade_shard, judge_shard
+from tasks.curate import calibrate_judge, grade_shard, judge_shard
 
 
 def run_curate(config: CurateConfig) -> dict[str, Any]:
@@ -51,12 +52,15 @@ def curate_on_cluster(config: CurateConfig = CurateConfig()) -> dict[str, Any]:
 @flow(name="curate", log_prints=True)
 def curate(config: CurateConfig = CurateConfig()) -> dict[str, Any]:
     logger = get_run_logger()
-    spec = judge_spec(config)
-    fingerprint = judge_fingerprint(spec)
-    run_id = content_hash("curate-run", fingerprint, config.grader, config.run_ids, config.dataset)[:16]
     journal_dir = config.resolved_work_dir / "journal"
     failures: list[str] = []
     with Store(config.db) as store:
+        spec = judge_spec(config)
+        if not config.skip_judge and (shard := calibration_shard(store.con, config, spec)) is not None:
+            spec = spec.model_copy(update={"thresholds": calibrate_judge.submit(shard).result()})
+            logger.info("judge calibrated on %d sampled steps: P(GOOD) thresholds %s", len(shard.items), spec.thresholds)
+        fingerprint = judge_fingerprint(spec)
+        run_id = content_hash("curate-run", fingerprint, config.grader, config.run_ids, config.dataset)[:16]
         store.start_run(run_id, "curate", config.model_dump(mode="json"), dataset=config.dataset,
                         model=config.judge.model, prompt_version=spec.model_dump_json())
         rule_rows = rule_grade_rows(store.con, config, run_id)
@@ -91,7 +95,7 @@ def curate(config: CurateConfig = CurateConfig()) -> dict[str, Any]:
         store.finish_run(run_id, status, n_trajectories=sum(r["trajectories"] for r in report["retention"]
                                                              if r["filter"] == "none"))
     _publish(run_id, config, report, failures)
-    return {"run_id": run_id, "status": status, "db": str(config.db), "judged_steps": n_pending,
+    return {"run_id": run_id, "status": status, "db": str(config.db), "judged_steps": n_pending, "fingerprint": fingerprint,
             "shard_failures": failures, "report": report}
 
 

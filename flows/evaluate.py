@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger
 from flows.curate import run_curate
 from flows.generate import run_generate
 from swirl_core.config import CurateConfig, EvalConfig, ModelConfig
-from swirl_core.curation import judge_fingerprint, judge_spec, rule_grade_rows
+from swirl_core.curation import rule_grade_rows
 from swirl_core.evaluation import METRIC_TITLES, eval_run_id, metrics_for, report_markdown, summarize, write_results
 from swirl_core.generation import plan_generation
 from swirl_core.plots import bar_chart_png
@@ -41,10 +41,11 @@ def evaluate(config: EvalConfig = EvalConfig()) -> dict[str, Any]:
         skip_judge=config.judge is None or not config.step_scores, run_ids=sorted(generation_runs.values()),
         cluster=config.cluster, progress=config.progress,
     )
-    judged = not curate_config.skip_judge
-    fingerprint = judge_fingerprint(judge_spec(curate_config)) if judged else None
+    judged, fingerprint = not curate_config.skip_judge, None
     if judged or config.grader == "llm":
-        failures += run_curate(curate_config)["shard_failures"]
+        curated = run_curate(curate_config)
+        failures += curated["shard_failures"]
+        fingerprint = curated["fingerprint"] if judged else None  # a calibrated judge's depends on the data
 
     run_id = eval_run_id(config, generation_runs, fingerprint)
     with Store(config.db) as store:

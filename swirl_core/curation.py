@@ -16,6 +16,7 @@ from swirl_core.config import CurateConfig, ModelConfig
 from swirl_core.grading import rule_grade
 from swirl_core.hashing import content_hash
 from swirl_core.judging import (
+    CALIBRATION_SAMPLE,
     GRADE_CONSTRAINT,
     GRADER_PROMPT_VERSION,
     JUDGE_PROMPT_VERSION,
@@ -26,6 +27,7 @@ from swirl_core.judging import (
     StepJudge,
     StepToJudge,
     TrajectoryToGrade,
+    calibrate_thresholds,
 )
 from swirl_core.llm.factory import run_with_client
 from swirl_core.store import query_dicts
@@ -74,9 +76,8 @@ def _scope(config: CurateConfig, alias: str = "t") -> tuple[str, list]:
     return (" AND " + " AND ".join(clauses)) if clauses else "", params
 
 
-def pending_steps(con, config: CurateConfig, fingerprint: str) -> pa.Table:
-    """Sub-trajectories this judge has not judged yet, or whose judging failed (one Arrow table, one query)."""
-    where, params = _scope(config)
+def _steps(con, config: CurateConfig, condition: str, params: list, tail: str) -> pa.Table:
+    where, scope_params = _scope(config)
     return con.sql(
         f"""
         SELECT s.trajectory_id, s.step_index, s.question_id, q.task, q.question,
@@ -84,13 +85,27 @@ def pending_steps(con, config: CurateConfig, fingerprint: str) -> pa.Table:
         FROM sub_trajectories s
         JOIN trajectories t USING (trajectory_id)
         JOIN questions q ON q.question_id = s.question_id
-        WHERE NOT EXISTS (SELECT 1 FROM judgments j WHERE j.trajectory_id = s.trajectory_id
-                          AND j.step_index = s.step_index AND j.judge_fingerprint = ?
-                          AND NOT starts_with(coalesce(j.reasoning, ''), '{FAILED_PREFIX}')){where}
-        ORDER BY s.question_id, s.trajectory_id, s.step_index
+        WHERE {condition}{where}
+        {tail}
         """,
-        params=[fingerprint, *params],
+        params=[*params, *scope_params],
     ).to_arrow_table()
+
+
+def pending_steps(con, config: CurateConfig, fingerprint: str) -> pa.Table:
+    """Sub-trajectories this judge has not judged yet, or whose judging failed (one Arrow table, one query)."""
+    return _steps(con, config, f"""NOT EXISTS (SELECT 1 FROM judgments j WHERE j.trajectory_id = s.trajectory_id
+                  AND j.step_index = s.step_index AND j.judge_fingerprint = ?
+                  AND NOT starts_with(coalesce(j.reasoning, ''), '{FAILED_PREFIX}'))""", [fingerprint],
+                  "ORDER BY s.question_id, s.trajectory_id, s.step_index")
+
+
+def calibration_steps(con, config: CurateConfig) -> list[StepToJudge]:
+    """Up to CALIBRATION_SAMPLE sub-trajectories per task of everything in scope, chosen by content hash."""
+    pick = "md5(s.trajectory_id || ':' || s.step_index)"
+    table = _steps(con, config, "true", [], f"QUALIFY row_number() OVER (PARTITION BY q.task ORDER BY {pick}) <= "
+                                            f"{CALIBRATION_SAMPLE} ORDER BY q.task, {pick}")
+    return _items(table.to_pylist())
 
 
 def by_question(rows: list[dict], size: int) -> Iterator[list[dict]]:
@@ -106,19 +121,36 @@ def by_question(rows: list[dict], size: int) -> Iterator[list[dict]]:
         yield chunk
 
 
+def _items(rows: list[dict]) -> list[StepToJudge]:
+    return [StepToJudge(trajectory_id=r["trajectory_id"], step_index=r["step_index"], task=r["task"],
+                        question=r["question"], turns=json.loads(r["history"]), action_message=r["action"])
+            for r in rows]
+
+
+def _shard(n: int, items: list[StepToJudge], config: CurateConfig, spec: JudgeSpec, run_id: str) -> JudgeShard:
+    return JudgeShard(shard_id=n, run_id=run_id, items=items, judge=config.judge, spec=spec,
+                      journal_dir=str(config.resolved_work_dir / "journal"), fsync=config.fsync)
+
+
 def judge_shards(table: pa.Table, config: CurateConfig, spec: JudgeSpec, run_id: str) -> Iterator[JudgeShard]:
     for n, chunk in enumerate(by_question(table.to_pylist(), config.shard_size)):
-        items = [
-            StepToJudge(trajectory_id=r["trajectory_id"], step_index=r["step_index"], task=r["task"],
-                        question=r["question"], turns=json.loads(r["history"]), action_message=r["action"])
-            for r in chunk
-        ]
-        yield JudgeShard(shard_id=n, run_id=run_id, items=items, judge=config.judge, spec=spec,
-                         journal_dir=str(config.resolved_work_dir / "journal"), fsync=config.fsync)
+        yield _shard(n, _items(chunk), config, spec, run_id)
+
+
+def calibration_shard(con, config: CurateConfig, spec: JudgeSpec) -> JudgeShard | None:
+    """The steps that set a calibrated judge's thresholds, or None when the judge needs none."""
+    if spec.calibration == "none":
+        return None
+    return _shard(-1, calibration_steps(con, config), config, spec, "calibration")
 
 
 def run_judge_shard(shard: JudgeShard) -> list[Judgment]:
     return run_with_client(shard.judge, shard.journal_dir, lambda client: StepJudge(client, shard.spec).judge_many(shard.items),
+                           fsync=shard.fsync, tags={"run_id": shard.run_id, "purpose": "judge"})
+
+
+def run_calibration_shard(shard: JudgeShard) -> dict[str, float]:
+    return run_with_client(shard.judge, shard.journal_dir, lambda client: calibrate_thresholds(client, shard.spec, shard.items),
                            fsync=shard.fsync, tags={"run_id": shard.run_id, "purpose": "judge"})
 
 

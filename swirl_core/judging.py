@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import statistics
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -37,44 +38,13 @@ GRADER_PROMPT_VERSION = "grader-v1"
 VERDICT_CONSTRAINT = "choice:GOOD|BAD"
 GRADE_CONSTRAINT = "choice:YES|NO"
 
-# Calibration for judges that report choice probabilities. A small model leans to one verdict whatever the
-# step (SmolLM2-135M gave P(GOOD) 0.11-0.34 to every demo step, so its argmax said BAD to all). Its decision
-# threshold is put instead at the midpoint of its mean P(GOOD) on known-good and on known-bad reference
-# steps of the same shape: fixed references, so a verdict never depends on which other steps share a batch.
-# (question, turns before the step, the step, is it good?) — written for this purpose, never from seed data.
-_M1, _M2 = "A box holds 12 pencils. How many pencils are in 5 boxes?", "Ana has 40 dollars and spends 15. How much is left?"
-_Q1, _Q2 = "In which country is the Eiffel Tower?", "Who wrote the novel Emma?"
-_EIFFEL = f"Eiffel Tower location {ARROW} The Eiffel Tower is a wrought-iron tower on the Champ de Mars in Paris, France."
-_EMMA = f"Emma novel author {ARROW} Emma is a novel by Jane Austen, first published in 1815."
-
-
-def _after(action: str, observation: str) -> list[dict[str, str]]:
-    return [{"role": "assistant", "content": action}, {"role": "user", "content": observation}]
-
-
-REFERENCE_STEPS: dict[TaskKind, tuple[tuple[str, list[dict[str, str]], str, bool], ...]] = {
-    "math": (
-        (_M1, [], "<math_exp>12 * 5</math_exp>", True),
-        (_M1, _after("<math_exp>12 * 5</math_exp>", f"12 * 5 {ARROW} 60"), "<answer>60</answer>", True),
-        (_M2, [], "<math_exp>40 - 15</math_exp>", True),
-        (_M2, _after("<math_exp>40 - 15</math_exp>", f"40 - 15 {ARROW} 25"), "<answer>25</answer>", True),
-        (_M1, [], "<math_exp>12 + 5 + 100</math_exp>", False),
-        (_M1, _after("<math_exp>12 * 5</math_exp>", f"12 * 5 {ARROW} 60"), "<answer>17</answer>", False),
-        (_M2, [], "<answer>99</answer>", False),
-        (_M2, _after("<math_exp>40 - 15</math_exp>", f"40 - 15 {ARROW} 25"), "<math_exp>40 - 15</math_exp>", False),
-    ),
-    "qa": (
-        (_Q1, [], "<search_query>Eiffel Tower location</search_query>", True),
-        (_Q1, _after("<search_query>Eiffel Tower location</search_query>", _EIFFEL), "<answer>France</answer>", True),
-        (_Q2, [], "<search_query>Emma novel author</search_query>", True),
-        (_Q2, _after("<search_query>Emma novel author</search_query>", _EMMA), "<answer>Jane Austen</answer>", True),
-        (_Q1, [], "<search_query>best pizza recipe</search_query>", False),
-        (_Q1, _after("<search_query>Eiffel Tower location</search_query>", _EIFFEL), "<answer>Germany</answer>", False),
-        (_Q2, [], "<answer>Charles Dickens</answer>", False),
-        (_Q2, _after("<search_query>Emma novel author</search_query>", _EMMA),
-         "<search_query>Emma novel author</search_query>", False),
-    ),
-}
+# Calibration for judges that report choice probabilities (in-process ones). A small model leans to one
+# verdict whatever the step: SmolLM2-135M gave every demo step P(GOOD) 0.11-0.34, so its argmax said BAD to
+# all, and it gave hand-written good and bad reference steps the same mean P(GOOD). Such a judge can rank but
+# not decide, so a step is GOOD when its P(GOOD) reaches the median over a sample of the steps being curated
+# (batch calibration, Zhou et al., 2024). The sample is drawn by content hash from all steps in scope, so a
+# verdict does not depend on sharding or on which steps a resumed run still had to judge.
+CALIBRATION_SAMPLE = 64
 
 # Re-asks of sample j use sample_index = seed = j + REASK_STRIDE * attempt: a new cache key, and
 # no collision with the other samples of the same step as long as samples < REASK_STRIDE.
@@ -265,6 +235,7 @@ class Judgment(BaseModel):
     call_keys: list[str]  # cache keys of every reply received, in order
     judge_model: str
     prompt_version: str
+    p_good: float | None = None  # P(GOOD), from judges that report choice probabilities
 
 
 class TrajectoryToGrade(BaseModel):
@@ -310,6 +281,7 @@ class _Asked:
     text: str  # the last reply, or the error
     attempts: int = 0
     keys: list[str] = field(default_factory=list)
+    p_good: float | None = None  # a calibrated judge's P(GOOD)
 
 
 async def _ask(
@@ -343,9 +315,11 @@ class JudgeSpec(BaseModel):
     reask_temperature: float = Field(0.7, ge=0, le=2)
     max_tokens: int = Field(256, ge=1)
     constraint: str | None = None
-    calibration: Literal["none", "reference"] = Field(
-        "none", description="reference: GOOD when P(GOOD) reaches the midpoint of the judge's P(GOOD) on known-good and "
-                            "known-bad reference steps (needs choice probabilities: in-process judges)")
+    calibration: Literal["none", "median"] = Field(
+        "none", description="median: GOOD when P(GOOD) reaches its median over a sample of the curated steps "
+                            "(needs choice probabilities: in-process judges)")
+    thresholds: dict[str, float] = Field(default_factory=dict, description="per task, the P(GOOD) a step needs "
+                                                                           "(set by `calibrate_thresholds`)")
 
     @model_validator(mode="before")
     @classmethod
@@ -364,7 +338,7 @@ class JudgeSpec(BaseModel):
             model=model_identity(cfg.model), samples=samples, max_reasks=max_reasks,
             temperature=cfg.temperature if samples == 1 else max(cfg.temperature, 0.7),
             max_tokens=cfg.resolved_max_tokens, constraint=VERDICT_CONSTRAINT if cfg.is_local else None,
-            calibration="reference" if cfg.is_local else "none",
+            calibration="median" if cfg.is_local else "none",
         )
 
 
@@ -385,7 +359,6 @@ class StepJudge:
     def __init__(self, client: LLMClient, spec: JudgeSpec) -> None:
         self.client = client
         self.spec = spec
-        self._thresholds: dict[TaskKind, asyncio.Task] = {}
 
     async def judge(self, item: StepToJudge) -> list[Judgment]:
         messages = judge_messages(item.task, item.question, item.turns, item.action_message)
@@ -405,42 +378,49 @@ class StepJudge:
                             reask_temperature=spec.reask_temperature, max_tokens=spec.max_tokens,
                             prompt_version=version, constraint=spec.constraint)
 
-        if spec.calibration == "reference":
+        if spec.calibration == "median":
             asked = await self._calibrated(item.task, make(0))
         else:
             asked = await _ask(self.client, make, parse_verdict, spec.max_reasks)
         return Judgment(
             trajectory_id=item.trajectory_id, step_index=item.step_index, sample_index=j,
             verdict=asked.value or "UNKNOWN", reasoning=asked.text, attempts=asked.attempts,
-            call_keys=asked.keys, judge_model=spec.model, prompt_version=version,
+            call_keys=asked.keys, judge_model=spec.model, prompt_version=version, p_good=asked.p_good,
         )
 
 
     async def _calibrated(self, task: TaskKind, request: ChatRequest) -> _Asked:
-        """GOOD when P(GOOD) reaches the judge's threshold for the task (see REFERENCE_STEPS)."""
+        """P(GOOD), and GOOD when it reaches the task's threshold (UNKNOWN without one: the RL reward uses
+        the probability itself)."""
         asked = _Asked(value=None, text="", attempts=1)
         try:
-            if task not in self._thresholds:
-                self._thresholds[task] = asyncio.ensure_future(self._threshold(task, request))
-            threshold = await asyncio.shield(self._thresholds[task])
             response = await self.client.complete(request)
         except LLMError as exc:
             asked.text = f"LLMError: {exc}"
             return asked
         asked.keys.append(response.key)
-        p_good = _p_good(response, self.spec.model)
-        asked.value = "GOOD" if p_good >= threshold else "BAD"
-        asked.text = f"P(GOOD) {p_good:.4f}; threshold {threshold:.4f} (reference steps)\n{asked.value}"
+        asked.p_good = _p_good(response, self.spec.model)
+        threshold = self.spec.thresholds.get(task)
+        if threshold is None:
+            asked.text = f"P(GOOD) {asked.p_good:.4f}; no threshold"
+            return asked
+        asked.value = "GOOD" if asked.p_good >= threshold else "BAD"
+        asked.text = f"P(GOOD) {asked.p_good:.4f}; threshold {threshold:.4f} (median of a sample)\n{asked.value}"
         return asked
 
-    async def _threshold(self, task: TaskKind, like: ChatRequest) -> float:
-        """Midpoint of the mean P(GOOD) on the good and on the bad reference steps (journaled like any call)."""
-        scores: dict[bool, list[float]] = {True: [], False: []}
-        for question, turns, action, good in REFERENCE_STEPS[task]:
-            request = like.model_copy(update={"messages": judge_messages(task, question, turns, action),
-                                              "sample_index": 0, "seed": 0})
-            scores[good].append(_p_good(await self.client.complete(request), self.spec.model))
-        return (sum(scores[True]) / len(scores[True]) + sum(scores[False]) / len(scores[False])) / 2
+
+async def calibrate_thresholds(client: LLMClient, spec: JudgeSpec, sample: Sequence[StepToJudge]) -> dict[str, float]:
+    """Per task, the median P(GOOD) the judge gives the sampled steps. Their requests are the ones judging
+    makes (sample 0, first attempt), so judging the same steps later replays them from the call journal."""
+    judge = StepJudge(client, spec.model_copy(update={"thresholds": {}}))
+    judgments = await asyncio.gather(*(judge._sample(item, judge_messages(item.task, item.question, item.turns,
+                                                                          item.action_message), 0) for item in sample))
+    scores: dict[str, list[float]] = {}
+    for item, judgment in zip(sample, judgments, strict=True):
+        if judgment.p_good is None:
+            raise LLMError(f"judge calibration failed: {judgment.reasoning}")
+        scores.setdefault(item.task, []).append(judgment.p_good)
+    return {task: statistics.median(values) for task, values in sorted(scores.items())}
 
 
 def _p_good(response: LLMResponse, model: str) -> float:

@@ -24,7 +24,7 @@ DEFAULT_STEP_CAP: dict[TaskKind, int] = {"qa": 5, "math": 10}
 POLICY_PROMPT_VERSION: dict[TaskKind, str] = {"qa": "policy-qa-v1", "math": "policy-math-v1"}
 # No-tool mode (the paper's Figure 6): the same task answered in one message, without tools.
 NO_TOOL_PROMPT_VERSION: dict[TaskKind, str] = {"qa": "policy-qa-notool-v1", "math": "policy-math-notool-v1"}
-FEW_SHOT_SUFFIX = "+fewshot-v1"
+FEW_SHOT_SUFFIX = "+fewshot-v2"
 
 _QA_INSTRUCTIONS = """\
 Answer the question below in just a few words. A search engine is available and may help: \
@@ -65,7 +65,14 @@ _DEMOS: dict[TaskKind, list[tuple[str, list[tuple[str, str | None]]]]] = {
                 ("Each box sells for $3. <math_exp>6 * 3</math_exp>", "6 * 3 → 18"),
                 ("<answer>18</answer>", None),
             ],
-        )
+        ),
+        (
+            "A shop sells pens in packs of 5. How many pens are in 7 packs?",
+            [
+                ("Multiply the packs by the pens in each. <math_exp>7 * 5</math_exp>", "7 * 5 → 35"),
+                ("<answer>35</answer>", None),
+            ],
+        ),
     ],
     "qa": [
         (

@@ -357,35 +357,36 @@ async def test_outcome_grader_reasks_then_gives_none(tmp_path):
         assert srv.stats()["total"] == 2
 
 
-async def test_local_judge_decides_at_a_threshold_set_on_reference_steps(tiny_model_dir, tmp_path):
-    """An in-process judge says GOOD when P(GOOD) reaches the midpoint of its P(GOOD) on known-good and known-bad
-    reference steps: asked once per task, journaled, and recorded with each verdict."""
+async def test_local_judge_decides_at_the_median_of_a_sample_and_rewards_with_its_probability(tiny_model_dir, tmp_path):
+    """An in-process judge reports P(GOOD); calibrated on a sample, a step is GOOD when it reaches the sample's
+    median. Calibrating asks the very requests judging makes, so judging the sample afterwards pays nothing."""
     import re
 
     from swirl_core.config import ModelConfig
-    from swirl_core.judging import REFERENCE_STEPS, JudgeSpec, StepJudge, StepToJudge
+    from swirl_core.judging import JudgeSpec, StepJudge, StepToJudge, calibrate_thresholds
     from swirl_core.llm.factory import build_client
 
     cfg = ModelConfig(model=str(tiny_model_dir), temperature=0.0)
     spec = JudgeSpec.for_model(cfg)
-    assert spec.calibration == "reference" and spec.constraint == "choice:GOOD|BAD"
+    assert spec.calibration == "median" and spec.constraint == "choice:GOOD|BAD" and spec.thresholds == {}
     assert JudgeSpec.for_model(ModelConfig(model="openai/gpt-4o-mini")).calibration == "none"
-    assert {good for *_, good in REFERENCE_STEPS["math"]} == {True, False} == {good for *_, good in REFERENCE_STEPS["qa"]}
-    items = [StepToJudge(trajectory_id=f"t{i}", step_index=0, task="math", question=f"What is {i} + {i}?", turns=[],
+    items = [StepToJudge(trajectory_id=f"t{i}", step_index=0, task="math", question=f"What is {i} + {i * 7}?", turns=[],
                          action_message=msg)
-             for i, msg in enumerate(["<math_exp>1 + 1</math_exp>", "<answer>7</answer>", "I do not know", "<math_exp>2*9</math_exp>"])]
+             for i, msg in enumerate(["<math_exp>1 + 1</math_exp>", "<answer>7</answer>", "I do not know",
+                                      "<math_exp>2*9</math_exp>", "<answer>5</answer>"])]
     client = build_client(cfg, tmp_path)
-    judgments = await StepJudge(client, spec).judge_many(items)
+    thresholds = await calibrate_thresholds(client, spec, items)
     sent = client.stats["sent"]
+    uncalibrated = await StepJudge(client, spec).judge_many(items)  # the RL reward's view: P(GOOD), no verdict
+    judgments = await StepJudge(client, spec.model_copy(update={"thresholds": thresholds})).judge_many(items)
     await client.aclose()
-    assert sent == len(items) + len(REFERENCE_STEPS["math"])  # the threshold is asked for once, not per step
-    thresholds = set()
+    assert sent == len(items) and client.stats["sent"] == sent  # judging replayed the calibration's calls
+    assert set(thresholds) == {"math"}
+    assert all(j.verdict == "UNKNOWN" and j.p_good is not None for j in uncalibrated)
+    p_goods = sorted(j.p_good for j in judgments)
+    assert thresholds["math"] == p_goods[2]  # the median of five
     for j in judgments:
         p_good, threshold = map(float, re.findall(r"(\d\.\d+)", j.reasoning))
-        thresholds.add(threshold)
-        assert j.attempts == 1 and j.verdict == ("GOOD" if p_good >= threshold else "BAD")
-    assert len(thresholds) == 1
-    replay = build_client(cfg, tmp_path)
-    again = await StepJudge(replay, spec).judge_many(items)
-    await replay.aclose()
-    assert replay.stats["sent"] == 0 and [j.reasoning for j in again] == [j.reasoning for j in judgments]
+        assert j.attempts == 1 and abs(p_good - j.p_good) < 1e-4 and abs(threshold - thresholds["math"]) < 1e-4
+        assert j.verdict == ("GOOD" if j.p_good >= thresholds["math"] else "BAD")
+    assert sum(j.verdict == "GOOD" for j in judgments) == 3

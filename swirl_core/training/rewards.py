@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 
 
 
+def _unknown(j: Judgment) -> bool:
+    """No verdict and no probability: the judge's reply (or call) gave the reward nothing to go on."""
+    return j.verdict == "UNKNOWN" and j.p_good is None
+
+
 def completion_text(completion: Any) -> str:
     """The sampled message: conversational completions are [{"role": "assistant", "content": …}]."""
     if isinstance(completion, str):
@@ -40,7 +45,9 @@ def _column(kwargs: dict[str, Any], name: str, n: int, default: Any) -> list[Any
 
 
 class JudgeReward:
-    """The process judge as a TRL reward: 1.0 for GOOD, 0.0 for BAD (the fraction of GOOD votes with k samples).
+    """The process judge as a TRL reward: 1.0 for GOOD, 0.0 for BAD (the fraction of GOOD votes with k samples);
+    a judge that reports choice probabilities (in-process) gives its P(GOOD) instead, a graded reward that needs
+    no threshold.
 
     Every completion of a batch is judged concurrently through the project's LLM client, so the
     judge calls are cached, rate-limited and journaled (tagged purpose=reward) like curation's.
@@ -92,11 +99,14 @@ class JudgeReward:
             # An UNKNOWN or failed sample scores 0.0, like BAD: the judge did not affirm the step,
             # and curation treats such a step the same way (it fails the process filter). A
             # neutral value would need a baseline we do not have; NaN would drop the sample.
-            rewards.append(sum(j.verdict == "GOOD" for j in votes) / k)
+            if all(j.p_good is not None for j in votes):  # a calibrated judge: its P(GOOD), a graded reward
+                rewards.append(sum(j.p_good for j in votes) / k)
+            else:
+                rewards.append(sum(j.verdict == "GOOD" for j in votes) / k)
         self._account(judgments, stats, n, waited)
         if (log_metric := kwargs.get("log_metric")) is not None:  # GRPOTrainer averages these per logging step
             log_metric("judge/wait_s", waited)
-            log_metric("judge/unknown_frac", sum(j.verdict == "UNKNOWN" for j in judgments) / max(len(judgments), 1))
+            log_metric("judge/unknown_frac", sum(map(_unknown, judgments)) / max(len(judgments), 1))
         return rewards
 
     def _judge(self, items: list[StepToJudge]) -> tuple[list[Judgment], dict[str, int]]:
@@ -128,7 +138,7 @@ class JudgeReward:
         self.sent += stats.get("sent", 0)
         self.cache_hits += stats.get("cache_hits", 0)
         self.failures += failed
-        self.unknown += sum(j.verdict == "UNKNOWN" for j in judgments) - failed
+        self.unknown += sum(_unknown(j) for j in judgments) - failed
         self.good += sum(j.verdict == "GOOD" for j in judgments)
         self.wait_s += waited
 
