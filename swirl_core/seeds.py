@@ -6,6 +6,9 @@ sees it. Row positions in messages and `Question.source`:
 * ``FILE:line N`` -- JSON lines, N is the 1-based line number (what an editor shows);
 * ``FILE:row N``  -- JSON lists and parquet, N is the 0-based index into the list/table;
 * ``hub:NAME/CONFIG/SPLIT:row N`` -- Hub datasets, N is the 0-based index into the split.
+
+A question must be a string of at most `MAX_QUESTION_CHARS` characters: a longer one is a broken row
+(it could never fit a model's context), rejected like any other invalid row, naming file and row.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ Row = dict[str, Any]
 Adapter = Callable[[Row], dict[str, Any]]
 
 _PARQUET_BATCH_ROWS = 1024
+MAX_QUESTION_CHARS = 100_000
 _HUB_BATCH_ROWS = 1024
 
 
@@ -89,6 +93,16 @@ def _text(value: Any, what: str) -> str:
     if not value:
         raise ValueError(f"{what} is empty")
     return value
+
+
+def _question(row: Row) -> str:
+    """The row's question: a string (never a coerced number), at most MAX_QUESTION_CHARS characters."""
+    value = _require(row, "question")
+    if not isinstance(value, str):
+        raise ValueError(f"question must be a string, got {type(value).__name__}")
+    if len(value) > MAX_QUESTION_CHARS:
+        raise ValueError(f"question is {len(value):,} characters, over the limit of {MAX_QUESTION_CHARS:,}")
+    return _text(value, "question")
 
 
 def _aliases(values: Any, answer: str) -> tuple[str, ...]:
@@ -161,7 +175,7 @@ def _supporting_facts(value: Any) -> list[list[Any]]:
 
 
 def adapt_gsm8k(row: Row) -> dict[str, Any]:
-    question = _text(_require(row, "question"), "question")
+    question = _question(row)
     solution = _text(_require(row, "answer"), "answer")
     if "####" not in solution:
         raise ValueError("answer has no '#### N' final line")
@@ -176,7 +190,7 @@ def adapt_hotpotqa(row: Row) -> dict[str, Any]:
     answer = _text(_require(row, "answer"), "answer")
     return {
         "source_id": str(_require(row, "_id", "id")),
-        "question": _text(_require(row, "question"), "question"),
+        "question": _question(row),
         "answer": answer,
         "metadata": {
             "type": row.get("type"),
@@ -192,7 +206,7 @@ def adapt_musique(row: Row) -> dict[str, Any]:
     paragraphs = _require(row, "paragraphs")
     return {
         "source_id": str(_require(row, "id")),
-        "question": _text(_require(row, "question"), "question"),
+        "question": _question(row),
         "answer": answer,
         "answer_aliases": _aliases(row.get("answer_aliases"), answer),
         "metadata": {
@@ -213,7 +227,7 @@ def adapt_beerqa(row: Row) -> dict[str, Any]:
     answer = _text(answers[0], "answer")
     return {
         "source_id": str(_require(row, "id")),
-        "question": _text(_require(row, "question"), "question"),
+        "question": _question(row),
         "answer": answer,
         "answer_aliases": _aliases(answers[1:], answer),
         "metadata": {"src": row.get("src")},
@@ -227,7 +241,7 @@ def adapt_generic(row: Row) -> dict[str, Any]:
     if not isinstance(metadata, dict):
         raise ValueError("'metadata' must be an object")
     out: dict[str, Any] = {
-        "question": _text(_require(row, "question"), "question"),
+        "question": _question(row),
         "answer": answer,
         "answer_aliases": _aliases(_optional(row, "answer_aliases", "aliases"), answer),
         "metadata": metadata,
@@ -280,7 +294,10 @@ def _read_jsonl(lines: Iterable[str], first_index: int) -> Iterator[_Item]:
         if not line.strip():
             continue  # blank lines (e.g. a trailing newline) are not rows
         try:
+            line.encode("utf-8")  # bytes that were not UTF-8 arrive as lone surrogates (surrogateescape)
             row: Row | Exception = json.loads(line)
+        except UnicodeEncodeError as e:
+            row = ValueError(f"not valid UTF-8 (at character {e.start + 1} of the line)")
         except json.JSONDecodeError as e:
             row = ValueError(f"not valid JSON ({e.msg} at column {e.colno})")
         yield f"line {lineno}", index, row
@@ -288,13 +305,17 @@ def _read_jsonl(lines: Iterable[str], first_index: int) -> Iterator[_Item]:
 
 
 def _read_jsonl_file(path: Path, first_index: int) -> Iterator[_Item]:
-    # Streamed line by line, so `limit` never reads past the rows it needs.
-    with path.open(encoding="utf-8") as f:
+    # Streamed line by line, so `limit` never reads past the rows it needs; a line that is not UTF-8 is
+    # reported by its number like any other bad line.
+    with path.open(encoding="utf-8", errors="surrogateescape") as f:
         yield from _read_jsonl(f, first_index)
 
 
 def _read_json(path: Path, first_index: int) -> Iterator[_Item]:
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SeedError(f"{path}: not valid UTF-8 (byte {e.start} of the file)") from e
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
@@ -312,14 +333,20 @@ def _read_json(path: Path, first_index: int) -> Iterator[_Item]:
 
 
 def _read_parquet(path: Path, first_index: int) -> Iterator[_Item]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     # Record batches keep memory bounded and let `limit` stop reading early.
     i = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=_PARQUET_BATCH_ROWS):
-        for row in batch.to_pylist():
-            yield f"row {i}", first_index + i, row
-            i += 1
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=_PARQUET_BATCH_ROWS)
+        for batch in batches:
+            for row in batch.to_pylist():
+                yield f"row {i}", first_index + i, row
+                i += 1
+    except (pa.ArrowException, OSError) as e:  # not Parquet, truncated, corrupt: name the file (pyarrow doesn't)
+        where = f" after row {i - 1}" if i else ""
+        raise SeedError(f"{path}: not a readable Parquet file{where} ({e})") from e
 
 
 def _expand(data_files: str | Path | list[str | Path]) -> list[Path]:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+import socket
+import threading
 from pathlib import Path
 
 
@@ -70,3 +73,136 @@ def build_labeled_db(path: Path) -> None:
         store.upsert("grades", pa.Table.from_pylist([
             {"trajectory_id": t, "method": "exact_match", "correct": c}
             for t, c in [("t0", True), ("t1", False), ("t2", True), ("t3", False)]]))
+
+
+class FreezeGate:
+    """A TCP forwarder in front of a (scripted) HTTP server that can stop passing requests on while replies
+    still flow back: what a test needs to SIGKILL a client at a moment when no paid reply is on the wire.
+
+    A server counts a request as completed when it writes the reply; a client killed between that write and
+    its journal append never had the reply, and resending it is no double payment. So a kill goes:
+    `freeze()`, wait until the server has answered everything it already received (`drain`), give the client
+    a moment to journal those replies, kill, then `thaw()`. Request bytes held while frozen are dropped, never
+    forwarded, when their client is gone by the thaw (a killed process); a live client's are passed on.
+
+        gate = FreezeGate(server_base_url).start()   # clients use gate.base_url
+        gate.freeze(); drain(...); os.killpg(pid, SIGKILL); proc.wait(); gate.thaw()
+    """
+
+    def __init__(self, upstream_base_url: str) -> None:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(upstream_base_url)
+        self._upstream = (parts.hostname or "127.0.0.1", parts.port or 80)
+        self._path = parts.path
+        self._open = threading.Event()
+        self._open.set()
+        self._lock = threading.Lock()  # held while a request chunk is checked and forwarded: freeze() is atomic
+        self._listener: socket.socket | None = None
+        self.port = 0
+        self.dropped = 0  # held request chunks of dead clients, never forwarded
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}{self._path}"
+
+    def start(self) -> FreezeGate:
+        self._listener = socket.create_server(("127.0.0.1", 0), backlog=256)
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, name="freeze-gate", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+
+    def __enter__(self) -> FreezeGate:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def freeze(self) -> None:
+        with self._lock:
+            self._open.clear()
+
+    def thaw(self) -> None:
+        with self._lock:
+            self._open.set()
+
+    def _accept(self) -> None:
+        while self._listener is not None:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self._upstream)
+            except OSError:
+                client.close()
+                continue
+            for sock in (client, upstream):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            threading.Thread(target=self._requests, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._replies, args=(upstream, client), daemon=True).start()
+
+    @staticmethod
+    def _alive(sock: socket.socket) -> bool:
+        try:
+            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+        except BlockingIOError:
+            return True  # nothing to read, not closed
+        except OSError:
+            return False
+
+    def _requests(self, client: socket.socket, upstream: socket.socket) -> None:
+        try:
+            while data := client.recv(65536):
+                held = False
+                while True:
+                    with self._lock:
+                        if self._open.is_set():
+                            if held and not self._alive(client):
+                                self.dropped += 1  # held while frozen, and its client died meanwhile: never sent
+                                return
+                            upstream.sendall(data)
+                            break
+                    held = True
+                    self._open.wait(0.05)
+        except OSError:
+            pass
+        finally:
+            for sock in (client, upstream):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+
+    @staticmethod
+    def _replies(upstream: socket.socket, client: socket.socket) -> None:
+        try:
+            while data := upstream.recv(65536):
+                client.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                client.shutdown(socket.SHUT_RDWR)
+
+
+def wait_drained(server_base_url: str, settle_s: float = 0.3, timeout_s: float = 30.0) -> int:
+    """Wait until a scripted server has answered every request it received and nothing new arrived for
+    `settle_s` (use behind a frozen `FreezeGate`); returns the number of attempts it has seen."""
+    import time
+
+    from scripted_server import fetch_attempts
+
+    deadline, last, since = time.monotonic() + timeout_s, -1, time.monotonic()
+    while time.monotonic() < deadline:
+        log = fetch_attempts(server_base_url)
+        if any(e["replied"] is None for e in log) or len(log) != last:
+            last, since = len(log), time.monotonic()
+        elif time.monotonic() - since >= settle_s:
+            return last
+        time.sleep(0.05)
+    raise TimeoutError(f"server {server_base_url} still busy after {timeout_s}s")
