@@ -27,9 +27,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The main job: the whole pipeline offline (generate, curate, train SFT and SWiRL, evaluate).
 demo: $(STAMP)
-	$(VENV)/bin/swirl generate --db swirl.duckdb
-	$(VENV)/bin/swirl sql --db swirl.duckdb "SELECT * FROM step_parse_report"
+	$(VENV)/bin/swirl run --db swirl.duckdb
 
 # Debian's chromium, only when it is missing (as root, or through sudo).
 $(CHROMIUM):

@@ -11,6 +11,8 @@ from flows.runtime import apply_quiet_env
 
 EXAMPLES = """\
 examples:
+  swirl run                                        # the whole pipeline, offline, on the demo (about 10 min)
+  swirl run --config pipeline.yaml                 # any PipelineConfig as YAML or JSON
   swirl generate                                   # offline demo: SmolLM2 on the demo math seeds
   swirl generate --dataset gsm8k --data-files ../shared/data/gsm8k/test_dev.jsonl --split test \\
       --limit 50 --samples 5 --policy openai/gpt-4o-mini        # key from OPENAI_API_KEY
@@ -49,6 +51,26 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="the whole pipeline: generate, curate, train SFT and SWiRL, evaluate, publish",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    run.add_argument("--db", default="swirl.duckdb", help="DuckDB file")
+    run.add_argument("--config", metavar="FILE",
+                     help="a PipelineConfig as YAML or JSON (sections generate, curate, sft, swirl, evaluate, publish); "
+                          "the options below override it")
+    run.add_argument("--work-dir", help="journals, checkpoints and reports (default: <db>.work)")
+    run.add_argument("--dataset", help="seed dataset (default: demo-math)")
+    run.add_argument("--data-files", nargs="+", metavar="PATH", help="local seed files")
+    run.add_argument("--limit", type=int, help="first N seed questions")
+    run.add_argument("--samples", type=int, help="trajectories per question")
+    run.add_argument("--policy", metavar="MODEL[@API_BASE]", help="policy model (default: smollm2, in-process)")
+    run.add_argument("--judge", metavar="MODEL[@API_BASE]", help="process judge and SWiRL reward model (default: smollm2)")
+    run.add_argument("--eval-limit", type=int, help="held-out questions to evaluate on")
+    run.add_argument("--no-train", action="store_true", help="stop after curation")
+    run.add_argument("--no-eval", action="store_true", help="skip the evaluation")
+    run.add_argument("--publish-repo-id", metavar="USER/NAME", help="also publish the curated sets to this Hub repo")
+    run.add_argument("--scheduler-address", help="Dask scheduler tcp://HOST:PORT (default: a local cluster)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     gen = sub.add_parser("generate", help="generate multi-step trajectories into DuckDB",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -177,6 +199,72 @@ def _model_config(args: argparse.Namespace, prefix: str):
     )
 
 
+def pipeline_config(args: argparse.Namespace):
+    """The config file (if any) with the command line's options on top."""
+    from swirl_core.config import PipelineConfig, parse_model_spec
+
+    data: dict = {}
+    if args.config:
+        import yaml
+
+        text = Path(args.config).read_text(encoding="utf-8")
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{args.config}: expected a mapping of pipeline settings")
+    data["db"] = args.db
+    for key in ("work_dir",):
+        if getattr(args, key) is not None:
+            data[key] = getattr(args, key)
+    if args.scheduler_address:
+        data["cluster"] = {"address": args.scheduler_address}
+    if args.no_progress:
+        data["progress"] = False
+    gen = data.setdefault("generate", {"samples": 4})
+    for key in ("dataset", "data_files", "limit", "samples"):
+        if getattr(args, key) is not None:
+            gen[key] = getattr(args, key)
+    if args.policy:
+        gen["policy"] = parse_model_spec(args.policy).model_dump(exclude_unset=True)
+    if args.judge:
+        data.setdefault("curate", {})["judge"] = parse_model_spec(args.judge, temperature=0.0).model_dump(exclude_unset=True)
+    if args.no_train:
+        data["sft"] = data["swirl"] = None
+    if args.no_eval or args.no_train:
+        data["evaluate"] = None
+    elif args.eval_limit is not None:
+        data.setdefault("evaluate", {})["limit"] = args.eval_limit
+    if "evaluate" in data and isinstance(data["evaluate"], dict) and "dataset" in gen:
+        data["evaluate"].setdefault("dataset", gen["dataset"])
+    if args.publish_repo_id:
+        data["publish"] = {"repo_id": args.publish_repo_id}
+    return PipelineConfig.model_validate(data)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = pipeline_config(args)
+    from flows.pipeline import pipeline
+    from flows.runtime import prefect_api
+    from swirl_core.generation import plan_generation
+
+    plan_generation(config.generate)  # bad seeds or options: a one-line error before any flow or call
+    with prefect_api():
+        result = pipeline(config)
+    _print_rows(f"pipeline: {result['status']}", result["stages"])
+    _print_rows("steps parsed as one action", result["step_parse"])
+    _print_rows("curated sets", result["retention"])
+    if result["metrics"]:
+        _print_rows("evaluation (95% CI)", [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in m.items()}
+                                            for m in result["metrics"]])
+    db = result["db"]
+    print(f"\nresults: {db} (DuckDB); checkpoints: {', '.join(result['checkpoints'].values()) or 'none'}"
+          + (f"; evaluation report: {result['report']}" if result["report"] else ""))
+    print("try:\n"
+          f"  swirl sql --db {db} \"SELECT * FROM curation_retention\"\n"
+          f"  swirl sql --db {db} \"SELECT state, action FROM curated_process_outcome LIMIT 5\"\n"
+          f"  swirl sql --db {db} \"SELECT label, questions, answered, exact_match, f1 FROM eval_summary\"")
+    return 0 if result["status"] == "completed" else 1
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from swirl_core.config import ClusterConfig, GenerateConfig
 
@@ -192,7 +280,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from swirl_core.generation import plan_generation
 
     plan_generation(config)  # bad seeds or options: a one-line error here, before any flow or call
-    with prefect_api():
+    with _hold_db(config.db), prefect_api():
         result = run_generate(config)
     _print_generation(result)
     return 0 if result["status"] == "completed" else 1
@@ -234,7 +322,7 @@ def cmd_curate(args: argparse.Namespace) -> int:
     from flows.curate import run_curate
     from flows.runtime import prefect_api
 
-    with prefect_api():
+    with _hold_db(config.db), prefect_api():
         result = run_curate(config)
     _print_rows(f"curation run {result['run_id']}: {result['status']}", result["report"]["retention"])
     _print_rows("process judge vs outcome", result["report"]["agreement"])
@@ -266,7 +354,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     for m in config.models:  # bad seeds, options or checkpoints: a one-line error before any call
         plan_generation(config.generate_config(m))
-    with prefect_api():
+    with _hold_db(config.db), prefect_api():
         result = evaluate(config)
     print(Path(result["report"]).read_text().rsplit("\n![", 1)[0])  # the report's tables, without the plot link
     print(f"report: {result['report']} (plot: {result['plot']})\n"
@@ -376,7 +464,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     apply_quiet_env()
     args = build_parser().parse_args(argv)
-    handlers = {"generate": cmd_generate, "curate": cmd_curate, "train": cmd_train, "publish": cmd_publish,
+    handlers = {"run": cmd_run, "generate": cmd_generate, "curate": cmd_curate, "train": cmd_train, "publish": cmd_publish,
                 "evaluate": cmd_evaluate, "sql": cmd_sql}
     try:
         _check_db_free(args)
@@ -391,6 +479,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"swirl {args.command}: error: {exc}", file=sys.stderr)
         return 3 if isinstance(exc, DatabaseInUseError) else 2
+
+
+def _hold_db(db: str):
+    """Hold the database read-write for the whole command. `_check_db_free` cannot stop two commands started
+    together (a new file, or both checking before either opens it): the second then fails here, in one line,
+    before a flow or a Dask cluster starts. The flow's own connection in this process shares the instance."""
+    import contextlib
+
+    from swirl_core.store import connect
+
+    Path(db).parent.mkdir(parents=True, exist_ok=True)
+    return contextlib.closing(connect(db))
 
 
 def _check_db_free(args: argparse.Namespace) -> None:

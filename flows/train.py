@@ -17,7 +17,9 @@ from tasks.artifacts import png_markdown, publish_markdown, publish_tables
 from tasks.train import train
 
 
-@flow(name="train", log_prints=True)
+# No log_prints: `datasets` fingerprints functions with dill, which reads `dis` output by swapping
+# sys.stdout; a print patched into a log escapes that capture and floods the run log with bytecode.
+@flow(name="train", log_prints=False)
 def train_flow(config: TrainConfig) -> dict[str, Any]:
     run_id = content_hash("train-run", config.model_dump(mode="json"))[:16]
     result = train(config, run_id)

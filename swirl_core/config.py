@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from swirl_core.llm.local_models import DEFAULT_LOCAL_MODEL, is_local_model
+from swirl_core.training.trainers import TrainSettings
 
 # litellm providers that speak the OpenAI protocol: with an api_base they take the fast path.
 OPENAI_COMPATIBLE_PROVIDERS = ("openai", "hosted_vllm", "vllm", "openai_compat", "llamacpp", "lm_studio")
@@ -256,3 +257,54 @@ class EvalConfig(BaseModel):
             corpus=self.corpus, search_k=self.search_k, db=self.db, work_dir=self.work_dir, cluster=self.cluster,
             shard_size=self.shard_size, progress=self.progress, tools=self.tools, purpose="eval",
         )
+
+
+class PipelineConfig(BaseModel):
+    """Parameters of the `pipeline` flow: generate → curate → train (SFT, SWiRL) → evaluate → publish.
+
+    `db`, `work_dir`, `cluster` and `progress` are set once here and hold for every stage; a stage that
+    names another value is refused. Defaults are the offline demo: the shipped math questions, the
+    in-process SmolLM2 as policy and judge, a few training steps of each method, and evaluation of
+    base vs SFT vs SWiRL on the demo's held-out test split.
+    """
+
+    db: str = "swirl.duckdb"
+    work_dir: str | None = Field(None, description="journals, checkpoints, reports; default: <db>.work beside the database")
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    progress: bool = True
+    generate: GenerateConfig = Field(default_factory=lambda: GenerateConfig(samples=4))
+    curate: CurateConfig = Field(default_factory=CurateConfig)
+    sft: TrainSettings | None = Field(
+        default_factory=lambda: TrainSettings(method="sft", output_dir="", max_steps=6),
+        description="the SFT baseline (None: skip); output_dir '' = <work_dir>/models/sft")
+    swirl: TrainSettings | None = Field(
+        default_factory=lambda: TrainSettings(method="swirl", output_dir="", max_steps=3, max_completion_length=40),
+        description="SWiRL step-wise RL (None: skip); output_dir '' = <work_dir>/models/swirl")
+    evaluate: EvalConfig | None = Field(
+        default_factory=lambda: EvalConfig(models=[EvalModel(label="base", model=ModelConfig(temperature=0.0, max_tokens=48))]),
+        description="held-out evaluation (None: skip); the trained checkpoints join `models` under their method's name")
+    publish: PublishConfig | None = Field(None, description="Hub upload of the curated sets (None: skip)")
+
+    @model_validator(mode="after")
+    def _share(self) -> PipelineConfig:
+        """Hand the shared settings to every stage; a stage that sets one differently is a mistake."""
+        shared = {"db": self.db, "work_dir": self.work_dir, "cluster": self.cluster, "progress": self.progress}
+        for stage in ("generate", "curate", "evaluate", "publish"):
+            section = getattr(self, stage)
+            if section is None:
+                continue
+            update = {k: v for k, v in shared.items() if k in type(section).model_fields}
+            for name in update.keys() & section.model_fields_set:
+                if getattr(section, name) != update[name]:
+                    raise ValueError(f"{stage}.{name} is set once for the whole pipeline: use the top-level `{name}`")
+            setattr(self, stage, section.model_copy(update=update))
+        for method in ("sft", "swirl"):
+            settings = getattr(self, method)
+            if settings is not None and not settings.output_dir:
+                setattr(self, method, settings.model_copy(
+                    update={"output_dir": str(self.resolved_work_dir / "models" / method)}))
+        return self
+
+    @property
+    def resolved_work_dir(self) -> Path:
+        return Path(self.work_dir) if self.work_dir else Path(self.db).with_suffix(".work")

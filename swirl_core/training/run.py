@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -12,7 +13,7 @@ from swirl_core.config import ModelConfig
 from swirl_core.store import Store
 from swirl_core.training.data import rl_dataset, sft_dataset
 from swirl_core.training.rewards import JudgeReward, format_reward
-from swirl_core.training.trainers import TrainSettings, train_sft, train_swirl
+from swirl_core.training.trainers import SUMMARY_FILE, TrainSettings, train_sft, train_swirl
 
 
 class TrainConfig(BaseModel):
@@ -49,19 +50,49 @@ def run_training(request: TrainConfig, run_id: str) -> dict[str, Any]:
     if export.rows == 0:
         raise ValueError(f"the '{request.resolved_filter}' curated set is empty: nothing to train on "
                          "(run `swirl curate`, or choose another --filter)")
-    lineage = export.lineage() | {"filter": request.resolved_filter, "prompt_versions": prompt_versions, "db": request.db}
+    lineage = export.lineage() | {"filter": request.resolved_filter, "prompt_versions": prompt_versions, "db": request.db,
+                                  "data_sha256": _sha256(export.files)}
+    judge = request.judge or ModelConfig(temperature=0.0)
+    if settings.method == "swirl":
+        lineage["judge_model"] = judge.model
+    if (done := finished_run(Path(settings.output_dir), settings, lineage)) is not None:
+        return done
     reward = None
     if settings.method == "sft":
         result = train_sft(settings, export.dataset, lineage=lineage)
     else:
-        judge = request.judge or ModelConfig(temperature=0.0)
         reward = JudgeReward(judge, request.journal_dir, run_id=run_id)
-        lineage["judge_model"] = judge.model
         result = train_swirl(settings, export.dataset, [reward, format_reward], lineage=lineage)
     write_model_card(Path(settings.output_dir), settings, lineage, result.log_history)
     return {"output_dir": result.output_dir, "steps": result.steps, "train_runtime_s": result.train_runtime_s,
             "seconds_per_step": result.seconds_per_step, "log_history": result.log_history, "lineage": lineage,
-            "reward": reward.summary() if reward is not None else None}
+            "reward": reward.summary() if reward is not None else None, "skipped": False}
+
+
+def _sha256(files: list[str]) -> str:
+    digest = hashlib.sha256()
+    for name in files:
+        with open(name, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def finished_run(folder: Path, settings: TrainSettings, lineage: dict[str, Any]) -> dict[str, Any] | None:
+    """The result of a finished run in `folder` with these settings on this very data, or None: a rerun of a
+    pipeline must not train again what it already trained."""
+    path = folder / SUMMARY_FILE
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    normal = json.loads(json.dumps({"settings": settings.model_dump(), "lineage": lineage}, default=str))
+    if summary.get("settings") != normal["settings"] or summary.get("lineage") != normal["lineage"]:
+        return None
+    result = summary["result"]
+    steps = max(int(result["steps"]), 1)
+    return {"output_dir": result["output_dir"], "steps": result["steps"], "train_runtime_s": result["train_runtime_s"],
+            "seconds_per_step": result["train_runtime_s"] / steps, "log_history": result["log_history"],
+            "lineage": lineage, "reward": None, "skipped": True}
 
 
 def write_model_card(folder: Path, settings: TrainSettings, lineage: dict[str, Any], history: list[dict]) -> None:

@@ -1,0 +1,103 @@
+"""The `pipeline` flow: the whole factory in one run, from seeds to an evaluated, published model.
+
+generate → curate → train (SFT baseline, SWiRL RL) → evaluate (base vs SFT vs SWiRL) → publish (optional).
+Every stage is the same flow that runs alone, as a subflow, so the Prefect UI shows each one with its
+artifacts. Each stage only does the work that is missing: a rerun replays journaled calls, skips judged
+steps and finished training runs, so an interrupted pipeline resumes by running it again.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from flows.curate import run_curate
+from flows.evaluate import evaluate
+from flows.generate import run_generate
+from flows.publish import publish
+from flows.train import train_flow
+from swirl_core.config import EvalModel, ModelConfig, PipelineConfig
+from swirl_core.store import Store, query_dicts
+from swirl_core.training.run import TrainConfig
+from tasks.artifacts import publish_markdown, publish_tables
+
+
+@flow(name="pipeline", log_prints=True)
+def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
+    logger = get_run_logger()
+    stages: list[dict[str, Any]] = []
+
+    def stage(name: str, run, summary) -> Any:
+        started = time.perf_counter()
+        result = run()
+        stages.append({"stage": name, "seconds": round(time.perf_counter() - started, 1), **summary(result)})
+        logger.info("%s: %s", name, stages[-1])
+        return result
+
+    gen = stage("generate", lambda: run_generate(config.generate),
+                lambda r: {"status": r["status"], "detail": f"{r['trajectories']} trajectories, {r['errors']} errors"})
+    cur = stage("curate", lambda: run_curate(config.curate),
+                lambda r: {"status": r["status"], "detail": f"{r['judged_steps']} steps judged"})
+    checkpoints: dict[str, str] = {}
+    for settings in (config.sft, config.swirl):
+        if settings is None:
+            continue
+        train_config = TrainConfig(db=config.db, work_dir=config.work_dir, settings=settings, dataset=config.generate.dataset,
+                                   judge=config.curate.judge if settings.method == "swirl" else None)
+        result = stage(f"train-{settings.method}", lambda c=train_config: train_flow(c),
+                       lambda r: {"status": "skipped (already trained on this data)" if r["skipped"] else "completed",
+                                  "detail": f"{r['steps']} steps on {r['lineage']['rows']} rows"})
+        checkpoints[settings.method] = result["output_dir"]
+    report = None
+    if config.evaluate is not None:
+        eval_config = config.evaluate.model_copy(update={"models": _eval_models(config, checkpoints)})
+        ev = stage("evaluate", lambda: evaluate(eval_config),
+                   lambda r: {"status": r["status"], "detail": f"report {r['report']}"})
+        report = ev["report"]
+        metrics = ev["metrics"]
+    else:
+        metrics = []
+    if config.publish is not None:
+        stage("publish", lambda: publish(config.publish),
+              lambda r: {"status": "uploaded" if r["uploaded"] else "exported", "detail": r["folder"]})
+
+    with Store(config.db, read_only=True) as store:
+        parsed = query_dicts(store.con, "SELECT * FROM step_parse_report WHERE run_id = ?", [gen["run_id"]])
+        retention = query_dicts(store.con, "SELECT dataset, filter, trajectories, sub_trajectories FROM curation_retention "
+                                           "WHERE dataset = ? ORDER BY filter", [config.generate.dataset])
+    status = "completed" if all(s["status"] != "failed" for s in stages) else "failed"
+    publish_tables("pipeline", gen["run_id"], {"stages": stages, "retention": retention, "metrics": metrics})
+    publish_markdown("pipeline", _markdown(config, stages, retention, metrics, report), "the pipeline run")
+    return {"status": status, "db": config.db, "generation_run": gen["run_id"], "curation_run": cur["run_id"],
+            "stages": stages, "step_parse": parsed, "retention": retention, "checkpoints": checkpoints,
+            "metrics": metrics, "report": report}
+
+
+def _eval_models(config: PipelineConfig, checkpoints: dict[str, str]) -> list[EvalModel]:
+    """The configured models (the base model by default), then each trained checkpoint under its method's name,
+    decoded like the base model."""
+    models = list(config.evaluate.models)
+    like = models[0].model if models else ModelConfig(temperature=0.0)
+    taken = {m.label for m in models}
+    for method, folder in checkpoints.items():
+        if method not in taken:
+            models.append(EvalModel(label=method, model=like.model_copy(update={"model": folder})))
+    return models
+
+
+def _markdown(config: PipelineConfig, stages: list[dict], retention: list[dict], metrics: list[dict],
+              report: str | None) -> str:
+    lines = [f"# Pipeline on `{config.generate.dataset}` → `{config.db}`", "",
+             "| stage | status | seconds | detail |", "|---|---|---|---|",
+             *[f"| {s['stage']} | {s['status']} | {s['seconds']} | {s['detail']} |" for s in stages], "",
+             "| curated set | trajectories | sub-trajectories |", "|---|---|---|",
+             *[f"| {r['filter']} | {r['trajectories']} | {r['sub_trajectories']} |" for r in retention]]
+    if metrics:
+        lines += ["", "| model | metric | mean | 95% CI |", "|---|---|---|---|",
+                  *[f"| {m['label']} | {m['metric']} | {m['mean']:.3f} | [{m['ci_low']:.3f}, {m['ci_high']:.3f}] |"
+                    for m in metrics]]
+    if report:
+        lines += ["", f"Evaluation report: `{report}`"]
+    return "\n".join(lines)
