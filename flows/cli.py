@@ -53,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="the whole pipeline: generate, curate, train SFT and SWiRL, evaluate, publish",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    run.add_argument("--db", default="swirl.duckdb", help="DuckDB file")
+                         description="Runs the whole pipeline; without options, the offline demo (about 10 minutes on "
+                                     "2 CPU cores). Rerunning resumes: nothing is paid for or trained twice.")
+    run.add_argument("--db", help="DuckDB file (default: the config's, else swirl.duckdb)")
     run.add_argument("--config", metavar="FILE",
                      help="a PipelineConfig as YAML or JSON (sections generate, curate, sft, swirl, evaluate, publish); "
                           "the options below override it")
@@ -211,8 +212,7 @@ def pipeline_config(args: argparse.Namespace):
         data = yaml.safe_load(text) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{args.config}: expected a mapping of pipeline settings")
-    data["db"] = args.db
-    for key in ("work_dir",):
+    for key in ("db", "work_dir"):
         if getattr(args, key) is not None:
             data[key] = getattr(args, key)
     if args.scheduler_address:
@@ -233,8 +233,6 @@ def pipeline_config(args: argparse.Namespace):
         data["evaluate"] = None
     elif args.eval_limit is not None:
         data.setdefault("evaluate", {})["limit"] = args.eval_limit
-    if "evaluate" in data and isinstance(data["evaluate"], dict) and "dataset" in gen:
-        data["evaluate"].setdefault("dataset", gen["dataset"])
     if args.publish_repo_id:
         data["publish"] = {"repo_id": args.publish_repo_id}
     return PipelineConfig.model_validate(data)
@@ -242,19 +240,21 @@ def pipeline_config(args: argparse.Namespace):
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = pipeline_config(args)
-    from flows.pipeline import pipeline
+    # Not held for the whole command like generate's: training opens the database read-only in this process.
+    _check_db_free(argparse.Namespace(db=config.db, command="run"))
+    from flows.pipeline import check_inputs, pipeline
     from flows.runtime import prefect_api
-    from swirl_core.generation import plan_generation
 
-    plan_generation(config.generate)  # bad seeds or options: a one-line error before any flow or call
+    check_inputs(config)  # bad seeds or options: a one-line error before any flow or call
     with prefect_api():
         result = pipeline(config)
     _print_rows(f"pipeline: {result['status']}", result["stages"])
     _print_rows("steps parsed as one action", result["step_parse"])
     _print_rows("curated sets", result["retention"])
     if result["metrics"]:
-        _print_rows("evaluation (95% CI)", [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in m.items()}
-                                            for m in result["metrics"]])
+        _print_rows("evaluation on held-out questions", [
+            {"model": m["label"], "metric": m["metric"], "n": m["n"], "mean": f"{m['mean']:.3f}",
+             "95% CI": f"[{m['ci_low']:.3f}, {m['ci_high']:.3f}]"} for m in result["metrics"]])
     db = result["db"]
     print(f"\nresults: {db} (DuckDB); checkpoints: {', '.join(result['checkpoints'].values()) or 'none'}"
           + (f"; evaluation report: {result['report']}" if result["report"] else ""))

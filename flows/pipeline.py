@@ -19,6 +19,7 @@ from flows.generate import run_generate
 from flows.publish import publish
 from flows.train import train_flow
 from swirl_core.config import EvalModel, ModelConfig, PipelineConfig
+from swirl_core.generation import plan_generation
 from swirl_core.store import Store, query_dicts
 from swirl_core.training.run import TrainConfig
 from tasks.artifacts import publish_markdown, publish_tables
@@ -28,6 +29,7 @@ from tasks.artifacts import publish_markdown, publish_tables
 def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
     logger = get_run_logger()
     stages: list[dict[str, Any]] = []
+    check_inputs(config)
 
     def stage(name: str, run, summary) -> Any:
         started = time.perf_counter()
@@ -38,7 +40,8 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
 
     gen = stage("generate", lambda: run_generate(config.generate),
                 lambda r: {"status": r["status"], "detail": f"{r['trajectories']} trajectories, {r['errors']} errors"})
-    cur = stage("curate", lambda: run_curate(config.curate),
+    # This run's trajectories only: the calibration sample, and so the verdicts, must not shift with other data.
+    cur = stage("curate", lambda: run_curate(config.curate.model_copy(update={"run_ids": [gen["run_id"]]})),
                 lambda r: {"status": r["status"], "detail": f"{r['judged_steps']} steps judged"})
     checkpoints: dict[str, str] = {}
     for settings in (config.sft, config.swirl):
@@ -73,6 +76,13 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
     return {"status": status, "db": config.db, "generation_run": gen["run_id"], "curation_run": cur["run_id"],
             "stages": stages, "step_parse": parsed, "retention": retention, "checkpoints": checkpoints,
             "metrics": metrics, "report": report}
+
+
+def check_inputs(config: PipelineConfig) -> None:
+    """Seeds and options of both ends, before the first call is paid for (the checkpoints come later)."""
+    plan_generation(config.generate)
+    if config.evaluate is not None:
+        plan_generation(config.evaluate.generate_config(config.evaluate.models[0]))
 
 
 def _eval_models(config: PipelineConfig, checkpoints: dict[str, str]) -> list[EvalModel]:

@@ -275,10 +275,10 @@ class PipelineConfig(BaseModel):
     generate: GenerateConfig = Field(default_factory=lambda: GenerateConfig(samples=4))
     curate: CurateConfig = Field(default_factory=CurateConfig)
     sft: TrainSettings | None = Field(
-        default_factory=lambda: TrainSettings(method="sft", output_dir="", max_steps=6),
+        default_factory=lambda: TrainSettings(method="sft", output_dir="", max_steps=4),
         description="the SFT baseline (None: skip); output_dir '' = <work_dir>/models/sft")
     swirl: TrainSettings | None = Field(
-        default_factory=lambda: TrainSettings(method="swirl", output_dir="", max_steps=3, max_completion_length=40),
+        default_factory=lambda: TrainSettings(method="swirl", output_dir="", max_steps=2, max_completion_length=32),
         description="SWiRL step-wise RL (None: skip); output_dir '' = <work_dir>/models/swirl")
     evaluate: EvalConfig | None = Field(
         default_factory=lambda: EvalConfig(models=[EvalModel(label="base", model=ModelConfig(temperature=0.0, max_tokens=48))]),
@@ -298,6 +298,8 @@ class PipelineConfig(BaseModel):
                 if getattr(section, name) != update[name]:
                     raise ValueError(f"{stage}.{name} is set once for the whole pipeline: use the top-level `{name}`")
             setattr(self, stage, section.model_copy(update=update))
+        if self.evaluate is not None and "dataset" not in self.evaluate.model_fields_set:
+            self.evaluate = self.evaluate.model_copy(update={"dataset": self.generate.dataset})  # held out of the same task
         for method in ("sft", "swirl"):
             settings = getattr(self, method)
             if settings is not None and not settings.output_dir:

@@ -70,6 +70,8 @@ def _scope(config: CurateConfig, alias: str = "t") -> tuple[str, list]:
     if config.run_ids:
         clauses.append(f"{alias}.run_id IN (SELECT unnest(?::VARCHAR[]))")
         params.append(config.run_ids)
+    else:  # evaluation runs are curated only when named (the evaluate flow does): they are no training data
+        clauses.append(f"{alias}.run_id NOT IN (SELECT run_id FROM runs WHERE kind = 'eval-generate')")
     if config.dataset:
         clauses.append("q.dataset = ?")
         params.append(config.dataset)

@@ -51,6 +51,9 @@ def test_config_is_shared_by_every_stage_and_conflicts_are_refused(tmp_path):
     with pytest.raises(ValueError, match="generate.db is set once"):
         PipelineConfig(db=db, generate={"db": str(tmp_path / "other.duckdb")})
     assert PipelineConfig(db=db, sft=None, swirl=None, evaluate=None).sft is None
+    # Evaluation holds out questions of the task trained on, unless told otherwise.
+    assert PipelineConfig(db=db, generate={"dataset": "gsm8k"}).evaluate.dataset == "gsm8k"
+    assert PipelineConfig(db=db, generate={"dataset": "gsm8k"}, evaluate={"dataset": "demo-math"}).evaluate.dataset == "demo-math"
     # The deployment form: the flow's parameter schema carries every stage, typed.
     from prefect.utilities.callables import parameter_schema
 
@@ -132,3 +135,20 @@ def test_swirl_run_offline_demo_makes_real_data(tmp_path, record_property):
     assert set(retention) == {"none", "process", "outcome", "process_outcome"} and min(retention.values()) > 0, retention
     assert labels == {"base", "sft", "swirl"}
     assert wall < 900
+
+
+def test_swirl_run_refuses_bad_inputs_before_any_work(tmp_path, capsys):
+    from flows.cli import main
+
+    db = tmp_path / "r.duckdb"
+    # demo-qa ships no test split to evaluate on: said before anything runs.
+    assert main(["run", "--db", str(db), "--dataset", "demo-qa"]) == 2
+    assert "ships the splits train; got split 'test'" in capsys.readouterr().err
+    config = tmp_path / "p.yaml"
+    config.write_text("generate: {db: other.duckdb}\n")
+    assert main(["run", "--db", str(db), "--config", str(config)]) == 2
+    assert "generate.db is set once for the whole pipeline" in capsys.readouterr().err
+    config.write_text("- not a mapping\n")
+    assert main(["run", "--config", str(config)]) == 2
+    assert "expected a mapping of pipeline settings" in capsys.readouterr().err
+    assert not db.exists()
