@@ -9,6 +9,17 @@ import threading
 from pathlib import Path
 
 
+def query(db: Path, sql: str) -> list[tuple]:
+    """Rows of `sql` on a DuckDB file, opened read-only and closed again (a flow may open it next)."""
+    import duckdb
+
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
 def build_tiny_model(target: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM

@@ -10,10 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-import duckdb
 import pytest
 from conftest import FIXTURES, ROOT
-from helpers import math_policy
+from helpers import math_policy, query
 from scripted_server import Faults, ScriptedServer
 from test_faults import duplicate_rows, report
 
@@ -37,14 +36,6 @@ def _generate_args(db: Path, base_url: str, questions: int, samples: int) -> lis
             "openai/policy", "--policy-api-base", base_url, "--db", str(db), "--no-progress"]
 
 
-def _q(db: Path, sql: str) -> list[tuple]:
-    con = duckdb.connect(str(db), read_only=True)
-    try:
-        return con.execute(sql).fetchall()
-    finally:
-        con.close()
-
-
 def _assert_in_use_error(command: str, rc: int, stderr: str, db: Path) -> str:
     """Exit code 3 and one line naming the database, no traceback."""
     lines = stderr.strip().splitlines()
@@ -55,9 +46,9 @@ def _assert_in_use_error(command: str, rc: int, stderr: str, db: Path) -> str:
 
 
 def _assert_complete(db: Path, trajectories: int) -> None:
-    assert _q(db, "SELECT kind, status FROM runs") == [("generate", "completed")]
-    assert _q(db, "SELECT count(*), count(*) FILTER (WHERE status = 'answered') FROM trajectories") == [(trajectories,) * 2]
-    assert _q(db, "SELECT count(*) FROM steps") == [(trajectories * 3,)] == _q(db, "SELECT count(*) FROM llm_calls")
+    assert query(db, "SELECT kind, status FROM runs") == [("generate", "completed")]
+    assert query(db, "SELECT count(*), count(*) FILTER (WHERE status = 'answered') FROM trajectories") == [(trajectories,) * 2]
+    assert query(db, "SELECT count(*) FROM steps") == [(trajectories * 3,)] == query(db, "SELECT count(*) FROM llm_calls")
     dupes = duplicate_rows(db)
     assert dupes == dict.fromkeys(dupes, 0)
 

@@ -34,7 +34,7 @@ import orjson
 import psutil
 import pytest
 from conftest import FIXTURES, ROOT
-from helpers import FreezeGate, wait_drained
+from helpers import FreezeGate, query, wait_drained
 from scripted_server import fetch_stats, start_subprocess
 from test_faults import duplicate_rows, report
 
@@ -130,14 +130,6 @@ def journal_keys(work_dir: Path) -> list[str]:
     return keys
 
 
-def q(db: Path, sql: str) -> list[tuple]:
-    con = duckdb.connect(str(db), read_only=True)
-    try:
-        return con.execute(sql).fetchall()
-    finally:
-        con.close()
-
-
 # -- the kill loop ----------------------------------------------------------------------------------------------
 def crash_phase(name: str, args: list[str], db: Path, gate: FreezeGate, server_url: str, planned_calls: int,
                 rng: random.Random, kills_wanted: int, logs: Path) -> dict:
@@ -223,12 +215,12 @@ def test_sigkill_generate_and_curate_at_20_random_points_then_resume(prefect_api
             gen_stats = fetch_stats(policy_url)
 
             # Every planned trajectory, once, answered; every policy call paid once and in the ledger.
-            assert q(db, "SELECT kind, status FROM runs") == [("generate", "completed")]
-            assert q(db, "SELECT count(*), count(DISTINCT (question_id, sample_index)), count(*) FILTER (WHERE status = 'answered') "
+            assert query(db, "SELECT kind, status FROM runs") == [("generate", "completed")]
+            assert query(db, "SELECT count(*), count(DISTINCT (question_id, sample_index)), count(*) FILTER (WHERE status = 'answered') "
                          "FROM trajectories") == [(PLANNED_TRAJECTORIES,) * 3]
-            assert q(db, "SELECT count(*) FROM steps") == [(POLICY_CALLS,)]
+            assert query(db, "SELECT count(*) FROM steps") == [(POLICY_CALLS,)]
             assert gen_stats["completed"] == POLICY_CALLS and max(gen_stats["by_body"].values()) == 1
-            assert q(db, "SELECT count(*) FROM llm_calls WHERE purpose = 'policy'") == [(POLICY_CALLS,)]
+            assert query(db, "SELECT count(*) FROM llm_calls WHERE purpose = 'policy'") == [(POLICY_CALLS,)]
 
             cur_args = ["curate", "--judge", "openai/judge", "--judge-api-base", judge_gate.base_url, "--grader", "llm",
                         "--shard-size", "8", *common]
@@ -240,18 +232,18 @@ def test_sigkill_generate_and_curate_at_20_random_points_then_resume(prefect_api
             proc.wait(timeout=10)
 
     # Every step judged once (all GOOD: no failed judgment left), every trajectory graded, each call paid once.
-    assert q(db, "SELECT kind, status FROM runs ORDER BY kind") == [("curate", "completed"), ("generate", "completed")]
-    assert q(db, "SELECT verdict, count(*) FROM judgments GROUP BY 1") == [("GOOD", POLICY_CALLS)]
-    assert q(db, "SELECT count(*) FROM steps s ANTI JOIN judgments j USING (trajectory_id, step_index)") == [(0,)]
-    assert q(db, "SELECT count(*), count(*) FILTER (WHERE NOT correct) FROM grades WHERE method = 'llm'") == [
+    assert query(db, "SELECT kind, status FROM runs ORDER BY kind") == [("curate", "completed"), ("generate", "completed")]
+    assert query(db, "SELECT verdict, count(*) FROM judgments GROUP BY 1") == [("GOOD", POLICY_CALLS)]
+    assert query(db, "SELECT count(*) FROM steps s ANTI JOIN judgments j USING (trajectory_id, step_index)") == [(0,)]
+    assert query(db, "SELECT count(*), count(*) FILTER (WHERE NOT correct) FROM grades WHERE method = 'llm'") == [
         (PLANNED_TRAJECTORIES, PLANNED_TRAJECTORIES)]
     assert cur_stats["completed"] == JUDGE_CALLS and max(cur_stats["by_body"].values()) == 1
-    assert q(db, "SELECT count(*) FROM llm_calls") == [(POLICY_CALLS + JUDGE_CALLS,)]
+    assert query(db, "SELECT count(*) FROM llm_calls") == [(POLICY_CALLS + JUDGE_CALLS,)]
     dupes = duplicate_rows(db)
     assert dupes == dict.fromkeys(dupes, 0)
     keys = journal_keys(db.with_suffix(".work"))
     assert len(keys) == len(set(keys)) == POLICY_CALLS + JUDGE_CALLS  # no response journaled twice either
-    attempts = dict(q(db, "SELECT kind, attempts FROM runs"))
+    attempts = dict(query(db, "SELECT kind, attempts FROM runs"))
     figures = {
         "kills": gen["kills"] + cur["kills"], "runs": gen["runs"] + cur["runs"],
         "reruns_after_a_kill": gen["kills"] + cur["kills"],
@@ -334,10 +326,10 @@ def test_dask_worker_killed_mid_shard_is_rescheduled_without_repaying(prefect_ap
     assert journaled_by_victim >= 3  # the killed worker had paid calls of its shard: the resume had to replay them
     assert [h for h, n in stats["by_body"].items() if n > 1] == []
     assert stats["completed"] == planned_calls
-    assert q(db, "SELECT kind, status FROM runs") == [("generate", "completed")]
-    assert q(db, "SELECT count(*), count(DISTINCT (question_id, sample_index)), count(*) FILTER (WHERE status = 'answered') "
+    assert query(db, "SELECT kind, status FROM runs") == [("generate", "completed")]
+    assert query(db, "SELECT count(*), count(DISTINCT (question_id, sample_index)), count(*) FILTER (WHERE status = 'answered') "
                  "FROM trajectories") == [(questions * samples,) * 3]
-    assert q(db, "SELECT count(*) FROM steps") == [(planned_calls,)] == q(db, "SELECT count(*) FROM llm_calls")
+    assert query(db, "SELECT count(*) FROM steps") == [(planned_calls,)] == query(db, "SELECT count(*) FROM llm_calls")
     dupes = duplicate_rows(db)
     assert dupes == dict.fromkeys(dupes, 0)
     keys = journal_keys(db.with_suffix(".work"))

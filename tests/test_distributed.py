@@ -20,11 +20,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import duckdb
 import psutil
 import pytest
 from conftest import FIXTURES, ROOT
-from helpers import math_policy
+from helpers import math_policy, query
 from scripted_server import Faults, ScriptedServer
 
 from swirl_core.config import ClusterConfig, CurateConfig, GenerateConfig, ModelConfig
@@ -170,14 +169,6 @@ def journal_writers(db: Path) -> dict[tuple[str, int], int]:
     return writers
 
 
-def _q(db: Path, sql: str) -> list[tuple]:
-    con = duckdb.connect(str(db), read_only=True)
-    try:
-        return con.execute(sql).fetchall()
-    finally:
-        con.close()
-
-
 def _judge(body: dict) -> str:
     last = body["messages"][-1]["content"].rsplit("Last message to evaluate:", 1)[-1]
     return "A sensible calculation. GOOD" if "<math_exp>" in last else "The answer is a guess. BAD"
@@ -216,17 +207,17 @@ def test_generate_and_curate_scale_out_to_a_dask_scheduler(dask_cluster, tmp_pat
         assert set(watch.seen) == {me}, watch.seen
 
         # Rows are complete and unique.
-        assert _q(db, "SELECT count(*), count(DISTINCT (question_id, sample_index)), count(*) FILTER (WHERE status = 'answered') "
+        assert query(db, "SELECT count(*), count(DISTINCT (question_id, sample_index)), count(*) FILTER (WHERE status = 'answered') "
                       "FROM trajectories") == [(8, 8, 8)]
-        assert _q(db, "SELECT count(*), count(DISTINCT (trajectory_id, step_index)) FROM steps") == [(24, 24)]
-        assert _q(db, "SELECT count(*), count(DISTINCT call_key) FROM llm_calls") == [(24, 24)]
+        assert query(db, "SELECT count(*), count(DISTINCT (trajectory_id, step_index)) FROM steps") == [(24, 24)]
+        assert query(db, "SELECT count(*), count(DISTINCT call_key) FROM llm_calls") == [(24, 24)]
 
         # A rerun on the cluster is free: nothing is sent, nothing is duplicated, the same run resumes.
         again = run_generate(config)
         assert again["run_id"] == result["run_id"] and again["trajectories"] == 8
         assert srv.stats()["total"] == paid
-        assert _q(db, "SELECT count(*) FROM trajectories") == [(8,)]
-        assert _q(db, "SELECT status, attempts FROM runs") == [("completed", 2)]
+        assert query(db, "SELECT count(*) FROM trajectories") == [(8,)]
+        assert query(db, "SELECT status, attempts FROM runs") == [("completed", 2)]
 
     with ScriptedServer(responder=_judge, faults=Faults(latency_s=0.03)) as judge:
         curate = CurateConfig(db=str(db), judge=ModelConfig(model="openai/judge", api_base=judge.base_url, concurrency=2),
@@ -242,12 +233,12 @@ def test_generate_and_curate_scale_out_to_a_dask_scheduler(dask_cluster, tmp_pat
         assert {pid for _, pid in after} == workers and sum(after.values()) == paid + judged
         judge_calls = {k: after[k] - writers.get(k, 0) for k in after}
         assert all(n > 0 for n in judge_calls.values()), judge_calls  # both workers judged too
-        assert _q(db, "SELECT verdict, count(*), count(DISTINCT (trajectory_id, step_index)) FROM judgments "
+        assert query(db, "SELECT verdict, count(*), count(DISTINCT (trajectory_id, step_index)) FROM judgments "
                       "GROUP BY 1 ORDER BY 1") == [("BAD", 8, 8), ("GOOD", 16, 16)]
 
         again = run_curate(curate)
         assert again["judged_steps"] == 0 and judge.stats()["total"] == judged
-    assert _q(db, "SELECT count(*) FROM judgments") == [(24,)]
+    assert query(db, "SELECT count(*) FROM judgments") == [(24,)]
 
 
 def test_cli_generate_with_a_scheduler_address(dask_cluster, tmp_path):
@@ -271,6 +262,6 @@ def test_cli_generate_with_a_scheduler_address(dask_cluster, tmp_path):
         rerun = subprocess.run(args, cwd=ROOT, env=dask_cluster.env, capture_output=True, text=True, timeout=240)
         assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-4000:]
         assert srv.stats()["total"] == 18
-    assert _q(db, "SELECT count(*), count(DISTINCT (question_id, sample_index)), count(*) FILTER (WHERE status = 'answered') "
+    assert query(db, "SELECT count(*), count(DISTINCT (question_id, sample_index)), count(*) FILTER (WHERE status = 'answered') "
                   "FROM trajectories") == [(6, 6, 6)]
-    assert _q(db, "SELECT status, attempts FROM runs") == [("completed", 2)]
+    assert query(db, "SELECT status, attempts FROM runs") == [("completed", 2)]

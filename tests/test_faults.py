@@ -22,7 +22,7 @@ import duckdb
 import orjson
 import pytest
 from conftest import FIXTURES
-from helpers import math_policy
+from helpers import math_policy, query
 from scripted_server import Faults, ScriptedServer
 
 from swirl_core.config import ClusterConfig, CurateConfig, GenerateConfig, ModelConfig
@@ -176,14 +176,6 @@ def duplicate_rows(db: Path) -> dict[str, int]:
         con.close()
 
 
-def _q(db: Path, sql: str) -> list[tuple]:
-    con = duckdb.connect(str(db), read_only=True)
-    try:
-        return con.execute(sql).fetchall()
-    finally:
-        con.close()
-
-
 @pytest.mark.slow
 def test_flows_under_the_fault_matrix_record_every_failure_and_lose_nothing(prefect_api, tmp_path, record_property):
     """Generation then curation on one long-lived LocalCluster (the `--scheduler-address` path) under the fault
@@ -215,7 +207,7 @@ def test_flows_under_the_fault_matrix_record_every_failure_and_lose_nothing(pref
             boundaries.append(time.time())
             result = run_generate(gen)
             assert result["status"] == "completed" and result["shard_failures"] == []
-            rows = _q(db, "SELECT status, error FROM trajectories")
+            rows = query(db, "SELECT status, error FROM trajectories")
             assert len(rows) == planned  # nothing lost, failed or not
             errors = [e for s, e in rows if s == "error"]
             assert all(s in ("answered", "error") for s, _ in rows)
@@ -225,7 +217,7 @@ def test_flows_under_the_fault_matrix_record_every_failure_and_lose_nothing(pref
             if not errors:
                 break
         assert gen_runs[-1]["errors"] == 0 and len(gen_runs) > 1, gen_runs
-        assert _q(db, "SELECT count(*) FROM steps") == [(planned * 3,)]
+        assert query(db, "SELECT count(*) FROM steps") == [(planned * 3,)]
 
         # Curation: every sub-trajectory gets a judgment; a failed call is stored as UNKNOWN with its reason
         # and judged again by the next run, which touches nothing else.
@@ -236,12 +228,12 @@ def test_flows_under_the_fault_matrix_record_every_failure_and_lose_nothing(pref
             result = run_curate(cur)
             assert result["status"] == "completed" and result["shard_failures"] == []
             assert result["judged_steps"] == pending_before  # only what was missing or had failed
-            judged = _q(db, "SELECT verdict, reasoning FROM judgments")
+            judged = query(db, "SELECT verdict, reasoning FROM judgments")
             assert len(judged) == steps_total  # one per step, nothing lost
             failed = [r for v, r in judged if r.startswith("LLMError")]
             assert all(f"gave up after {MAX_RETRIES + 1} attempts" in r for r in failed), failed
-            assert _q(db, "SELECT count(*) FROM judgments WHERE starts_with(reasoning, 'LLMError') AND verdict <> 'UNKNOWN'") == [(0,)]
-            graded = _q(db, "SELECT count(*) FROM grades WHERE method = 'llm'")[0][0]
+            assert query(db, "SELECT count(*) FROM judgments WHERE starts_with(reasoning, 'LLMError') AND verdict <> 'UNKNOWN'") == [(0,)]
+            graded = query(db, "SELECT count(*) FROM grades WHERE method = 'llm'")[0][0]
             cur_runs.append({"judged": result["judged_steps"], "failed_judgments": len(failed), "llm_grades": graded})
             assert srv.completed_twice() == []
             pending_before = len(failed)
@@ -249,16 +241,16 @@ def test_flows_under_the_fault_matrix_record_every_failure_and_lose_nothing(pref
                 break
         assert cur_runs[-1]["failed_judgments"] == 0 and len(cur_runs) > 1, cur_runs
         # The verdicts are what the scripted judge says of each step, as if no fault had happened.
-        assert dict(_q(db, "SELECT verdict, count(*) FROM judgments GROUP BY 1")) == {"GOOD": planned * 2, "BAD": planned}
-        assert _q(db, "SELECT count(*), count(*) FILTER (WHERE NOT correct) FROM grades WHERE method = 'llm'") == [(planned, planned)]
+        assert dict(query(db, "SELECT verdict, count(*) FROM judgments GROUP BY 1")) == {"GOOD": planned * 2, "BAD": planned}
+        assert query(db, "SELECT count(*), count(*) FILTER (WHERE NOT correct) FROM grades WHERE method = 'llm'") == [(planned, planned)]
 
         log = srv.attempt_log()
         figures = check_retries(log, MAX_RETRIES, boundaries[1:])
         completed = srv.stats()["completed"]
-        paid = _q(db, "SELECT count(*) FROM llm_calls")[0][0]
+        paid = query(db, "SELECT count(*) FROM llm_calls")[0][0]
         assert paid == completed  # every paid response is in the ledger, once
     assert duplicate_rows(db) == dict.fromkeys(duplicate_rows(db), 0)
-    assert _q(db, "SELECT kind, status FROM runs ORDER BY kind") == [("curate", "completed"), ("generate", "completed")]
+    assert query(db, "SELECT kind, status FROM runs ORDER BY kind") == [("curate", "completed"), ("generate", "completed")]
     assert set(figures["faults_injected"]) == {"none", *FAULT_RATES}
     figures.update(generate_runs=gen_runs, curate_runs=cur_runs, completed=completed, llm_calls=paid,
                    requests_repaid=0, rows_lost=0, wall_s=round(time.perf_counter() - started, 2))
