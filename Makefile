@@ -58,7 +58,7 @@ lint-docker: $(LINT_STAMP)
 test-deps: $(STAMP) $(LINT_STAMP) browser-deps
 
 test: test-deps
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=25
 
 test-fast: $(STAMP) $(LINT_STAMP)
 	$(PY) -m pytest -q -m "not slow"

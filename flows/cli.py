@@ -386,6 +386,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     with prefect_api():
         result = train_flow(config)
+    if result["skipped"]:
+        print(f"{result['output_dir']} already holds this training run (same settings, same data): nothing to do; "
+              "delete the folder or change --output to train again")
+        return 0
     print(f"trained {result['steps']} steps ({result['seconds_per_step']:.2f} s/step) on "
           f"{result['lineage']['rows']} rows of the '{result['lineage']['filter']}' set; checkpoint: {result['output_dir']}")
     return 0

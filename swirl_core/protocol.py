@@ -150,7 +150,9 @@ def invalid_action_feedback(task: TaskKind, error: str, tools: bool = True) -> s
     )
 
 
-_OPEN_RE = re.compile(r"<\s*(search_query|math_exp|answer)\s*>", re.IGNORECASE)
+# ASCII case folding only: under full Unicode folding `ſ` (long s) would match `s`, and a tag read as
+# <ſearch_query> would name no action.
+_OPEN_RE = re.compile(r"<\s*(search_query|math_exp|answer)\s*>", re.IGNORECASE | re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -173,7 +175,7 @@ def parse_action(text: str, task: TaskKind, tools: bool = True) -> Parsed:
     tag = opening.group(1).lower()
     kind = KIND_OF_TAG[tag]
     reasoning = text[: opening.start()].strip()
-    close = re.compile(rf"<\s*/\s*{tag}\s*>", re.IGNORECASE).search(text, opening.end())
+    close = re.compile(rf"<\s*/\s*{tag}\s*>", re.IGNORECASE | re.ASCII).search(text, opening.end())
     next_open = _OPEN_RE.search(text, opening.end())
     if close is not None and (next_open is None or close.start() < next_open.start()):
         content, end = text[opening.end() : close.start()], close.end()

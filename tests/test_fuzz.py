@@ -310,8 +310,7 @@ def test_hostile_corpus_runs_no_code_and_fails_cleanly():
 def test_calculator_fuzz_hostile_inputs():
     meter = Meter()
 
-    @FUZZ
-    @settings(max_examples=6000)
+    @settings(FUZZ, max_examples=6000)
     @given(_hostile)
     def run(text: str) -> None:
         _check_calculator(meter, text)
@@ -347,8 +346,7 @@ def test_calculator_fuzz_arithmetic_is_exact():
     """Valid-looking input too: + - * / trees agree with exact rational arithmetic (never a wrong answer)."""
     meter = Meter()
 
-    @FUZZ
-    @settings(max_examples=1500)
+    @settings(FUZZ, max_examples=1500)
     @given(_arith(_leaf))
     def run(pair) -> None:
         text, value = pair
@@ -410,8 +408,7 @@ def _check_parse(meter: Meter, text: str, task: str) -> None:
 def test_parser_fuzz_never_raises_and_cuts_one_action():
     meter = Meter()
 
-    @FUZZ
-    @settings(max_examples=4500)
+    @settings(FUZZ, max_examples=4500)
     @given(_messages, st.sampled_from(["qa", "math"]))
     def run(text: str, task: str) -> None:
         _check_parse(meter, text, task)

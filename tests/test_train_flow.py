@@ -41,6 +41,12 @@ def test_swirl_cli_sft_writes_a_checkpoint_with_lineage(labeled_db, tiny_model_d
     ids = tok("Question: where?", return_tensors="pt")
     assert model.generate(**ids, max_new_tokens=3, do_sample=False).shape[1] == ids["input_ids"].shape[1] + 3
 
+    # The same command again: same settings, same data, so nothing is trained twice.
+    weights = (tmp_path / "sft" / "model.safetensors").stat().st_mtime_ns
+    again = subprocess.run(out.args, cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "already holds this training run" in again.stdout, again.stdout[-2000:]
+    assert (tmp_path / "sft" / "model.safetensors").stat().st_mtime_ns == weights
+
 
 @pytest.mark.slow
 def test_swirl_rl_flow_scores_fresh_actions_with_the_judge_over_http(labeled_db, tiny_model_dir, tmp_path, prefect_api):

@@ -56,7 +56,8 @@ _TRAILING_EQ = re.compile(r"(?<![=!<>])=\s*\??\s*$")
 _THOUSANDS = re.compile(r"(?<![\w.])\d{1,3}(?:,\d{3})+(?!\d)")
 # `20%` is a percentage when no operand follows (end, `)`, `,`, or an operator); `50%3` is modulo.
 _PERCENT = re.compile(r"(?<![\w.])(\d+(?:\.\d*)?|\.\d+)%(?=\s*(?:$|[)\],+\-*/%^<>=!]))")
-_NUMBER = re.compile(r"(\d[\d_]*\.?[\d_]*|\.\d[\d_]*)(?:[eE][+-]?(\d+))?")
+_NUMBER = re.compile(r"(\d[\d_]*\.?[\d_]*|\.\d[\d_]*)(?:[eE][+-]?(\d[\d_]*))?")  # Python allows 1e9_9
+_SUBSCRIPT = re.compile(r"[A-Za-z_)\]]\s*\[")
 _UNICODE = str.maketrans({"×": "*", "÷": "/", "−": "-", "–": "-", "$": None, "[": "(", "]": ")"})
 
 
@@ -65,17 +66,22 @@ def _normalise(expression: str) -> str:
         raise CalculatorError("expression must be text")
     if len(expression) > MAX_CHARS:
         raise CalculatorError(f"expression too long (over {MAX_CHARS} characters)")
+    if _SUBSCRIPT.search(expression):  # brackets pass as parentheses below, but `sqrt[0]` is a subscript
+        raise CalculatorError(f"subscripts are not arithmetic (only {ALLOWED})")
     text = " ".join(expression.translate(_UNICODE).split())  # also folds newlines away
     text = _TRAILING_EQ.sub("", text).strip()
     text = _THOUSANDS.sub(lambda m: m.group(0).replace(",", ""), text)
     text = _PERCENT.sub(r"(\1/100)", text).replace("^", "**")
     if not text:
         raise CalculatorError("empty expression")
+    if "#" in text:  # the parser would drop a comment silently, and whatever rides in it with it
+        raise CalculatorError(f"'#' is not arithmetic (only {ALLOWED})")
     for m in _NUMBER.finditer(text):
         if sum(c.isdigit() for c in m.group(1)) > MAX_LITERAL_DIGITS:
             raise CalculatorError(f"number too long (over {MAX_LITERAL_DIGITS} digits)")
-        if m.group(2) and (len(m.group(2)) > 4 or int(m.group(2)) > MAX_SCI_EXPONENT):
-            raise CalculatorError("number too large")
+        exponent = (m.group(2) or "").replace("_", "")
+        if exponent and (len(exponent) > 4 or int(exponent) > MAX_SCI_EXPONENT):
+            raise CalculatorError(f"number out of range (exponent over {MAX_SCI_EXPONENT})")
     depth = 0
     for ch in text:
         depth += (ch == "(") - (ch == ")")
@@ -241,8 +247,9 @@ def evaluate(expression: str) -> str:
             warnings.simplefilter("ignore")
             tree = ast.parse(text, mode="eval")  # parsing only; the tree is walked by _eval, never compiled
     except (SyntaxError, ValueError, RecursionError, MemoryError):
-        shown = text if len(text) <= 60 else text[:57] + "..."
-        raise CalculatorError(f"could not parse {shown!r} (only {ALLOWED})") from None
+        shown = repr(text)  # escapes can make it longer than the text, so cut after repr
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise CalculatorError(f"could not parse {shown} (only {ALLOWED})") from None
     if sum(1 for _ in ast.walk(tree)) > MAX_NODES:
         raise CalculatorError(f"expression too long (over {MAX_NODES} syntax nodes)")
     try:
