@@ -9,6 +9,7 @@ are derandomized (same inputs every time), keep no example database and write no
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import tempfile
@@ -66,6 +67,8 @@ class Meter:
     kinds: dict[str, int] = field(default_factory=dict)
 
     def time(self, fn, *args):
+        # A full collection of a suite's worth of objects (torch, Prefect, ...) is not the input's cost.
+        gc.disable()
         _watch.on = True
         c0, w0 = time.thread_time(), time.perf_counter()
         try:
@@ -73,6 +76,7 @@ class Meter:
         finally:
             cpu, wall = time.thread_time() - c0, time.perf_counter() - w0
             _watch.on = False
+            gc.enable()
             self.n += 1
             if cpu > self.max_cpu:
                 self.max_cpu, self.slowest = cpu, repr(args[0])[:80]

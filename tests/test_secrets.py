@@ -118,13 +118,19 @@ def scan_prefect(canaries: dict[str, str], since: datetime) -> tuple[dict[str, l
         LogFilterFlowRunId,
     )
 
+    def every(read, **kwargs) -> list:  # the API pages its answers (200 at most): a full suite has more
+        items: list = []
+        while len(page := read(**kwargs, limit=200, offset=len(items))) == 200:
+            items += page
+        return items + page
+
     hits: dict[str, list[str]] = {}
     with get_client(sync_client=True) as client:
-        flow_runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(after_=since)))
+        flow_runs = every(client.read_flow_runs, flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(after_=since)))
         ids = [fr.id for fr in flow_runs]
-        artifacts = client.read_artifacts()
-        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids))) if ids else []
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids))) if ids else []
+        artifacts = every(client.read_artifacts)
+        task_runs = every(client.read_task_runs, flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids))) if ids else []
+        logs = every(client.read_logs, log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids))) if ids else []
     for kind, items in (("artifact", artifacts), ("flow_run", flow_runs), ("task_run", task_runs), ("log", logs)):
         for item in items:
             found = find(canaries, item.model_dump_json())
