@@ -219,20 +219,25 @@ def pipeline_config(args: argparse.Namespace):
         data["cluster"] = {"address": args.scheduler_address}
     if args.no_progress:
         data["progress"] = False
-    gen = data.setdefault("generate", {"samples": 4})
+    def section(name: str, default: dict | None = None) -> dict:  # a section the file left out or set to null
+        if not isinstance(data.get(name), dict):
+            data[name] = dict(default or {})
+        return data[name]
+
+    gen = section("generate", {"samples": 4})
     for key in ("dataset", "data_files", "limit", "samples"):
         if getattr(args, key) is not None:
             gen[key] = getattr(args, key)
     if args.policy:
         gen["policy"] = parse_model_spec(args.policy).model_dump(exclude_unset=True)
     if args.judge:
-        data.setdefault("curate", {})["judge"] = parse_model_spec(args.judge, temperature=0.0).model_dump(exclude_unset=True)
+        section("curate")["judge"] = parse_model_spec(args.judge, temperature=0.0).model_dump(exclude_unset=True)
     if args.no_train:
         data["sft"] = data["swirl"] = None
     if args.no_eval or args.no_train:
         data["evaluate"] = None
     elif args.eval_limit is not None:
-        data.setdefault("evaluate", {})["limit"] = args.eval_limit
+        section("evaluate")["limit"] = args.eval_limit
     if args.publish_repo_id:
         data["publish"] = {"repo_id": args.publish_repo_id}
     return PipelineConfig.model_validate(data)
