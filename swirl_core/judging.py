@@ -412,9 +412,7 @@ class StepJudge:
 async def calibrate_thresholds(client: LLMClient, spec: JudgeSpec, sample: Sequence[StepToJudge]) -> dict[str, float]:
     """Per task, the median P(GOOD) the judge gives the sampled steps. Their requests are the ones judging
     makes (sample 0, first attempt), so judging the same steps later replays them from the call journal."""
-    judge = StepJudge(client, spec.model_copy(update={"thresholds": {}}))
-    judgments = await asyncio.gather(*(judge._sample(item, judge_messages(item.task, item.question, item.turns,
-                                                                          item.action_message), 0) for item in sample))
+    judgments = await StepJudge(client, spec.model_copy(update={"thresholds": {}, "samples": 1})).judge_many(sample)
     scores: dict[str, list[float]] = {}
     for item, judgment in zip(sample, judgments, strict=True):
         if judgment.p_good is None:
