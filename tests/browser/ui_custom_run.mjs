@@ -121,8 +121,13 @@ try {
   if (response.status() !== 201) throw new Error(`create_flow_run answered ${response.status()}: ${JSON.stringify(body)}`);
   console.log('SUBMITTED ' + JSON.stringify({ flow_run_id: body.id, name: body.name, parameters: sent.parameters, before }));
   await page.waitForURL((url) => /\/deployments\/deployment\/[^/]+$/.test(url.pathname));
+  // The list leaves out Scheduled runs and does not refresh: reload until a worker has picked the run up.
   const runLink = page.getByRole('link', { name: body.name, exact: true }).first();
-  await runLink.waitFor();
+  for (let tries = 0; !(await runLink.isVisible()); tries++) {
+    if (tries >= 30) throw new Error(`run ${body.name} never appeared on the deployment page`);
+    await page.waitForTimeout(2000);
+    await page.reload({ waitUntil: 'networkidle' });
+  }
   await screenshot(page, 'submitted');
 
   // 6. The flow run's page, from the deployment's list of runs.
