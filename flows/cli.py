@@ -31,6 +31,7 @@ def _add_model_args(p: argparse.ArgumentParser, prefix: str, default: str, *, te
                    help=f"litellm model name, 'smollm2' (offline default) or a local checkpoint folder (default: {default})")
     p.add_argument(f"--{prefix}-api-base", metavar="URL", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
     p.add_argument(f"--{prefix}-api-key-env", metavar="VAR", help="environment variable holding the API key (default: the provider's usual one)")
+    p.add_argument(f"--{prefix}-api-key-secret", metavar="BLOCK", help="Prefect Secret block holding the API key (instead of an environment variable)")
     p.add_argument("--concurrency", type=int, default=32, help="max requests in flight per worker (default: 32)")
     p.add_argument("--rpm", type=float, help="requests-per-minute limit")
     p.add_argument("--tpm", type=float, help="tokens-per-minute limit")
@@ -135,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--judge", default="smollm2", help="swirl: the reward judge (litellm name or local model)")
     tr.add_argument("--judge-api-base", help="swirl: OpenAI-compatible endpoint of the judge")
     tr.add_argument("--judge-api-key-env", help="swirl: environment variable holding the judge's API key")
+    tr.add_argument("--judge-api-key-secret", help="swirl: Prefect Secret block holding the judge's API key")
 
     pub = sub.add_parser("publish", help="export the curated sets with a dataset card and upload them to the Hub",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -193,7 +195,8 @@ def _model_config(args: argparse.Namespace, prefix: str):
 
     return ModelConfig(
         model=getattr(args, prefix), api_base=getattr(args, f"{prefix}_api_base"),
-        api_key_env=getattr(args, f"{prefix}_api_key_env"), concurrency=args.concurrency,
+        api_key_env=getattr(args, f"{prefix}_api_key_env"), api_key_secret=getattr(args, f"{prefix}_api_key_secret"),
+        concurrency=args.concurrency,
         requests_per_minute=args.rpm, tokens_per_minute=args.tpm, timeout_s=args.timeout,
         max_retries=args.max_retries, temperature=args.temperature, max_tokens=args.max_tokens,
         few_shot=getattr(args, "few_shot", None), constraint=getattr(args, "constraint", "auto"),
@@ -383,7 +386,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         use_lora=args.lora,
     )
     judge = ModelConfig(model=args.judge, api_base=args.judge_api_base, api_key_env=args.judge_api_key_env,
-                        temperature=0.0) if args.method == "swirl" else None
+                        api_key_secret=args.judge_api_key_secret, temperature=0.0) if args.method == "swirl" else None
     config = TrainConfig(db=args.db, filter=args.filter, settings=settings, judge=judge, dataset=args.dataset,
                          limit=args.limit)
     from flows.runtime import prefect_api

@@ -11,13 +11,12 @@ from swirl_core.hub import contamination, dataset_card, export_folder
 from swirl_core.store import Store
 from tasks.artifacts import publish_markdown
 from tasks.publish import upload
+from tasks.secrets import read_secret
 
 
 def _token(config: PublishConfig) -> str | None:
     if config.token_secret:
-        from prefect.blocks.system import Secret
-
-        return Secret.load(config.token_secret).get()
+        return read_secret(config.token_secret)
     return None  # huggingface_hub reads HF_TOKEN (or the saved login) itself
 
 

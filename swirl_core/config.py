@@ -23,6 +23,7 @@ class ModelConfig(BaseModel):
     model: str = Field(DEFAULT_LOCAL_MODEL, description="litellm name (openai/gpt-4o-mini, hosted_vllm/NAME, …), 'smollm2', or a local checkpoint folder")
     api_base: str | None = Field(None, description="endpoint of an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
     api_key_env: str | None = Field(None, description="NAME of the environment variable holding the key (default: the provider's usual one); the key itself is never stored")
+    api_key_secret: str | None = Field(None, description="NAME of a Prefect Secret block holding the key, read by the process that makes the calls (instead of api_key_env)")
     backend: Literal["auto", "openai_compat", "litellm", "transformers"] = "auto"
     concurrency: int = Field(32, ge=1, le=4096, description="max requests in flight per process")
     requests_per_minute: float | None = Field(None, gt=0)
@@ -83,6 +84,8 @@ class ModelConfig(BaseModel):
             raise ValueError("constraint 'grammar' needs an in-process model; use 'regex' for a served model")
         if self.constraint == "regex" and self.is_local:
             raise ValueError("constraint 'regex' is for served models; in-process models use 'grammar'")
+        if self.api_key_env and self.api_key_secret:
+            raise ValueError("name the API key's environment variable or its Secret block, not both")
         return self
 
 

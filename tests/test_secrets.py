@@ -1,7 +1,8 @@
-"""Secrets: the model API key and the Hub token reach the servers that need them, and nothing else.
+"""Secrets: the model API keys and the Hub token reach the servers that need them, and nothing else.
 
-`swirl generate` and `swirl curate` run against a scripted server that records the Authorization header, with
-the key in an environment variable named by --policy-api-key-env / --judge-api-key-env; `swirl publish` uploads
+`swirl generate` and `swirl curate` run against a scripted server that records the Authorization header, the
+policy's key in a Prefect Secret block named by --policy-api-key-secret (read on the Dask workers that make the
+calls) and the judge's in an environment variable named by --judge-api-key-env; `swirl publish` uploads
 for real to a fake Hub with HF_TOKEN set. All three are CLI subprocesses using the session's Prefect API. Then
 the canaries are searched for in: the DuckDB file and WAL bytes, every table's and view's rows through SQL, the
 work directory (journals, Dask scratch, the exported dataset: Parquet decoded, README.md card), everything else
@@ -172,15 +173,53 @@ def test_scanners_find_a_planted_canary(tmp_path):
     assert files.get("p.parquet") == ["key"]
 
 
+def test_a_secret_block_key_is_read_by_the_worker_that_makes_the_calls(prefect_api, tmp_path):
+    """What the flow sends a Dask worker (a pickled shard) names the block, never the key; the worker's task reads
+    the block and sends the key as the bearer token. A missing block, or a key named twice, is a one-line error."""
+    import cloudpickle
+    from prefect.blocks.system import Secret
+
+    from swirl_core.config import EvalConfig, GenerateConfig, ModelConfig
+    from swirl_core.generation import make_shards, plan_generation
+    from tasks.generate import generate_shard
+
+    key, block = "sk-canary-block-" + secrets.token_hex(12), "swirl-test-policy-key"
+    Secret(value=key).save(block, overwrite=True)
+    with KeyRecordingServer(responder=math_policy) as srv:
+        policy = ModelConfig(model="openai/policy", api_base=srv.base_url, api_key_secret=block)
+        config = GenerateConfig(dataset="gsm8k", data_files=[GSM8K], split="test", limit=2, samples=1, policy=policy,
+                                db=str(tmp_path / "s.duckdb"), progress=False)
+        plan = plan_generation(config)
+        shards = make_shards(plan, config, plan.work)
+        wire = cloudpickle.dumps(shards)
+        assert block.encode() in wire and key.encode() not in wire
+        rows = generate_shard.fn(shards[0])  # exactly what a Dask worker runs
+        assert rows and all(r["status"] == "answered" for r in rows)
+        assert srv.authorization_seen and set(srv.authorization_seen) == {f"Bearer {key}"}
+    from swirl_core.llm.factory import build_client
+
+    with pytest.raises(ValueError, match="no Prefect Secret block named 'no-such-block'"):
+        build_client(ModelConfig(model="openai/x", api_base="http://127.0.0.1:9/v1", api_key_secret="no-such-block"), None)
+    with pytest.raises(ValueError, match="not both"):
+        ModelConfig(model="openai/x", api_key_env="K", api_key_secret=block)
+    evaluated = EvalConfig.model_validate({"models": [{"label": "api", "model": {"model": "openai/x", "api_key_secret": block}}]})
+    assert evaluated.models[0].model.api_key_secret == block
+
+
 @pytest.mark.slow
 def test_api_key_and_hub_token_appear_nowhere_but_on_the_wire(prefect_api, tmp_path, record_property):
     started, since = time.perf_counter(), datetime.now(UTC) - timedelta(seconds=5)
+    from prefect.blocks.system import Secret
+
     canaries = {
         "model API key": "sk-canary-" + secrets.token_hex(12),
+        "policy API key (Secret block)": "sk-canary-block-" + secrets.token_hex(12),
         "OPENAI_API_KEY (set, unused)": "sk-canary-openai-" + secrets.token_hex(8),
         "Hub token": "hf_canary" + secrets.token_hex(12),
     }
-    key, token = canaries["model API key"], canaries["Hub token"]
+    key, token, block_key = canaries["model API key"], canaries["Hub token"], canaries["policy API key (Secret block)"]
+    block = "swirl-canary-policy-key"
+    Secret(value=block_key).save(block, overwrite=True)
     db, logs = tmp_path / "secret.duckdb", tmp_path / "logs"
     logs.mkdir()
     env = {**os.environ, "SWIRL_CANARY_KEY": key, "OPENAI_API_KEY": canaries["OPENAI_API_KEY (set, unused)"],
@@ -198,17 +237,19 @@ def test_api_key_and_hub_token_appear_nowhere_but_on_the_wire(prefect_api, tmp_p
     with KeyRecordingServer(responder=_dispatch) as srv:
         swirl("generate", "generate", "--dataset", "gsm8k", "--data-files", GSM8K, "--split", "test", "--limit", "4",
               "--samples", "2", "--shard-size", "2", "--workers", "2", "--policy", "openai/policy",
-              "--policy-api-base", srv.base_url, "--policy-api-key-env", "SWIRL_CANARY_KEY", "--db", str(db), "--no-progress")
+              "--policy-api-base", srv.base_url, "--policy-api-key-secret", block, "--db", str(db), "--no-progress")
+        policy_authorization = list(srv.authorization_seen)
         swirl("curate", "curate", "--db", str(db), "--judge", "openai/judge", "--judge-api-base", srv.base_url,
               "--judge-api-key-env", "SWIRL_CANARY_KEY", "--grader", "llm", "--workers", "2", "--no-progress")
-        model_calls, authorization = srv.stats()["completed"], list(srv.authorization_seen)
+        model_calls, authorization = srv.stats()["completed"], srv.authorization_seen[len(policy_authorization):]
     with FakeHub(token=token) as hub:
         swirl("publish", "publish", "--db", str(db), "--repo-id", REPO_ID, extra_env=hub.env())
         hub_auth, hub_files = list(hub.auth_headers_seen), hub.files(REPO_ID)
 
-    # Not vacuous: the key went to the model server as the bearer token on every call, the token to the Hub,
-    # the data went everywhere it should.
-    assert model_calls > 0 and authorization and set(authorization) == {f"Bearer {key}"}
+    # Not vacuous: each key went to the model server as the bearer token on every call of its stage, the token to
+    # the Hub, the data went everywhere it should.
+    assert policy_authorization and set(policy_authorization) == {f"Bearer {block_key}"}
+    assert model_calls > len(policy_authorization) and authorization and set(authorization) == {f"Bearer {key}"}
     assert hub_auth and set(hub_auth) == {f"Bearer {token}"}
     export = db.with_suffix(".work") / "hub" / REPO_ID.replace("/", "__")
     parquet = sorted(export.rglob("*.parquet"))
@@ -244,6 +285,7 @@ def test_api_key_and_hub_token_appear_nowhere_but_on_the_wire(prefect_api, tmp_p
     assert prefect_counts["artifacts_of_these_runs"] > 0 and prefect_counts["logs"] > 0
     assert {"generate-summary", "curate-summary", "publish-card"} <= set(prefect_counts["artifact_keys"])
     report("secrets", {"canaries": len(canaries), "model_calls_with_bearer_key": len(authorization),
+                       "model_calls_with_block_key": len(policy_authorization),
                        "hub_requests_with_token": len(hub_auth), "duckdb_rows_scanned": db_rows,
                        "files_scanned": all_files, "work_dir_files": work_files, "export_parquet_files": len(parquet),
                        "hub_files": len(hub_files), "log_chars": sum(map(len, outputs.values())),

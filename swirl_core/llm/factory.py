@@ -15,7 +15,21 @@ from swirl_core.llm.client import LLMClient
 from swirl_core.llm.cost import price_per_token
 
 
+# Reads a named secret (a Prefect Secret block): plugged in by the orchestration layer (tasks/), because
+# this library imports no orchestrator. Keys are looked up where the client is built: on the Dask worker.
+_secret_reader: Callable[[str], str] | None = None
+
+
+def use_secret_reader(read: Callable[[str], str]) -> None:
+    global _secret_reader
+    _secret_reader = read
+
+
 def _api_key(cfg: ModelConfig) -> str | None:
+    if cfg.api_key_secret:
+        if _secret_reader is None:
+            raise ValueError(f"api_key_secret {cfg.api_key_secret!r} needs a secret store: run through the flows")
+        return _secret_reader(cfg.api_key_secret)
     if cfg.api_key_env:
         key = os.environ.get(cfg.api_key_env)
         if not key:
