@@ -14,7 +14,7 @@ from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 from tqdm.auto import tqdm
 
-from flows.runtime import task_runner
+from flows.runtime import database_slot, task_runner
 from swirl_core.config import CurateConfig
 from swirl_core.curation import (
     calibration_shard,
@@ -54,7 +54,7 @@ def curate(config: CurateConfig = CurateConfig()) -> dict[str, Any]:
     logger = get_run_logger()
     journal_dir = config.resolved_work_dir / "journal"
     failures: list[str] = []
-    with Store(config.db) as store:
+    with database_slot(config.db), Store(config.db) as store:
         spec = judge_spec(config)
         if not config.skip_judge and (shard := calibration_shard(store.con, config, spec)) is not None:
             spec = spec.model_copy(update={"thresholds": calibrate_judge.submit(shard).result()})

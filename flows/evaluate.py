@@ -15,6 +15,7 @@ from prefect import flow, get_run_logger
 
 from flows.curate import run_curate
 from flows.generate import run_generate
+from flows.runtime import database_slot
 from swirl_core.config import CurateConfig, EvalConfig, ModelConfig
 from swirl_core.curation import rule_grade_rows
 from swirl_core.evaluation import METRIC_TITLES, eval_run_id, metrics_for, report_markdown, summarize, write_results
@@ -48,7 +49,7 @@ def evaluate(config: EvalConfig = EvalConfig()) -> dict[str, Any]:
         fingerprint = curated["fingerprint"] if judged else None  # a calibrated judge's depends on the data
 
     run_id = eval_run_id(config, generation_runs, fingerprint)
-    with Store(config.db) as store:
+    with database_slot(config.db), Store(config.db) as store:
         store.start_run(run_id, "evaluate", config.model_dump(mode="json"), dataset=config.dataset,
                         model=",".join(generation_runs), prompt_version=next(iter(plans.values())).policy.prompt_version)
         store.upsert("grades", rule_grade_rows(store.con, curate_config, run_id))  # cheap, in this process

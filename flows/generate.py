@@ -13,7 +13,7 @@ from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 from tqdm.auto import tqdm
 
-from flows.runtime import task_runner
+from flows.runtime import database_slot, task_runner
 from swirl_core.config import GenerateConfig
 from swirl_core.generation import default_workers, make_shards, plan_generation, run_summary
 from swirl_core.records import Trajectory
@@ -40,7 +40,7 @@ def generate(config: GenerateConfig = GenerateConfig()) -> dict[str, Any]:
     plan = plan_generation(config)  # validates every seed before anything is paid for
     work_dir = config.resolved_work_dir
     journal_dir = work_dir / "journal"
-    with Store(config.db) as store:
+    with database_slot(config.db), Store(config.db) as store:
         if journal_dir.exists():  # calls paid by an interrupted earlier attempt join the ledger first
             store.ingest_journals(journal_dir)
         stored_config = config.model_dump(mode="json") | {"resolved_policy": {

@@ -17,6 +17,7 @@ from flows.curate import run_curate
 from flows.evaluate import evaluate
 from flows.generate import run_generate
 from flows.publish import publish
+from flows.runtime import database_slot
 from flows.train import train_flow
 from swirl_core.config import EvalModel, ModelConfig, PipelineConfig
 from swirl_core.generation import plan_generation
@@ -66,7 +67,7 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
         stage("publish", lambda: publish(config.publish),
               lambda r: {"status": "uploaded" if r["uploaded"] else "exported", "detail": r["folder"]})
 
-    with Store(config.db, read_only=True) as store:
+    with database_slot(config.db), Store(config.db, read_only=True) as store:
         parsed = query_dicts(store.con, "SELECT * FROM step_parse_report WHERE run_id = ?", [gen["run_id"]])
         retention = query_dicts(store.con, "SELECT dataset, filter, trajectories, sub_trajectories FROM curation_retention "
                                            "WHERE dataset = ? ORDER BY filter", [config.generate.dataset])

@@ -6,6 +6,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from flows.runtime import database_slot
 from swirl_core.config import PublishConfig
 from swirl_core.hub import contamination, dataset_card, export_folder
 from swirl_core.store import Store
@@ -24,7 +25,7 @@ def _token(config: PublishConfig) -> str | None:
 def publish(config: PublishConfig) -> dict[str, Any]:
     logger = get_run_logger()
     folder = config.resolved_out_dir
-    with Store(config.db, read_only=True) as store:
+    with database_slot(config.db), Store(config.db, read_only=True) as store:
         summary = export_folder(store.con, folder)
         report = contamination(store.con, tuple(config.eval_splits))
         card = dataset_card(store.con, summary, config.repo_id, report)

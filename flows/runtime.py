@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from swirl_core.config import ClusterConfig
+from swirl_core.hashing import content_hash
 
 # Offline-safe defaults: no telemetry, no outbound calls, time for a server to start on 2 cores.
 QUIET_ENV = {
@@ -63,3 +64,37 @@ def prefect_api() -> Iterator[str | None]:
         APILogWorker.drain_all(timeout=5)  # ship buffered run logs while the server is still up
         os.environ.pop("PREFECT_API_URL", None)
         server.stop()
+
+
+def database_limit_name(db: str | Path) -> str:
+    """The Prefect global concurrency limit of one database file (Prefect names may not contain '/')."""
+    path = Path(db).resolve()
+    return f"swirl-db-{path.stem}-{content_hash('database', str(path))[:12]}"
+
+
+@contextlib.contextmanager
+def database_slot(db: str | Path) -> Iterator[None]:
+    """Hold the database's one slot while this flow has the file open. DuckDB admits one process per file, and
+    Prefect's deployment-level limits cannot be keyed by a parameter, so every flow that opens a database takes
+    a global concurrency limit (limit 1) named after it: a second run on the same database waits its turn
+    (runs on other databases do not), and a crashed holder's lease expires."""
+    from prefect import get_run_logger
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists
+
+    name = database_limit_name(db)
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+        except ObjectAlreadyExists:
+            pass
+    with contextlib.ExitStack() as held:
+        try:  # one try without waiting, so that a run that has to wait says so
+            held.enter_context(concurrency(name, occupy=1, strict=True, max_retries=0))
+        except ConcurrencySlotAcquisitionError:
+            get_run_logger().info("database %s is in use by another run: waiting for it (concurrency limit %s)", db, name)
+            held.enter_context(concurrency(name, occupy=1, strict=True))
+        yield

@@ -35,6 +35,10 @@ SEEDS = [
     ("A box holds 6 rows of 5 eggs. How many eggs are in the box?", "6 * 5 = 30 #### 30", "6 * 5", "30"),
     ("Sara reads 12 pages a day for 3 days. How many pages does she read?", "12 * 3 = 36 #### 36", "12 * 3", "36"),
 ]
+# The scripted policy's replies (ScriptedServer / start_subprocess keyword arguments).
+POLICY = {"scripts": {q.split(".")[0]: [f"I compute it. <math_exp>{expr}</math_exp>", f"<answer>{ans}</answer>"]
+                      for q, _, expr, ans in SEEDS},
+          "default": "<answer>unknown</answer>"}
 
 
 def _free_port() -> int:
@@ -105,9 +109,7 @@ class PrefectStack:
 
     def start(self) -> None:
         self.seeds.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a, _, _ in SEEDS))
-        scripts = {q.split(".")[0]: [f"I compute it. <math_exp>{expr}</math_exp>", f"<answer>{ans}</answer>"]
-                   for q, _, expr, ans in SEEDS}
-        self.policy_proc, self.policy_url = start_subprocess(scripts=scripts, default="<answer>unknown</answer>")
+        self.policy_proc, self.policy_url = start_subprocess(**POLICY)
 
         t0 = time.monotonic()
         server = self._spawn("server", [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)])

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import ROOT
-from prefect_stack import DEPLOYMENT, FLOW, POOLS, SEEDS, duckdb_counts
-from scripted_server import fetch_stats
+from prefect_stack import DEPLOYMENT, FLOW, POLICY, POOLS, SEEDS, duckdb_counts
+from scripted_server import Faults, ScriptedServer, fetch_stats
 
 
 def _load_prefect_yaml() -> dict:
@@ -181,3 +181,39 @@ def test_compose_file_matches_the_compose_spec_and_the_repository():
             assert f"COPY {part}" in text or f" {part} " in text, (dockerfile, part)
         ignore = (DOCKER / f"{dockerfile}.dockerignore").read_text().split()
         assert ".venv" in ignore and "*.duckdb" in ignore
+
+
+@pytest.mark.slow
+def test_two_runs_on_one_database_triggered_together_queue_and_both_complete(prefect_stack):
+    """DuckDB admits one process per file: two runs of `generate-nightly` on one database, triggered at the same
+    moment (a schedule and a UI run, say), both complete: one waits on the database's concurrency limit while the
+    other holds the file, instead of failing. The second resumes the first's run and pays for nothing again."""
+    from flows.runtime import database_limit_name
+
+    stack = prefect_stack
+    db = stack.base / "queued.duckdb"
+    # A policy slow enough (2 s a reply) that the first run still holds the file when the second one starts.
+    with ScriptedServer(**POLICY, faults=Faults(latency_s=2.0)) as slow:
+        params = stack.params(db)
+        params["config"]["policy"]["api_base"] = slow.base_url
+        ids = []
+        for n in range(2):
+            r = stack.request("POST", f"/deployments/{stack.deployment_id}/create_flow_run",
+                              {"parameters": params, "state": {"type": "SCHEDULED", "message": f"together {n}"}})
+            assert r.status_code == 201, r.text
+            ids.append(r.json()["id"])
+        started = time.monotonic()
+        runs = [stack.wait_for_run(i, timeout=360) for i in ids]
+        paid = slow.stats()
+    print(f"two queued runs on one database: both final after {time.monotonic() - started:.1f}s")
+    assert [r["state"]["type"] for r in runs] == ["COMPLETED", "COMPLETED"], ([r["state"] for r in runs], stack.diagnostics())
+    # One of them waited for the other: its log says so (both subflows' logs belong to the child runs).
+    children = stack.request("POST", "/flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": ids}}}).json()
+    waited = [c["id"] for c in children if any("is in use by another run: waiting" in line for line in stack.run_logs(c["id"]))]
+    assert len(children) == 2 and len(waited) == 1, (children, waited)
+    limit = stack.get(f"/v2/concurrency_limits/{database_limit_name(db)}")
+    assert limit["limit"] == 1 and limit["active_slots"] == 0  # released by both
+    counts = duckdb_counts(db)
+    assert counts["trajectories"] == 3 == counts["answered"]
+    assert paid["completed"] == 6 == paid["total"]  # 3 trajectories × 2 steps, each paid once
+    assert [status for status, _ in counts["runs"]] == ["completed"]

@@ -14,7 +14,6 @@ from swirl_core.llm.cache import shared_journal
 from swirl_core.llm.client import LLMClient
 from swirl_core.llm.cost import price_per_token
 
-
 # Reads a named secret (a Prefect Secret block): plugged in by the orchestration layer (tasks/), because
 # this library imports no orchestrator. Keys are looked up where the client is built: on the Dask worker.
 _secret_reader: Callable[[str], str] | None = None
