@@ -38,6 +38,27 @@ def task_runner(cluster: ClusterConfig, n_workers: int, local_directory: Path):
     return DaskTaskRunner(cluster_class=cluster.cluster_class or "distributed.LocalCluster", cluster_kwargs=kwargs)
 
 
+class PrefectAPIAccessError(ValueError):
+    """The configured Prefect API refuses this process: its basic-auth credential is missing or wrong."""
+
+
+def _check_access(url: str) -> None:
+    """One authenticated request before any flow starts, so that a missing credential is a one-line error."""
+    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_AUTH_STRING
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.api_version()
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code != 401:
+                raise
+            problem = "does not match the server's" if PREFECT_API_AUTH_STRING.value() else "is not set"
+            raise PrefectAPIAccessError(f"the Prefect API at {url} requires authentication and "
+                                        f"PREFECT_API_AUTH_STRING {problem} (user:password)") from exc
+
+
 @contextlib.contextmanager
 def prefect_api() -> Iterator[str | None]:
     """Use the configured Prefect API, or start a local one for this process and its Dask workers.
@@ -48,6 +69,7 @@ def prefect_api() -> Iterator[str | None]:
 
     existing = os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()
     if existing:
+        _check_access(existing)
         yield existing
         return
     from prefect.server.api.server import SubprocessASGIServer

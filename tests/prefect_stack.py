@@ -9,6 +9,7 @@ gets its environment explicitly (never the session's ephemeral API).
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -57,8 +58,9 @@ def _tail(path: Path, n: int = 60) -> str:
 class PrefectStack:
     """`prefect server start` + `prefect work-pool create` + `prefect deploy` + `prefect worker start`."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, auth: str | None = None) -> None:
         self.base = base
+        self.auth = auth  # Prefect's basic auth (user:password): the server requires it, every client presents it
         self.home = base / "prefect-home"
         self.home.mkdir(parents=True)
         self.port = _free_port()
@@ -89,13 +91,15 @@ class PrefectStack:
             "DO_NOT_TRACK": "1",
             "PYTHONUNBUFFERED": "1",
         })
+        if auth:
+            self.env["PREFECT_API_AUTH_STRING"] = auth
 
     # processes ------------------------------------------------------------------------------------------
-    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, args: list[str], extra_env: dict[str, str] | None = None) -> subprocess.Popen:
         log = self.base / f"{name}.log"
         self.logs[name] = log
         with open(log, "ab") as fh:
-            proc = subprocess.Popen(args, cwd=ROOT, env=self.env, stdout=fh, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(args, cwd=ROOT, env={**self.env, **(extra_env or {})}, stdout=fh, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
         self.procs[name] = proc
         return proc
@@ -112,7 +116,12 @@ class PrefectStack:
         self.policy_proc, self.policy_url = start_subprocess(**POLICY)
 
         t0 = time.monotonic()
-        server = self._spawn("server", [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)])
+        # Through the script docker/compose.yaml runs, with the variables compose passes it (an empty credential
+        # when the user sets none); on loopback, like everything the tests start.
+        server_env = {"PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+                      "SWIRL_API_BIND": "127.0.0.1", "PREFECT_SERVER_API_AUTH_STRING": self.auth or ""}
+        server = self._spawn("server", ["sh", str(ROOT / "docker" / "prefect-server.sh"), "--host", "127.0.0.1",
+                                        "--port", str(self.port)], server_env)
         deadline = time.monotonic() + 120
         while not self._healthy():
             if server.poll() is not None or time.monotonic() > deadline:
@@ -162,10 +171,13 @@ class PrefectStack:
         except httpx.HTTPError:
             return False
 
-    def request(self, method: str, path: str, body: Any = None):
+    def request(self, method: str, path: str, body: Any = None, auth: str | None = None):
+        """A REST call with the stack's credential (or `auth`, "" for none), as Prefect's client sends it."""
         import httpx
 
-        return httpx.request(method, self.api_url + path, json=body, timeout=30)
+        auth = self.auth if auth is None else auth
+        headers = {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()} if auth else {}
+        return httpx.request(method, self.api_url + path, json=body, headers=headers, timeout=30)
 
     def get(self, path: str) -> Any:
         r = self.request("GET", path)

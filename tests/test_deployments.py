@@ -166,12 +166,32 @@ def test_compose_file_matches_the_compose_spec_and_the_repository():
             assert (context / build["dockerfile"]).is_file(), (name, build)
         for volume in svc.get("volumes", []):
             source = volume.split(":", 1)[0] if isinstance(volume, str) else volume["source"]
-            assert source in spec.get("volumes", {}), (name, source)
+            if source.startswith("./"):  # a bind mount of a folder the repository holds (kept out of git and images)
+                assert (DOCKER / source).is_dir() and (DOCKER / source / ".gitignore").is_file(), (name, source)
+                assert volume.endswith(":ro"), (name, volume)
+            else:
+                assert source in spec.get("volumes", {}), (name, source)
     # the worker creates its pool and runs flows from the image's checkout; the UI reaches the API
     worker_cmd = " ".join(services["worker"]["command"])
     assert "--pool swirl-cpu" in worker_cmd and "--type process" in worker_cmd
     assert services["worker"]["environment"]["PREFECT_API_URL"] == "http://server:4200/api"
     assert "gpu" in services["train-worker"]["profiles"]
+    # Published ports listen on loopback unless told otherwise; the server turns basic auth on from the variable
+    # every API client presents; the Dask cluster speaks TLS only and its clients read its certificates.
+    published = [p for svc in services.values() for p in svc.get("ports", [])]
+    assert published and all(p.startswith(("127.0.0.1:", "${SWIRL_API_BIND:-127.0.0.1}:")) for p in published), published
+    server = services["server"]
+    assert server["command"][:2] == ["sh", "docker/prefect-server.sh"] and (ROOT / server["command"][1]).is_file()
+    assert "COPY docker/prefect-server.sh ./docker/" in (DOCKER / "Dockerfile.cpu").read_text()
+    assert server["environment"]["PREFECT_SERVER_API_AUTH_STRING"] == "${PREFECT_API_AUTH_STRING:-}"
+    for name, svc in services.items():
+        if "PREFECT_API_URL" in svc.get("environment", {}):
+            assert svc["environment"]["PREFECT_API_AUTH_STRING"] == "${PREFECT_API_AUTH_STRING:-}", name
+    assert "--protocol tls" in " ".join(services["dask-scheduler"]["command"])
+    assert services["dask-worker"]["command"][2].startswith("tls://")
+    for name in ("dask-scheduler", "dask-worker", "worker"):
+        assert services[name]["environment"]["DASK_CONFIG"] == "/etc/swirl/dask-tls", name
+        assert "./dask-tls:/etc/swirl/dask-tls:ro" in services[name]["volumes"], name
     gpus = services["train-worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert gpus[0]["capabilities"] == ["gpu"]
     # every Dockerfile copies what the flows import, and each has its own .dockerignore for the root context
