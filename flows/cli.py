@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-train", action="store_true", help="stop after curation")
     run.add_argument("--no-eval", action="store_true", help="skip the evaluation")
     run.add_argument("--publish-repo-id", metavar="USER/NAME", help="also publish the curated sets to this Hub repo")
-    run.add_argument("--scheduler-address", help="Dask scheduler tcp://HOST:PORT (default: a local cluster)")
+    run.add_argument("--scheduler-address", help="Dask scheduler tls://HOST:PORT or tcp://HOST:PORT (default: a local cluster)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     gen = sub.add_parser("generate", help="generate multi-step trajectories into DuckDB",
@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(gen, "policy", "smollm2")
     gen.add_argument("--db", default="swirl.duckdb", help="DuckDB file")
     gen.add_argument("--work-dir", help="call journals and shards (default: <db>.work)")
-    gen.add_argument("--scheduler-address", help="Dask scheduler tcp://HOST:PORT (default: a local cluster)")
+    gen.add_argument("--scheduler-address", help="Dask scheduler tls://HOST:PORT or tcp://HOST:PORT (default: a local cluster)")
     gen.add_argument("--workers", type=int, help="local Dask workers (default: 2; 1 for in-process models)")
     gen.add_argument("--shard-size", type=int, default=8, help="questions per shard")
     gen.add_argument("--fsync", action="store_true", help="fsync the call journal after every response")
@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     cur.add_argument("--run-id", action="append", dest="run_ids", metavar="RUN", help="only this generation run (repeatable)")
     cur.add_argument("--dataset", help="only questions of this dataset")
     cur.add_argument("--work-dir", help="call journals (default: <db>.work)")
-    cur.add_argument("--scheduler-address", help="Dask scheduler tcp://HOST:PORT (default: a local cluster)")
+    cur.add_argument("--scheduler-address", help="Dask scheduler tls://HOST:PORT or tcp://HOST:PORT (default: a local cluster)")
     cur.add_argument("--workers", type=int, help="local Dask workers (default: 2; 1 for in-process models)")
     cur.add_argument("--shard-size", type=int, default=64, help="steps per shard")
     cur.add_argument("--fsync", action="store_true", help="fsync the call journal after every response")
@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples for the CIs")
     ev.add_argument("--report", help="markdown report path (default: <db>.work/eval/report-<run>.md)")
     ev.add_argument("--work-dir", help="call journals (default: <db>.work)")
-    ev.add_argument("--scheduler-address", help="Dask scheduler tcp://HOST:PORT (default: a local cluster)")
+    ev.add_argument("--scheduler-address", help="Dask scheduler tls://HOST:PORT or tcp://HOST:PORT (default: a local cluster)")
     ev.add_argument("--workers", type=int, help="local Dask workers")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -31,6 +31,8 @@ def task_runner(cluster: ClusterConfig, n_workers: int, local_directory: Path):
     from prefect_dask import DaskTaskRunner
 
     if cluster.address:
+        if cluster.address.startswith("tls://"):
+            _check_tls_client()
         return DaskTaskRunner(address=cluster.address)
     kwargs = {"n_workers": n_workers, "threads_per_worker": 1, "processes": True,
               "dashboard_address": ":0", "local_directory": str(local_directory)}
@@ -57,6 +59,16 @@ def _check_access(url: str) -> None:
             problem = "does not match the server's" if PREFECT_API_AUTH_STRING.value() else "is not set"
             raise PrefectAPIAccessError(f"the Prefect API at {url} requires authentication and "
                                         f"PREFECT_API_AUTH_STRING {problem} (user:password)") from exc
+
+
+def _check_tls_client() -> None:
+    """A TLS-only scheduler refuses a client without the cluster's certificate: say so before connecting."""
+    from distributed.security import Security
+
+    security = Security()  # Dask's configuration: DASK_CONFIG, distributed.comm.tls
+    if not (security.tls_ca_file and security.tls_client_cert):
+        raise ValueError("a tls:// Dask scheduler needs the cluster's CA and a client certificate in Dask's config "
+                         "(distributed.comm.tls): export DASK_CONFIG=<the folder docker/dask-tls.sh wrote>")
 
 
 @contextlib.contextmanager
@@ -105,14 +117,17 @@ def database_slot(db: str | Path) -> Iterator[None]:
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
     from prefect.concurrency.sync import concurrency
-    from prefect.exceptions import ObjectAlreadyExists
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
     name = database_limit_name(db)
     with get_client(sync_client=True) as client:
-        try:
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-        except ObjectAlreadyExists:
-            pass
+        try:  # read first: the server logs a traceback for every create that conflicts
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+            except ObjectAlreadyExists:  # another run created it a moment ago
+                pass
     with contextlib.ExitStack() as held:
         try:  # one try without waiting, so that a run that has to wait says so
             held.enter_context(concurrency(name, occupy=1, strict=True, max_retries=0))

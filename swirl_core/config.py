@@ -92,7 +92,7 @@ class ModelConfig(BaseModel):
 class ClusterConfig(BaseModel):
     """Where shards run: a local Dask cluster by default, or an existing scheduler."""
 
-    address: str | None = Field(None, description="tcp://HOST:PORT of a running Dask scheduler")
+    address: str | None = Field(None, description="tls://HOST:PORT (or tcp://) of a running Dask scheduler")
     cluster_class: str | None = Field(None, description="e.g. dask_jobqueue.SLURMCluster; default distributed.LocalCluster")
     cluster_kwargs: dict[str, Any] = Field(default_factory=dict)
     n_workers: int | None = Field(None, ge=1, description="local workers; default 2 (1 for in-process models)")

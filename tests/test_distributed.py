@@ -36,10 +36,12 @@ JOURNAL_NAME = re.compile(r"calls-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}\.jsonl")
 
 
 class DaskCluster:
-    """`dask scheduler` + two `dask worker` processes (one nanny and one worker process each)."""
+    """`dask scheduler` + `dask worker` processes (one nanny and one worker process each); with `tls_dir` (a folder
+    written by docker/dask-tls.sh) every member reads its Dask config there and speaks TLS only."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, *, n_workers: int = 2, tls_dir: Path | None = None) -> None:
         self.base = base
+        self.n_workers, self.tls_dir = n_workers, tls_dir
         self.scheduler_file = base / "scheduler.json"
         self.procs: list[subprocess.Popen] = []
         self.logs: list[Path] = []
@@ -49,6 +51,13 @@ class DaskCluster:
         # exactly what an operator exports on a worker machine.
         self.env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         assert self.env.get("PREFECT_API_URL"), "start the cluster after the prefect_api fixture"
+        self.security = None  # how this (test) process connects as a client
+        if tls_dir is not None:
+            from distributed.security import Security
+
+            self.env["DASK_CONFIG"] = str(tls_dir)
+            files = {"tls_ca_file": "ca.pem", "tls_client_cert": "cert.pem", "tls_client_key": "key.pem"}
+            self.security = Security(require_encryption=True, **{k: str(tls_dir / v) for k, v in files.items()})
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         log = self.base / f"{name}.log"
@@ -61,8 +70,9 @@ class DaskCluster:
 
     def start(self) -> None:
         assert Path(DASK).exists(), f"the dask CLI is missing at {DASK} (it ships with distributed)"
-        scheduler = self._spawn("scheduler", [DASK, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-                                              "--scheduler-file", str(self.scheduler_file)])
+        protocol = ["--protocol", "tls"] if self.tls_dir is not None else []
+        scheduler = self._spawn("scheduler", [DASK, "scheduler", *protocol, "--host", "127.0.0.1", "--port", "0",
+                                              "--no-dashboard", "--scheduler-file", str(self.scheduler_file)])
         deadline = time.monotonic() + 60
         while not self.scheduler_file.exists() or not self.scheduler_file.read_text().strip():
             if scheduler.poll() is not None or time.monotonic() > deadline:
@@ -70,7 +80,7 @@ class DaskCluster:
             time.sleep(0.2)
         time.sleep(0.1)  # the file is written in one go, but give a partial write a moment to finish
         self.address = json.loads(self.scheduler_file.read_text())["address"]
-        for n in range(2):
+        for n in range(self.n_workers):
             local = self.base / f"worker-{n}"
             local.mkdir()
             self._spawn(f"worker-{n}", [DASK, "worker", "--scheduler-file", str(self.scheduler_file), "--host", "127.0.0.1",
@@ -78,10 +88,10 @@ class DaskCluster:
                                         "--local-directory", str(local)])
         from distributed import Client
 
-        with Client(self.address, timeout=60) as client:
-            client.wait_for_workers(2, timeout=90)
+        with Client(self.address, timeout=60, security=self.security) as client:
+            client.wait_for_workers(self.n_workers, timeout=90)
             self.worker_pids = client.run(os.getpid)
-        assert len(set(self.worker_pids.values())) == 2, self.worker_pids
+        assert len(set(self.worker_pids.values())) == self.n_workers, self.worker_pids
 
     def all_pids(self) -> set[int]:
         """Every process the cluster consists of: scheduler, nannies and the worker processes they spawned."""
