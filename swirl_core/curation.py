@@ -175,6 +175,20 @@ def judgment_rows(judgments: list[Judgment], run_id: str, fingerprint: str) -> p
     ]))
 
 
+def select_judge(con, config: CurateConfig, fingerprint: str, run_id: str) -> list[str]:
+    """Make `fingerprint` the judge whose verdicts the curated sets of every generation run in scope read
+    (the runs it judged a step of); returns those runs."""
+    where, params = _scope(config)
+    runs = [r[0] for r in con.execute(
+        f"""SELECT DISTINCT t.run_id FROM judgments j JOIN trajectories t USING (trajectory_id)
+            JOIN questions q ON q.question_id = t.question_id
+            WHERE j.judge_fingerprint = ?{where} ORDER BY 1""", [fingerprint, *params]).fetchall()]
+    if runs:
+        con.execute("""INSERT OR REPLACE INTO judge_selection
+                       SELECT unnest(?::VARCHAR[]), ?, ?, current_timestamp""", [runs, fingerprint, run_id])
+    return runs
+
+
 def _ungraded(con, config: CurateConfig, methods: tuple[str, ...]) -> list[dict]:
     where, params = _scope(config)
     return query_dicts(
