@@ -47,8 +47,9 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
     for settings in (config.sft, config.swirl):
         if settings is None:
             continue
+        # Its own generation run only: older runs with other policies or prompts must not leak into training.
         train_config = TrainConfig(db=config.db, work_dir=config.work_dir, settings=settings, dataset=config.generate.dataset,
-                                   judge=config.curate.judge if settings.method == "swirl" else None)
+                                   run_ids=[gen["run_id"]], judge=config.curate.judge if settings.method == "swirl" else None)
         result = stage(f"train-{settings.method}", lambda c=train_config: train_flow(c),
                        lambda r: {"status": "skipped (already trained on this data)" if r["skipped"] else "completed",
                                   "detail": f"{r['steps']} steps on {r['lineage']['rows']} rows"})

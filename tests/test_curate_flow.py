@@ -69,7 +69,7 @@ def test_curate_judges_grades_and_builds_the_four_sets(generated_db, prefect_api
     with ScriptedServer(responder=_judge) as srv:
         config = CurateConfig(db=str(generated_db), judge=ModelConfig(model="openai/judge", api_base=srv.base_url),
                               grader="llm", max_reasks=2, cluster=ClusterConfig(n_workers=2), shard_size=8,
-                              progress=False)
+                              progress=False, probe_limit=0)
         result = run_curate(config)
         assert result["status"] == "completed" and result["judged_steps"] == 36
         sent = srv.stats()["total"]
