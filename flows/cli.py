@@ -280,6 +280,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     with prefect_api():
         result = pipeline(config)
     _print_rows(f"pipeline: {result['status']}", result["stages"])
+    _print_probes(result["probes"])
     _print_rows("steps parsed as one action", result["step_parse"])
     _print_rows("curated sets", result["retention"])
     if result["metrics"]:

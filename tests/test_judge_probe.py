@@ -123,3 +123,18 @@ def test_judge_eval_over_http(prefect_api, tmp_path, judge, better):
     assert {r[4] for r in rows if r[0] == "GOOD"} == {None} and all(r[2] is None for r in rows)
     groups = {r[0] for r in query(tmp_path / "probe.duckdb", "SELECT DISTINCT grp FROM judge_probe_metrics")}
     assert {"all", "action=math", "action=answer", "corruption=repeat", "corruption=gold"} <= groups
+
+
+def test_judge_eval_cli(prefect_api, tmp_path, capsys):
+    from flows.cli import main
+
+    db = str(tmp_path / "cli.duckdb")
+    with ScriptedServer(default="Looks right to me.\nGOOD") as srv:
+        assert main(["judge-eval", "--db", db, "--dataset", "gsm8k", "--data-files", GSM8K, "--split", "test",
+                     "--limit", "3", "--judge", f"openai/judge@{srv.base_url}", "--resamples", "200"]) == 0
+        assert srv.stats()["total"] > 0
+    out = capsys.readouterr()
+    assert "balanced_accuracy" in out.out and "judge_probe_summary" in out.out
+    assert "NOT better than chance" in out.err  # GOOD to everything carries no signal, and it says so
+    assert main(["judge-eval", "--db", db, "--dataset", "demo-qa"]) == 2
+    assert "no labelled steps can be built" in capsys.readouterr().err
