@@ -138,3 +138,21 @@ def test_judge_eval_cli(prefect_api, tmp_path, capsys):
     assert "NOT better than chance" in out.err  # GOOD to everything carries no signal, and it says so
     assert main(["judge-eval", "--db", db, "--dataset", "demo-qa"]) == 2
     assert "no labelled steps can be built" in capsys.readouterr().err
+
+
+def test_a_calibrated_judge_gets_its_threshold_from_the_labelled_steps(prefect_api, tmp_path, tiny_model_dir):
+    """An in-process judge reports P(GOOD): the threshold is chosen on the calibration fold, scored on the other."""
+    from flows.judge_eval import judge_eval
+
+    config = JudgeEvalConfig(db=str(tmp_path / "local.duckdb"), dataset="gsm8k", data_files=[GSM8K], split="test",
+                             limit=3, n_resamples=200, judge=ModelConfig(model=str(tiny_model_dir), temperature=0.0))
+    result = judge_eval(config)
+    rows = query(tmp_path / "local.duckdb", "SELECT fold, scored, p_good, threshold, verdict, label FROM judge_probe_results")
+    threshold = result["threshold"]
+    assert threshold is not None and all(r[3] == threshold for r in rows)
+    assert all(r[2] is not None and r[4] == ("GOOD" if r[2] >= threshold else "BAD") for r in rows)
+    assert {(r[0], r[1]) for r in rows} == {("calibration", False), ("evaluation", True)}
+    assert result["scored_steps"] == sum(r[1] for r in rows) and result["summary"]["auroc"] is not None
+    assert result["reliability"] and sum(b["steps"] for b in result["reliability"]) == result["scored_steps"]
+    cal = [(r[2], r[5]) for r in rows if r[0] == "calibration"]
+    assert threshold == choose_threshold([p for p, _ in cal], [label for _, label in cal])
