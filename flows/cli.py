@@ -398,7 +398,7 @@ def cmd_judge_eval(args: argparse.Namespace) -> int:
                 [{"group": m["grp"], "metric": m["metric"], "n": m["n"],
                   "value": "NULL" if m["value"] is None else f"{m['value']:.3f}",
                   "95% CI": "" if m["ci_low"] is None else f"[{m['ci_low']:.3f}, {m['ci_high']:.3f}]"}
-                 for m in result["metrics"]])
+                 for m in result["metrics"] if m["grp"] == "all" or m["metric"] == "accuracy"])  # the rest: in the DB
     _print_probes([result])
     print(f"  swirl sql --db {config.db} \"SELECT * FROM judge_probe_summary\"\n"
           f"  swirl sql --db {config.db} \"SELECT label, verdict, p_good, corruption, message FROM judge_probe_results "

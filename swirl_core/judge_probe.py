@@ -266,18 +266,21 @@ def _bootstrap(rows: Sequence[dict[str, Any]], n_resamples: int, confidence: flo
 
 def probe_metrics(rows: Sequence[dict[str, Any]], *, n_resamples: int = 2000, confidence: float = 0.95,
                   seed: int = 0) -> list[dict[str, Any]]:
-    """Every figure with its CI: over all scored rows (group 'all'), then per action kind and per corruption.
-    `rows` carry label, verdict, p_good (or None), action_kind, corruption, votes, good_votes, bad_votes."""
-    groups: list[tuple[str, list[dict[str, Any]]]] = [("all", list(rows))]
-    for key, prefix in (("action_kind", "action"), ("corruption", "corruption")):
+    """Every figure with its CI: over all scored rows (group 'all') and per action kind; per corruption kind
+    (one label each) the share judged right only. `rows` carry label, verdict, p_good (or None), action_kind,
+    corruption, votes, good_votes, bad_votes."""
+    groups: list[tuple[str, list[dict[str, Any]], tuple[str, ...] | None]] = [("all", list(rows), None)]
+    for key, prefix, only in (("action_kind", "action", None), ("corruption", "corruption", ("accuracy",))):
         for value in sorted({r[key] or "gold" for r in rows}):
-            groups.append((f"{prefix}={value}", [r for r in rows if (r[key] or "gold") == value]))
+            groups.append((f"{prefix}={value}", [r for r in rows if (r[key] or "gold") == value], only))
     out = []
-    for group, members in groups:
+    for group, members, only in groups:
         if not members:
             continue
         for metric, (value, low, high) in _bootstrap(members, n_resamples, confidence, seed).items():
-            out.append({"grp": group, "metric": metric, "n": len(members), "value": value, "ci_low": low, "ci_high": high})
+            if only is None or metric in only:
+                out.append({"grp": group, "metric": metric, "n": len(members), "value": value, "ci_low": low,
+                            "ci_high": high})
     return out
 
 
