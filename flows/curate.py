@@ -75,8 +75,12 @@ def curate(config: CurateConfig = CurateConfig()) -> dict[str, Any]:
                                "steps, %s (half the steps GOOD by construction)", len(shard.items), spec.thresholds)
         fingerprint = config.judge_id or judge_fingerprint(spec)
         run_id = content_hash("curate-run", fingerprint, config.grader, config.run_ids, config.dataset)[:16]
-        store.start_run(run_id, "curate", config.model_dump(mode="json"), dataset=config.dataset,
-                        model=config.judge.model, prompt_version=spec.model_dump_json())
+        # With --judge-id the run records the judge it selects (as registered by its curation), not --judge.
+        known = store.query("SELECT judge_model, spec FROM judges WHERE judge_fingerprint = ?", [fingerprint])
+        model, asked = (config.judge.model, spec.model_dump_json()) if not config.judge_id else (
+            known[0] if known else (None, None))
+        store.start_run(run_id, "curate", config.model_dump(mode="json"), dataset=config.dataset, model=model,
+                        prompt_version=asked)
         if judging:
             register_judge(store.con, fingerprint, spec, probes[0]["fingerprint"] if probes else None)
         elif config.judge_id and not select_judge(store.con, config, config.judge_id, run_id):
