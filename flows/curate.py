@@ -14,9 +14,9 @@ from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 from tqdm.auto import tqdm
 
+from flows.judge_eval import publish_probe, run_probe
 from flows.runtime import task_runner
 from swirl_core.config import CurateConfig
-from flows.judge_eval import publish_probe, run_probe
 from swirl_core.curation import (
     calibration_shard,
     curation_report,

@@ -17,7 +17,7 @@ import pyarrow as pa
 from prefect import flow, get_run_logger
 
 from swirl_core.config import JudgeEvalConfig
-from swirl_core.curation import JudgeShard, judge_fingerprint
+from swirl_core.curation import FAILED_PREFIX, JudgeShard, judge_fingerprint
 from swirl_core.hashing import content_hash
 from swirl_core.judge_probe import (
     PROBE_VERSION,
@@ -68,7 +68,10 @@ def _judged(step: LabelledStep, judgments: list[Judgment]) -> dict[str, Any]:
     probs = [j.p_good for j in judgments if j.p_good is not None]
     return {"verdict": majority(judgments), "p_good": sum(probs) / len(probs) if len(probs) == len(judgments) else None,
             "good_votes": votes["GOOD"], "bad_votes": votes["BAD"], "votes": len(judgments),
-            "reasoning": judgments[0].reasoning[:2000], "call_keys": [k for j in judgments for k in j.call_keys]}
+            # a failed call's error, if any sample failed: the step is then judged again by the next run
+            "reasoning": next((j.reasoning for j in judgments if j.reasoning.startswith(FAILED_PREFIX)),
+                              judgments[0].reasoning)[:2000],
+            "call_keys": [k for j in judgments for k in j.call_keys]}
 
 
 def run_probe(store: Store, config: JudgeEvalConfig, logger) -> dict[str, Any]:
@@ -83,7 +86,8 @@ def run_probe(store: Store, config: JudgeEvalConfig, logger) -> dict[str, Any]:
     ids = [s.probe_step_id for s in steps]
     known = {r["probe_step_id"]: r for r in query_dicts(
         store.con, "SELECT * FROM judge_probe_results WHERE judge_fingerprint = ? AND probe_step_id IN "
-                   "(SELECT unnest(?::VARCHAR[]))", [fingerprint, ids])}
+                   f"(SELECT unnest(?::VARCHAR[])) AND NOT starts_with(coalesce(reasoning, ''), '{FAILED_PREFIX}')",
+        [fingerprint, ids])}
     todo = [s for s in steps if s.probe_step_id not in known]
     judged: dict[str, dict[str, Any]] = {i: r for i, r in known.items()}
     started, calls = time.perf_counter(), 0

@@ -156,3 +156,19 @@ def test_a_calibrated_judge_gets_its_threshold_from_the_labelled_steps(prefect_a
     assert result["reliability"] and sum(b["steps"] for b in result["reliability"]) == result["scored_steps"]
     cal = [(r[2], r[5]) for r in rows if r[0] == "calibration"]
     assert threshold == choose_threshold([p for p, _ in cal], [label for _, label in cal])
+
+
+def test_a_failed_judge_call_is_recorded_and_asked_again_by_the_next_run(prefect_api, tmp_path):
+    from scripted_server import Faults
+
+    from flows.judge_eval import judge_eval
+
+    config = JudgeEvalConfig(db=str(tmp_path / "f.duckdb"), dataset="gsm8k", data_files=[GSM8K], split="test", limit=2,
+                             n_resamples=100, judge=ModelConfig(model="openai/judge", temperature=0.0, max_retries=0))
+    with ScriptedServer(default="Fine.\nGOOD", faults=Faults(server_error_first=1)) as srv:
+        config.judge.api_base = srv.base_url
+        failed = judge_eval(config)
+        assert query(tmp_path / "f.duckdb", "SELECT DISTINCT verdict FROM judge_probe_results") == [("UNKNOWN",)]
+        again = judge_eval(config)
+    assert again["judged_now"] == failed["steps"] and again["summary"]["accuracy"] < 1  # GOOD to all: BAD steps wrong
+    assert query(tmp_path / "f.duckdb", "SELECT DISTINCT verdict FROM judge_probe_results") == [("GOOD",)]
