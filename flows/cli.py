@@ -18,7 +18,8 @@ examples:
       --limit 50 --samples 5 --policy openai/gpt-4o-mini        # key from OPENAI_API_KEY
   swirl generate --dataset hotpotqa --data-files dev.json --corpus wiki.jsonl \\
       --policy hosted_vllm/Qwen2.5-7B-Instruct --policy-api-base http://127.0.0.1:8000/v1
-  swirl curate --db swirl.duckdb --judge openai/gpt-4o-mini --grader llm
+  swirl judge-eval --dataset gsm8k --data-files ../shared/data/gsm8k/train.jsonl --judge openai/gpt-4o-mini
+  swirl curate --db swirl.duckdb --judge openai/gpt-4o-mini --grader llm --min-judge-f1 0.6
   swirl evaluate --dataset gsm8k --data-files ../shared/data/gsm8k/test_dev.jsonl --limit 300 \
       --model base=smollm2 --model sft=./out/sft --model swirl=./out/swirl --judge openai/gpt-4o-mini --grader llm
   swirl sql --db swirl.duckdb "SELECT status, count(*) FROM trajectories GROUP BY 1"
@@ -106,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     cur.add_argument("--grader", choices=["rule", "llm"], default="rule",
                      help="outcome grader: rule-based (exact match/F1, numeric), or also the judge model's YES/NO")
     cur.add_argument("--skip-judge", action="store_true", help="grade outcomes only")
+    cur.add_argument("--judge-id", metavar="FINGERPRINT",
+                     help="judge nothing: the curated sets read the verdicts this judge already gave (e.g. an earlier one)")
+    cur.add_argument("--probe-limit", type=int, default=20,
+                     help="seed questions the judge probe builds labelled steps from (0: no probe)")
+    cur.add_argument("--min-judge-f1", type=float, metavar="X",
+                     help="refuse to curate when the judge's probe F1 for detecting BAD steps is below X")
     cur.add_argument("--run-id", action="append", dest="run_ids", metavar="RUN", help="only this generation run (repeatable)")
     cur.add_argument("--dataset", help="only questions of this dataset")
     cur.add_argument("--work-dir", help="call journals (default: <db>.work)")
@@ -114,6 +121,23 @@ def build_parser() -> argparse.ArgumentParser:
     cur.add_argument("--shard-size", type=int, default=64, help="steps per shard")
     cur.add_argument("--fsync", action="store_true", help="fsync the call journal after every response")
     cur.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    je = sub.add_parser("judge-eval", help="measure a judge on labelled GOOD/BAD steps built from gold solutions",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    je.add_argument("--db", default="swirl.duckdb", help="DuckDB file (results land in judge_probe_results)")
+    # --judge takes MODEL or MODEL@API_BASE here
+    je.add_argument("--dataset", default="demo-math", help="a dataset with gold steps: gsm8k, hotpotqa, musique, demo-math")
+    je.add_argument("--data-files", nargs="+", metavar="PATH", help="local JSONL/JSON/Parquet (default: the Hub dataset)")
+    je.add_argument("--split", default="train")
+    je.add_argument("--hub-name", help="Hub dataset name (default: the dataset's usual one)")
+    je.add_argument("--hub-config", help="Hub dataset config")
+    je.add_argument("--limit", type=int, default=20, help="seed questions to build labelled steps from")
+    je.add_argument("--seed", type=int, default=0, help="seed of the corruptions")
+    _add_model_args(je, "judge", "smollm2", temperature=0.0, policy=False)
+    je.add_argument("--judge-samples", type=int, default=1, help="judge samples per step (self-consistency)")
+    je.add_argument("--max-reasks", type=int, default=2, help="re-asks when a verdict is unparseable")
+    je.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples for the CIs")
+    je.add_argument("--work-dir", help="call journals (default: <db>.work)")
 
     tr = sub.add_parser("train", help="fine-tune on a curated set: SFT baseline or SWiRL step-wise RL",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -132,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--beta", type=float, default=0.04, help="swirl: KL coefficient to the initial policy (> 0)")
     tr.add_argument("--lora", action="store_true", help="train LoRA adapters (merged into the saved model)")
     tr.add_argument("--dataset", help="only steps of this seed dataset")
+    tr.add_argument("--run-id", action="append", dest="run_ids", metavar="RUN",
+                    help="only trajectories of this generation run (repeatable; default: every run in the database)")
     tr.add_argument("--limit", type=int, help="at most this many training rows")
     tr.add_argument("--judge", default="smollm2", help="swirl: the reward judge (litellm name or local model)")
     tr.add_argument("--judge-api-base", help="swirl: OpenAI-compatible endpoint of the judge")
@@ -257,6 +283,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     with prefect_api():
         result = pipeline(config)
     _print_rows(f"pipeline: {result['status']}", result["stages"])
+    _print_probes(result["probes"])
     _print_rows("steps parsed as one action", result["step_parse"])
     _print_rows("curated sets", result["retention"])
     if result["metrics"]:
@@ -324,6 +351,7 @@ def cmd_curate(args: argparse.Namespace) -> int:
     config = CurateConfig(
         db=args.db, work_dir=args.work_dir, judge=_model_config(args, "judge"), judge_samples=args.judge_samples,
         max_reasks=args.max_reasks, grader=args.grader, skip_judge=args.skip_judge, run_ids=args.run_ids,
+        judge_id=args.judge_id, probe_limit=args.probe_limit, min_judge_f1=args.min_judge_f1,
         dataset=args.dataset, shard_size=args.shard_size, fsync=args.fsync, progress=not args.no_progress,
         cluster=ClusterConfig(address=args.scheduler_address, n_workers=args.workers),
     )
@@ -332,6 +360,8 @@ def cmd_curate(args: argparse.Namespace) -> int:
 
     with _hold_db(config.db), prefect_api():
         result = run_curate(config)
+    _print_probes(result["probes"])
+    print(f"judge {result['fingerprint']} (select an earlier judge's verdicts with --judge-id FINGERPRINT)")
     _print_rows(f"curation run {result['run_id']}: {result['status']}", result["report"]["retention"])
     _print_rows("process judge vs outcome", result["report"]["agreement"])
     db = result["db"]
@@ -341,6 +371,42 @@ def cmd_curate(args: argparse.Namespace) -> int:
     for failure in result["shard_failures"]:
         print(f"shard failed: {failure} — rerun the same command to resume", file=sys.stderr)
     return 0 if result["status"] == "completed" else 1
+
+
+def _print_probes(probes: list[dict]) -> None:
+    """The judge probe's figures, and a plain warning when the judge is no better than chance."""
+    for probe in probes:
+        print(probe["headline"], file=sys.stdout if probe["better_than_chance"] else sys.stderr)
+
+
+def cmd_judge_eval(args: argparse.Namespace) -> int:
+    from swirl_core.config import JudgeEvalConfig, parse_model_spec
+
+    judge = _model_config(args, "judge")
+    if judge.api_base is None:  # --judge MODEL@API_BASE
+        spec = parse_model_spec(args.judge)
+        judge = judge.model_copy(update={"model": spec.model, "api_base": spec.api_base})
+    config = JudgeEvalConfig(
+        db=args.db, work_dir=args.work_dir, dataset=args.dataset, data_files=args.data_files, split=args.split,
+        hub_name=args.hub_name, hub_config=args.hub_config, limit=args.limit, seed=args.seed,
+        judge=judge, judge_samples=args.judge_samples, max_reasks=args.max_reasks, n_resamples=args.resamples,
+    )
+    from flows.judge_eval import build_steps, judge_eval
+    from flows.runtime import prefect_api
+
+    build_steps(config)  # bad seeds, or a dataset without gold steps: a one-line error before any call
+    with _hold_db(config.db), prefect_api():
+        result = judge_eval(config)
+    _print_rows(f"judge probe {result['run_id']}: {result['steps']} labelled steps ({result['judged_now']} judged now)",
+                [{"group": m["grp"], "metric": m["metric"], "n": m["n"],
+                  "value": "NULL" if m["value"] is None else f"{m['value']:.3f}",
+                  "95% CI": "" if m["ci_low"] is None else f"[{m['ci_low']:.3f}, {m['ci_high']:.3f}]"}
+                 for m in result["metrics"] if m["grp"] == "all" or m["metric"] == "accuracy"])  # the rest: in the DB
+    _print_probes([result])
+    print(f"  swirl sql --db {config.db} \"SELECT * FROM judge_probe_summary\"\n"
+          f"  swirl sql --db {config.db} \"SELECT label, verdict, p_good, corruption, message FROM judge_probe_results "
+          f"WHERE judge_fingerprint = '{result['fingerprint']}' LIMIT 10\"")
+    return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -388,7 +454,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     judge = ModelConfig(model=args.judge, api_base=args.judge_api_base, api_key_env=args.judge_api_key_env,
                         api_key_secret=args.judge_api_key_secret, temperature=0.0) if args.method == "swirl" else None
     config = TrainConfig(db=args.db, filter=args.filter, settings=settings, judge=judge, dataset=args.dataset,
-                         limit=args.limit)
+                         run_ids=args.run_ids, limit=args.limit)
     from flows.runtime import prefect_api
     from flows.train import train_flow
 
@@ -400,6 +466,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     print(f"trained {result['steps']} steps ({result['seconds_per_step']:.2f} s/step) on "
           f"{result['lineage']['rows']} rows of the '{result['lineage']['filter']}' set; checkpoint: {result['output_dir']}")
+    if result["dropped_too_long"]:
+        print(f"{result['dropped_too_long']} rows left out: state and action longer than max_length")
     return 0
 
 
@@ -476,8 +544,8 @@ def cmd_sql(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     apply_quiet_env()
     args = build_parser().parse_args(argv)
-    handlers = {"run": cmd_run, "generate": cmd_generate, "curate": cmd_curate, "train": cmd_train, "publish": cmd_publish,
-                "evaluate": cmd_evaluate, "sql": cmd_sql}
+    handlers = {"run": cmd_run, "generate": cmd_generate, "curate": cmd_curate, "judge-eval": cmd_judge_eval,
+                "train": cmd_train, "publish": cmd_publish, "evaluate": cmd_evaluate, "sql": cmd_sql}
     try:
         _check_db_free(args)
         return handlers[args.command](args)

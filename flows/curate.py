@@ -14,6 +14,7 @@ from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 from tqdm.auto import tqdm
 
+from flows.judge_eval import publish_probe, run_probe
 from flows.runtime import database_slot, task_runner
 from swirl_core.config import CurateConfig
 from swirl_core.curation import (
@@ -26,7 +27,11 @@ from swirl_core.curation import (
     judgment_rows,
     llm_grade_rows,
     pending_steps,
+    probe_configs,
+    register_judge,
     rule_grade_rows,
+    scope_tasks,
+    select_judge,
 )
 from swirl_core.hashing import content_hash
 from swirl_core.judging import Judgment, LLMGrade
@@ -54,18 +59,37 @@ def curate(config: CurateConfig = CurateConfig()) -> dict[str, Any]:
     logger = get_run_logger()
     journal_dir = config.resolved_work_dir / "journal"
     failures: list[str] = []
+    probes: list[dict[str, Any]] = []
     with database_slot(config.db), Store(config.db) as store:
         spec = judge_spec(config)
-        if not config.skip_judge and (shard := calibration_shard(store.con, config, spec)) is not None:
-            spec = spec.model_copy(update={"thresholds": calibrate_judge.submit(shard).result()})
-            logger.info("judge calibrated on %d sampled steps: P(GOOD) thresholds %s", len(shard.items), spec.thresholds)
-        fingerprint = judge_fingerprint(spec)
+        judging = not config.skip_judge and config.judge_id is None
+        if judging:
+            probes = _measure_judge(store, config, logger)
+            labelled = {p["task"]: p["threshold"] for p in probes if p["threshold"] is not None}
+            if spec.calibration != "none" and labelled and labelled.keys() >= scope_tasks(store.con, config):
+                spec = spec.model_copy(update={"calibration": "labelled", "thresholds": labelled})
+                logger.info("judge P(GOOD) thresholds chosen on the probe's labelled steps: %s", labelled)
+            elif (shard := calibration_shard(store.con, config, spec)) is not None:
+                spec = spec.model_copy(update={"thresholds": calibrate_judge.submit(shard).result()})
+                logger.warning("no labelled steps for every task: judge calibrated on the median P(GOOD) of %d sampled "
+                               "steps, %s (half the steps GOOD by construction)", len(shard.items), spec.thresholds)
+        fingerprint = config.judge_id or judge_fingerprint(spec)
         run_id = content_hash("curate-run", fingerprint, config.grader, config.run_ids, config.dataset)[:16]
-        store.start_run(run_id, "curate", config.model_dump(mode="json"), dataset=config.dataset,
-                        model=config.judge.model, prompt_version=spec.model_dump_json())
+        # With --judge-id the run records the judge it selects (as registered by its curation), not --judge.
+        known = store.query("SELECT judge_model, spec FROM judges WHERE judge_fingerprint = ?", [fingerprint])
+        model, asked = (config.judge.model, spec.model_dump_json()) if not config.judge_id else (
+            known[0] if known else (None, None))
+        store.start_run(run_id, "curate", config.model_dump(mode="json"), dataset=config.dataset, model=model,
+                        prompt_version=asked)
+        if judging:
+            register_judge(store.con, fingerprint, spec, probes[0]["fingerprint"] if probes else None)
+        elif config.judge_id and not select_judge(store.con, config, config.judge_id, run_id):
+            raise ValueError(f"judge {config.judge_id} judged no step in scope; judges in this database: "
+                             + (", ".join(r[0] for r in store.query("SELECT DISTINCT judge_fingerprint FROM judgments "
+                                                                     "ORDER BY 1")) or "none"))
         rule_rows = rule_grade_rows(store.con, config, run_id)
         store.upsert("grades", rule_rows)
-        pending = pending_steps(store.con, config, fingerprint) if not config.skip_judge else None
+        pending = pending_steps(store.con, config, fingerprint) if judging else None
         n_pending = pending.num_rows if pending is not None else 0
         logger.info("curate run %s: %d steps to judge, %d trajectories rule-graded", run_id, n_pending, rule_rows.num_rows)
         if n_pending:
@@ -88,15 +112,41 @@ def curate(config: CurateConfig = CurateConfig()) -> dict[str, Any]:
                 futures = grade_shard.map(shards)
                 failures += _collect(futures, sum(len(s.items) for s in shards), "grade trajectories",
                                      config.progress, logger, write_grades)
+        if judging:
+            select_judge(store.con, config, fingerprint, run_id)  # the latest curation's judge is the one its sets read
         if journal_dir.exists():
             store.ingest_journals(journal_dir)
         report = curation_report(store.con)
         status = "failed" if failures else "completed"
         store.finish_run(run_id, status, n_trajectories=sum(r["trajectories"] for r in report["retention"]
                                                              if r["filter"] == "none"))
-    _publish(run_id, config, report, failures)
+    _publish(run_id, config, report, failures, probes)
     return {"run_id": run_id, "status": status, "db": str(config.db), "judged_steps": n_pending, "fingerprint": fingerprint,
-            "shard_failures": failures, "report": report}
+            "shard_failures": failures, "report": report, "probes": probes}
+
+
+def _measure_judge(store: Store, config: CurateConfig, logger) -> list[dict[str, Any]]:
+    """The judge probe on the curated data's own seeds, per task (reused when already run); refuses a judge below
+    `min_judge_f1`. A dataset without gold steps, or seeds no longer readable, leave the judge unmeasured."""
+    probes = []
+    for task, probe_config in (probe_configs(store.con, config) if config.probe_limit else {}).items():
+        try:
+            probe = run_probe(store, probe_config, logger)
+        except (ValueError, FileNotFoundError) as exc:  # SeedError is a ValueError
+            logger.warning("the judge is not measured on %s (%s): %s", probe_config.dataset, task, exc)
+            continue
+        probes.append(probe)
+        publish_probe(probe, config.resolved_work_dir)
+        if not probe["better_than_chance"]:
+            logger.warning("%s", probe["headline"])
+        f1 = probe["summary"]["f1_bad"]
+        if config.min_judge_f1 is not None and (f1 is None or f1 < config.min_judge_f1):
+            raise ValueError(f"the judge's F1 for BAD steps on {probe['scored_steps']} labelled steps of "
+                             f"{probe['dataset']} is {'unknown' if f1 is None else f'{f1:.3f}'}, below --min-judge-f1 "
+                             f"{config.min_judge_f1}: not curating with it ({probe['headline']})")
+    if config.min_judge_f1 is not None and not probes:
+        raise ValueError("--min-judge-f1 needs the judge probe, but no labelled steps could be built for the curated data")
+    return probes
 
 
 def _collect(futures, total: int, what: str, progress: bool, logger, write) -> list[str]:
@@ -115,7 +165,7 @@ def _collect(futures, total: int, what: str, progress: bool, logger, write) -> l
     return failures
 
 
-def _publish(run_id: str, config: CurateConfig, report: dict, failures: list[str]) -> None:
+def _publish(run_id: str, config: CurateConfig, report: dict, failures: list[str], probes: list[dict]) -> None:
     publish_tables("curate", run_id, report)
     by_step = report["good_rate_by_step"]
     lines = [f"# Curation run `{run_id}`", f"- judge: `{config.judge.model}` × {config.judge_samples} sample(s), "
@@ -126,7 +176,8 @@ def _publish(run_id: str, config: CurateConfig, report: dict, failures: list[str
              "Process (judge) vs outcome (grade), trajectories:", "",
              "| dataset | process pass | outcome pass | trajectories |", "|---|---|---|---|",
              *[f"| {r['dataset']} | {r['process_pass']} | {r['outcome_pass']} | {r['trajectories']} |"
-               for r in report["agreement"]]]
+               for r in report["agreement"]],
+             "", "Judge probe (labelled steps):", "", *[f"- {p['headline']}" for p in probes]]
     if by_step:
         png = bar_chart_png([str(r["step_index"]) for r in by_step], [float(r["good_rate"]) for r in by_step],
                             title="Judge GOOD rate by step", ylabel="GOOD rate")

@@ -40,7 +40,7 @@ def evaluate(config: EvalConfig = EvalConfig()) -> dict[str, Any]:
     curate_config = CurateConfig(
         db=config.db, work_dir=config.work_dir, judge=config.judge or ModelConfig(), grader=config.grader,
         skip_judge=config.judge is None or not config.step_scores, run_ids=sorted(generation_runs.values()),
-        cluster=config.cluster, progress=config.progress,
+        cluster=config.cluster, progress=config.progress, probe_limit=0,  # the judge is measured where it curates
     )
     judged, fingerprint = not curate_config.skip_judge, None
     if judged or config.grader == "llm":

@@ -43,16 +43,20 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
                 lambda r: {"status": r["status"], "detail": f"{r['trajectories']} trajectories, {r['errors']} errors"})
     # This run's trajectories only: the calibration sample, and so the verdicts, must not shift with other data.
     cur = stage("curate", lambda: run_curate(config.curate.model_copy(update={"run_ids": [gen["run_id"]]})),
-                lambda r: {"status": r["status"], "detail": f"{r['judged_steps']} steps judged"})
+                lambda r: {"status": r["status"], "detail": f"{r['judged_steps']} steps judged"
+                           + "".join(f"; judge probe balanced accuracy {p['summary']['balanced_accuracy']:.2f}"
+                                     + ("" if p["better_than_chance"] else " (not better than chance)") for p in r["probes"])})
     checkpoints: dict[str, str] = {}
     for settings in (config.sft, config.swirl):
         if settings is None:
             continue
+        # Its own generation run only: older runs with other policies or prompts must not leak into training.
         train_config = TrainConfig(db=config.db, work_dir=config.work_dir, settings=settings, dataset=config.generate.dataset,
-                                   judge=config.curate.judge if settings.method == "swirl" else None)
+                                   run_ids=[gen["run_id"]], judge=config.curate.judge if settings.method == "swirl" else None)
         result = stage(f"train-{settings.method}", lambda c=train_config: train_flow(c),
                        lambda r: {"status": "skipped (already trained on this data)" if r["skipped"] else "completed",
-                                  "detail": f"{r['steps']} steps on {r['lineage']['rows']} rows"})
+                                  "detail": f"{r['steps']} steps on {r['lineage']['rows']} rows"
+                                            + (f" ({r['dropped_too_long']} over max_length left out)" if r["dropped_too_long"] else "")})
         checkpoints[settings.method] = result["output_dir"]
     report = None
     if config.evaluate is not None:
@@ -75,6 +79,7 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
     publish_tables("pipeline", gen["run_id"], {"stages": stages, "retention": retention, "metrics": metrics})
     publish_markdown("pipeline", _markdown(config, stages, retention, metrics, report), "the pipeline run")
     return {"status": status, "db": config.db, "generation_run": gen["run_id"], "curation_run": cur["run_id"],
+            "probes": cur["probes"],
             "stages": stages, "step_parse": parsed, "retention": retention, "checkpoints": checkpoints,
             "metrics": metrics, "report": report}
 

@@ -116,6 +116,72 @@ CREATE TABLE IF NOT EXISTS judgments (
     created_at      TIMESTAMPTZ DEFAULT current_timestamp
 );
 
+-- The judge whose verdicts a generation run's curated sets and judge analytics read: set by its latest
+-- curation (`swirl curate`, or `swirl curate --judge-id` to go back to an earlier judge).
+CREATE TABLE IF NOT EXISTS judge_selection (
+    run_id            VARCHAR PRIMARY KEY,    -- generation run
+    judge_fingerprint VARCHAR NOT NULL,       -- → judgments.judge_fingerprint
+    curate_run_id     VARCHAR,
+    selected_at       TIMESTAMPTZ
+);
+
+-- Every judge a curation used: how it was asked (calibrated judges: the P(GOOD) thresholds and how they were
+-- chosen) and the judge probe that measured it (→ judge_probe_metrics.judge_fingerprint), if any.
+CREATE TABLE IF NOT EXISTS judges (
+    judge_fingerprint VARCHAR PRIMARY KEY,
+    judge_model       VARCHAR NOT NULL,
+    spec              JSON NOT NULL,
+    probe_fingerprint VARCHAR,
+    created_at        TIMESTAMPTZ
+);
+
+-- The judge probe (`swirl judge-eval`): one row per labelled step and judge. The judge is identified as it is
+-- asked before any threshold is set; a calibrated judge's verdict applies the threshold chosen on the steps
+-- of the calibration fold, and only the evaluation fold is scored for it.
+CREATE TABLE IF NOT EXISTS judge_probe_results (
+    probe_step_id     VARCHAR NOT NULL,
+    judge_fingerprint VARCHAR NOT NULL,
+    probe_run_id      VARCHAR,
+    judge_model       VARCHAR NOT NULL,
+    probe_version     VARCHAR NOT NULL,
+    dataset           VARCHAR NOT NULL,
+    split             VARCHAR NOT NULL,
+    question_id       VARCHAR NOT NULL,
+    task              VARCHAR NOT NULL,
+    action_kind       VARCHAR NOT NULL,       -- math | search | answer
+    corruption        VARCHAR,                -- NULL for gold steps
+    label             VARCHAR NOT NULL,       -- GOOD | BAD
+    verdict           VARCHAR NOT NULL,       -- GOOD | BAD | UNKNOWN
+    p_good            DOUBLE,                 -- NULL when the judge reports no probabilities
+    threshold         DOUBLE,                 -- a calibrated judge's P(GOOD) threshold
+    fold              VARCHAR NOT NULL,       -- calibration | evaluation
+    scored            BOOLEAN NOT NULL,       -- counted in the figures
+    good_votes        INTEGER,
+    bad_votes         INTEGER,
+    votes             INTEGER,
+    message           VARCHAR NOT NULL,
+    state             JSON NOT NULL,          -- the turns before the step
+    reasoning         VARCHAR,
+    call_keys         VARCHAR[],
+    created_at        TIMESTAMPTZ DEFAULT current_timestamp,
+    PRIMARY KEY (probe_step_id, judge_fingerprint)
+);
+
+-- The probe's figures with their bootstrap CIs, per judge, dataset and group (all, action=…, corruption=…).
+CREATE TABLE IF NOT EXISTS judge_probe_metrics (
+    judge_fingerprint VARCHAR NOT NULL,
+    dataset           VARCHAR NOT NULL,
+    split             VARCHAR NOT NULL,
+    grp               VARCHAR NOT NULL,
+    metric            VARCHAR NOT NULL,
+    n                 INTEGER,
+    value             DOUBLE,
+    ci_low            DOUBLE,
+    ci_high           DOUBLE,
+    probe_run_id      VARCHAR,
+    PRIMARY KEY (judge_fingerprint, dataset, split, grp, metric)
+);
+
 CREATE TABLE IF NOT EXISTS grades (
     trajectory_id   VARCHAR NOT NULL,
     method          VARCHAR NOT NULL,         -- numeric | exact_match (rule-based) | llm

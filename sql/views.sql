@@ -58,25 +58,44 @@ SELECT trajectory_id, question_id, k::INTEGER AS step_index,
        pv[ord[k + 1]] AS prompt_version
 FROM expanded;
 
--- Majority vote of the judge samples of each step.
-CREATE OR REPLACE VIEW step_verdicts AS
-SELECT trajectory_id, step_index,
+-- Majority vote of the judge samples of each step, per judge: every judge's verdicts stay queryable.
+CREATE OR REPLACE VIEW step_verdicts_by_judge AS
+SELECT judge_fingerprint, trajectory_id, step_index,
        count(*) FILTER (WHERE verdict = 'GOOD') AS good,
        count(*) FILTER (WHERE verdict = 'BAD') AS bad,
        count(*) AS votes,
        CASE WHEN good > bad THEN 'GOOD' WHEN bad > good THEN 'BAD' ELSE 'UNKNOWN' END AS verdict
-FROM judgments GROUP BY trajectory_id, step_index;
+FROM judgments GROUP BY judge_fingerprint, trajectory_id, step_index;
 
--- The outcome of each trajectory: the LLM grade when there is one, else the rule-based grade.
+-- The one judge each generation run's curated sets read: the judge its latest curation selected, else (judgments
+-- written outside a curation) the judge of its latest judgment. Votes of two judges are never pooled.
+CREATE OR REPLACE VIEW selected_judges AS
+WITH latest AS (
+    SELECT t.run_id, arg_max(j.judge_fingerprint, j.created_at) AS judge_fingerprint
+    FROM judgments j JOIN trajectories t USING (trajectory_id) GROUP BY t.run_id
+)
+SELECT l.run_id, coalesce(s.judge_fingerprint, l.judge_fingerprint) AS judge_fingerprint
+FROM latest l LEFT JOIN judge_selection s USING (run_id);
+
+-- The verdicts of the selected judge: what every curated view and judge analytic below reads.
+CREATE OR REPLACE VIEW step_verdicts AS
+SELECT v.trajectory_id, v.step_index, v.good, v.bad, v.votes, v.verdict, v.judge_fingerprint
+FROM step_verdicts_by_judge v
+JOIN trajectories t USING (trajectory_id)
+JOIN selected_judges s ON s.run_id = t.run_id AND s.judge_fingerprint = v.judge_fingerprint;
+
+-- The outcome of each trajectory: the LLM grade when it parsed (YES or NO), else the rule-based grade.
 CREATE OR REPLACE VIEW trajectory_outcomes AS
 SELECT DISTINCT ON (trajectory_id) trajectory_id, method, correct, score
-FROM grades ORDER BY trajectory_id, (method = 'llm') DESC, method;
+FROM grades WHERE method <> 'llm' OR correct IS NOT NULL
+ORDER BY trajectory_id, (method = 'llm') DESC, method;
 
--- One row per finished training trajectory: process pass (every step judged GOOD) and outcome pass.
+-- One row per finished training trajectory: process pass (every step judged GOOD, and each one exactly one
+-- action: a message the parser found invalid fails whatever the judge said) and outcome pass.
 CREATE OR REPLACE VIEW trajectory_labels AS
 WITH judged AS (
-    SELECT trajectory_id, count(*) AS judged_steps, bool_and(verdict = 'GOOD') AS all_good
-    FROM step_verdicts GROUP BY trajectory_id
+    SELECT v.trajectory_id, count(*) AS judged_steps, bool_and(v.verdict = 'GOOD' AND s.action_kind <> 'invalid') AS all_good
+    FROM step_verdicts v JOIN steps s USING (trajectory_id, step_index) GROUP BY v.trajectory_id
 )
 SELECT t.trajectory_id, t.question_id, q.dataset, t.status, t.num_steps,
        coalesce(j.judged_steps = t.num_steps AND j.all_good, false) AS process_pass,
@@ -138,6 +157,25 @@ CREATE OR REPLACE VIEW judge_self_consistency AS
 SELECT count(*) AS steps, round(avg((good = votes OR bad = votes)::INT), 4) AS unanimous_rate,
        round(avg(greatest(good, bad) / votes), 4) AS mean_majority_share
 FROM step_verdicts WHERE votes > 1;
+
+-- The judge probe's headline figures, one row per judge and dataset (CIs in judge_probe_metrics).
+CREATE OR REPLACE VIEW judge_probe_summary AS
+SELECT judge_fingerprint, dataset, split,
+       max(n) FILTER (WHERE metric = 'accuracy') AS steps,
+       max(value) FILTER (WHERE metric = 'accuracy') AS accuracy,
+       max(value) FILTER (WHERE metric = 'balanced_accuracy') AS balanced_accuracy,
+       max(ci_low) FILTER (WHERE metric = 'balanced_accuracy') AS balanced_accuracy_ci_low,
+       max(ci_high) FILTER (WHERE metric = 'balanced_accuracy') AS balanced_accuracy_ci_high,
+       max(value) FILTER (WHERE metric = 'precision_bad') AS precision_bad,
+       max(value) FILTER (WHERE metric = 'recall_bad') AS recall_bad,
+       max(value) FILTER (WHERE metric = 'f1_bad') AS f1_bad,
+       max(value) FILTER (WHERE metric = 'auroc') AS auroc,
+       max(value) FILTER (WHERE metric = 'self_consistency') AS self_consistency,
+       max(value) FILTER (WHERE metric = 'threshold') AS threshold,
+       max(value) FILTER (WHERE metric = 'cost_usd_per_1000_steps') AS cost_usd_per_1000_steps,
+       max(value) FILTER (WHERE metric = 'calls_per_s') AS calls_per_s,
+       coalesce(max(value) FILTER (WHERE metric = 'better_than_chance') = 1, false) AS better_than_chance
+FROM judge_probe_metrics WHERE grp = 'all' GROUP BY ALL ORDER BY ALL;
 
 -- ---------------------------------------------------------------- evaluation
 

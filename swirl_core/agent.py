@@ -47,6 +47,11 @@ class PolicySpec:
     def prompt_version(self) -> str:
         return prompt_version(self.task, self.few_shot, self.tools)
 
+    @property
+    def max_turns(self) -> int:
+        """Messages a trajectory may take: the prompt allows `max_steps` tool calls, and an answer after them."""
+        return self.max_steps + 1 if self.tools else self.max_steps
+
     @functools.cached_property
     def fingerprint(self) -> str:
         return content_hash(
@@ -89,7 +94,7 @@ class Agent:
         messages = list(prompt)
         steps: list[Step] = []
         status, final, error = "step_cap", None, None
-        for k in range(policy.max_steps):
+        for k in range(policy.max_turns):
             request = policy.request(messages, sample_index)
             try:
                 response = await self.client.complete(request)
@@ -99,9 +104,11 @@ class Agent:
             parsed = parse_action(response.text, policy.task, policy.tools)
             action = parsed.action
             observation, tool_error = None, False
-            if action.kind == "invalid":
+            # After the last allowed tool call only an answer is taken: anything else is recorded, not run.
+            capped = k == policy.max_turns - 1
+            if action.kind == "invalid" and not capped:
                 observation, tool_error = invalid_action_feedback(policy.task, action.error or "invalid", policy.tools), True
-            elif action.kind != "answer":
+            elif action.kind not in ("answer", "invalid") and not capped:
                 result = self._run_tool(action.kind, action.content)
                 observation, tool_error = observation_message(action.content, result.output), result.error
             steps.append(

@@ -142,12 +142,47 @@ class CurateConfig(BaseModel):
     max_reasks: int = Field(2, ge=0, le=10, description="re-asks when a verdict is unparseable")
     grader: Literal["rule", "llm"] = Field("rule", description="outcome grader: rule-based only, or the LLM grader too")
     skip_judge: bool = Field(False, description="grade outcomes only")
+    judge_id: str | None = Field(None, description="judge nothing: the curated sets read the verdicts this judge "
+                                                   "(fingerprint) already gave, e.g. an earlier judge")
+    probe_limit: int = Field(20, ge=0, description="seed questions the judge probe builds labelled steps from "
+                                                   "(`swirl judge-eval`); 0: no probe")
+    min_judge_f1: float | None = Field(None, ge=0, le=1, description="refuse to curate when the judge's probe F1 "
+                                                                     "for detecting BAD steps is below this")
     run_ids: list[str] | None = Field(None, description="only trajectories of these generation runs")
     dataset: str | None = Field(None, description="only questions of this dataset")
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     shard_size: int = Field(64, ge=1, description="steps (or trajectories) per shard")
     fsync: bool = False
     progress: bool = True
+
+    @property
+    def resolved_work_dir(self) -> Path:
+        return Path(self.work_dir) if self.work_dir else Path(self.db).with_suffix(".work")
+
+
+class JudgeEvalConfig(BaseModel):
+    """Parameters of the `judge-eval` flow: a judge measured on labelled steps built from gold solutions."""
+
+    db: str = "swirl.duckdb"
+    work_dir: str | None = Field(None, description="journals; default: <db>.work beside the database")
+    dataset: str = Field("demo-math", description="a dataset with gold steps: gsm8k, hotpotqa, musique, demo-math")
+    data_files: list[str] | None = Field(None, description="local JSONL/JSON/Parquet files; default: the Hub dataset")
+    split: str = "train"
+    hub_name: str | None = None
+    hub_config: str | None = None
+    limit: int | None = Field(20, ge=1, description="seed questions to build labelled steps from")
+    seed: int = Field(0, description="seed of the corruptions")
+    judge: ModelConfig = Field(default_factory=lambda: ModelConfig(temperature=0.0))
+    judge_samples: int = Field(1, ge=1, le=99, description="judge samples per step (majority vote, self-consistency)")
+    max_reasks: int = Field(2, ge=0, le=10)
+    n_resamples: int = Field(2000, ge=100, le=100_000, description="bootstrap resamples for the CIs")
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+    shard_size: int = Field(64, ge=1, description="steps per shard")
+
+    @field_validator("data_files", mode="before")
+    @classmethod
+    def _listify(cls, v: Any) -> Any:
+        return [v] if isinstance(v, (str, Path)) else v
 
     @property
     def resolved_work_dir(self) -> Path:

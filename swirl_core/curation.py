@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pyarrow as pa
 from pydantic import BaseModel
 
-from swirl_core.config import CurateConfig, ModelConfig
+from swirl_core.config import CurateConfig, JudgeEvalConfig, ModelConfig
 from swirl_core.grading import rule_grade
 from swirl_core.hashing import content_hash
 from swirl_core.judging import (
@@ -30,6 +30,7 @@ from swirl_core.judging import (
     calibrate_thresholds,
 )
 from swirl_core.llm.factory import run_with_client
+from swirl_core.seeds import DATASETS
 from swirl_core.store import query_dicts
 
 # How `_ask` (judging.py) words a judgment or grade whose call failed for good (retries exhausted, bad request).
@@ -173,6 +174,53 @@ def judgment_rows(judgments: list[Judgment], run_id: str, fingerprint: str) -> p
         ("judge_fingerprint", pa.string()), ("prompt_version", pa.string()), ("verdict", pa.string()),
         ("reasoning", pa.string()), ("attempts", pa.int32()), ("call_keys", pa.list_(pa.string())),
     ]))
+
+
+def select_judge(con, config: CurateConfig, fingerprint: str, run_id: str) -> list[str]:
+    """Make `fingerprint` the judge whose verdicts the curated sets of every generation run in scope read
+    (the runs it judged a step of); returns those runs."""
+    where, params = _scope(config)
+    runs = [r[0] for r in con.execute(
+        f"""SELECT DISTINCT t.run_id FROM judgments j JOIN trajectories t USING (trajectory_id)
+            JOIN questions q ON q.question_id = t.question_id
+            WHERE j.judge_fingerprint = ?{where} ORDER BY 1""", [fingerprint, *params]).fetchall()]
+    if runs:
+        con.execute("""INSERT OR REPLACE INTO judge_selection
+                       SELECT unnest(?::VARCHAR[]), ?, ?, current_timestamp""", [runs, fingerprint, run_id])
+    return runs
+
+
+def probe_configs(con, config: CurateConfig) -> dict[str, JudgeEvalConfig]:
+    """Per task, the judge probe of the curated data's own seeds: those of the first generation run in scope
+    (its stored config names the dataset and files). Judging settings are curation's."""
+    where, params = _scope(config)
+    rows = con.execute(f"""SELECT r.config FROM runs r WHERE r.kind IN ('generate', 'eval-generate') AND r.run_id IN (
+                               SELECT t.run_id FROM trajectories t JOIN questions q USING (question_id) WHERE true{where})
+                           ORDER BY r.run_id""", params).fetchall()
+    out: dict[str, JudgeEvalConfig] = {}
+    for (raw,) in rows:
+        gen = json.loads(raw)
+        spec = DATASETS.get(gen.get("dataset"))
+        if spec is None or spec.task in out:
+            continue
+        out[spec.task] = JudgeEvalConfig(
+            db=config.db, work_dir=config.work_dir, dataset=gen["dataset"], data_files=gen.get("data_files"),
+            split=gen.get("split", "train"), hub_name=gen.get("hub_name"), hub_config=gen.get("hub_config"),
+            limit=config.probe_limit, judge=config.judge, judge_samples=config.judge_samples,
+            max_reasks=config.max_reasks, shard_size=config.shard_size)
+    return out
+
+
+def scope_tasks(con, config: CurateConfig) -> set[str]:
+    where, params = _scope(config)
+    return {r[0] for r in con.execute(f"SELECT DISTINCT q.task FROM trajectories t JOIN questions q USING (question_id) "
+                                      f"WHERE true{where}", params).fetchall()}
+
+
+def register_judge(con, fingerprint: str, spec: JudgeSpec, probe_fingerprint: str | None) -> None:
+    con.execute("""INSERT INTO judges VALUES (?, ?, ?, ?, current_timestamp)
+                   ON CONFLICT DO UPDATE SET probe_fingerprint = coalesce(EXCLUDED.probe_fingerprint, judges.probe_fingerprint)""",
+                [fingerprint, spec.model, spec.model_dump_json(), probe_fingerprint])
 
 
 def _ungraded(con, config: CurateConfig, methods: tuple[str, ...]) -> list[dict]:

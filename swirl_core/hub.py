@@ -56,6 +56,19 @@ WHERE q.split = ?
 ORDER BY l.question_id, s.trajectory_id, s.step_index
 """
 
+# The judge probe's figures of every judge the published sets read (NULL figures: the judge was not measured).
+_PROBE_SQL = """
+SELECT coalesce(j.judge_model, '?') AS judge, s.judge_fingerprint AS judge_id, p.dataset AS probe_dataset,
+       p.steps AS labelled_steps, round(p.balanced_accuracy, 3) AS balanced_accuracy,
+       '[' || round(p.balanced_accuracy_ci_low, 3) || ', ' || round(p.balanced_accuracy_ci_high, 3) || ']' AS ci_95,
+       round(p.f1_bad, 3) AS f1_bad, round(p.auroc, 3) AS auroc, round(p.threshold, 4) AS p_good_threshold,
+       p.better_than_chance
+FROM (SELECT DISTINCT judge_fingerprint FROM selected_judges) s
+LEFT JOIN judges j USING (judge_fingerprint)
+LEFT JOIN judge_probe_summary p ON p.judge_fingerprint = j.probe_fingerprint
+ORDER BY ALL
+"""
+
 _WHERE = {"none": "true", "process": "l.process_pass", "outcome": "l.outcome_pass",
           "process_outcome": "l.process_pass AND l.outcome_pass"}
 
@@ -237,6 +250,13 @@ observation is stored as `INPUT → RESULT`.
 {_table(query_dicts(con, "SELECT * FROM curation_retention"))}
 
 ## Judge quality
+
+The judge probe (`swirl judge-eval`): the judge rated steps of known verdict built from the seed dataset's gold
+solutions (gold steps GOOD; wrong operands, operators, answers, premature answers and repeats BAD). Balanced
+accuracy with its 95% bootstrap CI, F1 for detecting BAD steps; a judge whose CI reaches 0.5 is no better than
+chance, and its process filter then means little:
+
+{_table(query_dicts(con, _PROBE_SQL))}
 
 Process verdict vs outcome (trajectories judged and graded):
 

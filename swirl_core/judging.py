@@ -315,9 +315,10 @@ class JudgeSpec(BaseModel):
     reask_temperature: float = Field(0.7, ge=0, le=2)
     max_tokens: int = Field(256, ge=1)
     constraint: str | None = None
-    calibration: Literal["none", "median"] = Field(
-        "none", description="median: GOOD when P(GOOD) reaches its median over a sample of the curated steps "
-                            "(needs choice probabilities: in-process judges)")
+    calibration: Literal["none", "median", "labelled"] = Field(
+        "none", description="GOOD when P(GOOD) reaches a threshold (needs choice probabilities: in-process judges): "
+                            "median: its median over a sample of the curated steps; labelled: the one with the best "
+                            "balanced accuracy on the judge probe's labelled steps")
     thresholds: dict[str, float] = Field(default_factory=dict, description="per task, the P(GOOD) a step needs "
                                                                            "(set by `calibrate_thresholds`)")
 
@@ -378,7 +379,7 @@ class StepJudge:
                             reask_temperature=spec.reask_temperature, max_tokens=spec.max_tokens,
                             prompt_version=version, constraint=spec.constraint)
 
-        if spec.calibration == "median":
+        if spec.calibration != "none":
             asked = await self._calibrated(item.task, make(0))
         else:
             asked = await _ask(self.client, make, parse_verdict, spec.max_reasks)
@@ -405,7 +406,7 @@ class StepJudge:
             asked.text = f"P(GOOD) {asked.p_good:.4f}; no threshold"
             return asked
         asked.value = "GOOD" if asked.p_good >= threshold else "BAD"
-        asked.text = f"P(GOOD) {asked.p_good:.4f}; threshold {threshold:.4f} (median of a sample)\n{asked.value}"
+        asked.text = f"P(GOOD) {asked.p_good:.4f}; threshold {threshold:.4f} ({self.spec.calibration})\n{asked.value}"
         return asked
 
 

@@ -152,21 +152,24 @@ def invalid_action_feedback(task: TaskKind, error: str, tools: bool = True) -> s
 
 # ASCII case folding only: under full Unicode folding `ſ` (long s) would match `s`, and a tag read as
 # <ſearch_query> would name no action.
+# A message must take exactly one action: the protocol says EITHER a tool call OR the answer.
+TWO_ACTIONS = "more than one action in one message"
 _OPEN_RE = re.compile(r"<\s*(search_query|math_exp|answer)\s*>", re.IGNORECASE | re.ASCII)
 
 
 @dataclass(frozen=True)
 class Parsed:
     action: Action
-    message: str  # the message as it should enter the conversation (cut after the first action)
+    message: str  # the message as it should enter the conversation (cut after its one action)
 
 
 def parse_action(text: str, task: TaskKind, tools: bool = True) -> Parsed:
     """Parse one model message into exactly one action; never raises.
 
     Tolerates text around the tag and a missing closing tag (the content runs to the next tag or
-    the end). A second action is cut off, as a stop sequence would have done, and the message
-    is marked truncated. No tag, an empty tag, or a tool the task lacks is an `invalid` action.
+    the end); other text after the action is cut off and the action marked truncated. A message
+    holding two actions is `invalid` and kept whole, so the judge sees that it did both. No tag,
+    an empty tag, or a tool the task lacks is `invalid` too.
     """
     allowed = actions(task, tools)
     opening = _OPEN_RE.search(text)
@@ -185,6 +188,8 @@ def parse_action(text: str, task: TaskKind, tools: bool = True) -> Parsed:
     content = content.strip()
     message = text[:end].rstrip() if close is not None else text[:end].rstrip() + f"</{tag}>"
     truncated = bool(text[end:].strip())
+    if _OPEN_RE.search(text, end) is not None:
+        return Parsed(Action(kind="invalid", reasoning=reasoning, content=content, error=TWO_ACTIONS), text)
     if kind not in allowed:
         error = f"<{tag}> is not available for this task"
         return Parsed(Action(kind="invalid", reasoning=reasoning, content=content, error=error), message)

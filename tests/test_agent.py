@@ -41,17 +41,31 @@ async def test_math_trajectory_runs_tools_and_stops_at_answer(tmp_path):
 
 
 async def test_step_cap_invalid_steps_and_tool_errors(tmp_path):
-    replies = iter(["no tag here", "<math_exp>1/0</math_exp>", "<math_exp>2+2</math_exp>"])
+    replies = iter(["no tag here", "<math_exp>1/0</math_exp>", "<math_exp>2+2</math_exp>", "<math_exp>3+3</math_exp>"])
     with ScriptedServer(responder=lambda body: next(replies)) as srv:
         agent = _agent(srv, tmp_path, max_steps=3)
         traj = await agent.run(_question("q"), sample_index=0)
         await agent.client.aclose()
     assert traj.status == "step_cap" and traj.final_answer is None
     kinds = [s.action.kind for s in traj.steps]
-    assert kinds == ["invalid", "math", "math"]
+    assert kinds == ["invalid", "math", "math", "math"]
     assert traj.steps[0].action.error == "no action tag" and "Format error" in traj.steps[0].observation
     assert traj.steps[1].tool_error and "division by zero" in traj.steps[1].observation
     assert traj.steps[2].observation == "2+2 → 4" and not traj.steps[2].tool_error
+    # the turn after the cap takes only an answer: a fourth calculation is recorded but never run
+    assert traj.steps[3].observation is None and len(srv.requests) == 4
+
+
+async def test_an_answer_after_all_allowed_tool_calls_is_accepted(tmp_path):
+    # The prompt promises N calculator uses before answering: N calls, then the answer still counts.
+    replies = iter(["<math_exp>2+2</math_exp>", "<math_exp>4*3</math_exp>", "<answer>12</answer>"])
+    with ScriptedServer(responder=lambda body: next(replies)) as srv:
+        agent = _agent(srv, tmp_path, max_steps=2)
+        assert "at most 2 times" in agent.initial_messages(_question("q"))[0]["content"]
+        traj = await agent.run(_question("q"), sample_index=0)
+        await agent.client.aclose()
+    assert traj.status == "answered" and traj.final_answer == "12"
+    assert [s.action.kind for s in traj.steps] == ["math", "math", "answer"]
 
 
 async def test_llm_failure_is_recorded_with_the_steps_so_far(tmp_path):

@@ -223,7 +223,7 @@ def test_sigkill_generate_and_curate_at_20_random_points_then_resume(prefect_api
             assert query(db, "SELECT count(*) FROM llm_calls WHERE purpose = 'policy'") == [(POLICY_CALLS,)]
 
             cur_args = ["curate", "--judge", "openai/judge", "--judge-api-base", judge_gate.base_url, "--grader", "llm",
-                        "--shard-size", "8", *common]
+                        "--shard-size", "8", "--probe-limit", "0", *common]
             cur = crash_phase("curate", cur_args, db, judge_gate, judge_url, JUDGE_CALLS, rng, 10, logs)
             cur_stats = fetch_stats(judge_url)
     finally:

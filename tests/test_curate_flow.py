@@ -69,7 +69,7 @@ def test_curate_judges_grades_and_builds_the_four_sets(generated_db, prefect_api
     with ScriptedServer(responder=_judge) as srv:
         config = CurateConfig(db=str(generated_db), judge=ModelConfig(model="openai/judge", api_base=srv.base_url),
                               grader="llm", max_reasks=2, cluster=ClusterConfig(n_workers=2), shard_size=8,
-                              progress=False)
+                              progress=False, probe_limit=0)
         result = run_curate(config)
         assert result["status"] == "completed" and result["judged_steps"] == 36
         sent = srv.stats()["total"]
@@ -150,3 +150,104 @@ def test_curate_cli(tmp_path, prefect_api):
     missing = subprocess.run([sys.executable, "-m", "flows.cli", "curate", "--db", str(tmp_path / "nope.duckdb")],
                              cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "swirl generate" in missing.stderr
+
+
+def test_curated_sets_read_one_judge(tmp_path):
+    """Two judges on one database: the sets read the latest (or the selected) judge, never a mix of votes."""
+    import pyarrow as pa
+    from helpers import build_labeled_db
+
+    from swirl_core.store import Store
+
+    build_labeled_db(tmp_path / "two.duckdb")
+    with Store(tmp_path / "two.duckdb") as store:
+        # judge "g" came later and says BAD to t0's answer: pooled with "f" that step would tie and be UNKNOWN
+        store.con.execute("UPDATE judgments SET created_at = TIMESTAMPTZ '2026-01-01 00:00:00+00'")
+        store.upsert("judgments", pa.Table.from_pylist([
+            {"judgment_id": f"g{t}{i}", "trajectory_id": t, "step_index": i, "sample_index": 0, "judge_model": "j2",
+             "judge_fingerprint": "g", "prompt_version": "v", "verdict": "BAD" if (t, i) == ("t0", 1) else "GOOD"}
+            for t in ("t0", "t1", "t2", "t3") for i in (0, 1)]))
+        process = lambda: {r[0] for r in store.query("SELECT DISTINCT trajectory_id FROM curated_process")}  # noqa: E731
+        assert process() == {"t1", "t2", "t3"}  # g's verdicts alone
+        assert store.query("SELECT DISTINCT judge_fingerprint FROM step_verdicts") == [("g",)]
+        assert store.query("SELECT max(votes) FROM step_verdicts") == [(1,)]
+        store.con.execute("INSERT INTO judge_selection VALUES ('r', 'f', 'c', current_timestamp)")  # --judge-id f
+        assert process() == {"t0", "t1"}  # the earlier judge's set is still there
+        assert store.query("SELECT count(DISTINCT judge_fingerprint) FROM step_verdicts_by_judge") == [(2,)]
+
+
+def test_outcome_rules_and_the_invalid_step_rule(tmp_path):
+    import pyarrow as pa
+    from helpers import build_labeled_db
+
+    from swirl_core.store import Store
+
+    build_labeled_db(tmp_path / "o.duckdb")
+    with Store(tmp_path / "o.duckdb") as store:
+        outcome = lambda: {r[0] for r in store.query("SELECT DISTINCT trajectory_id FROM curated_outcome")}  # noqa: E731
+        # An unparseable LLM grade (correct NULL) decides nothing: the rule grade stands; a parsed one decides.
+        store.upsert("grades", pa.Table.from_pylist([{"trajectory_id": "t0", "method": "llm", "correct": None},
+                                                     {"trajectory_id": "t2", "method": "llm", "correct": False}]))
+        assert outcome() == {"t0"}
+        assert store.query("SELECT method FROM trajectory_outcomes WHERE trajectory_id = 't0'") == [("exact_match",)]
+        # A step the parser found invalid (e.g. two actions) fails the process filter whatever the judge said.
+        store.con.execute("UPDATE steps SET action_kind = 'invalid' WHERE trajectory_id = 't1' AND step_index = 0")
+        assert {r[0] for r in store.query("SELECT DISTINCT trajectory_id FROM curated_process")} == {"t0"}
+
+
+def _probe_aware(judge, steps_for_probe):
+    """The judge of a curation: `judge` for the trajectories' steps, the gold verdict for probe steps."""
+    from swirl_core.judging import judge_messages
+
+    labels = {judge_messages(s.task, s.question, s.turns, s.action_message)[0]["content"]: s.label for s in steps_for_probe}
+
+    def respond(body):
+        content = body["messages"][-1]["content"]
+        return f"Checked against the gold steps.\n{labels[content]}" if content in labels else judge(body)
+
+    return respond
+
+
+def test_curate_measures_its_judge_and_refuses_a_bad_one(prefect_api, tmp_path):
+    import random
+
+    from flows.curate import run_curate
+    from flows.generate import run_generate
+    from flows.judge_eval import build_steps
+    from swirl_core.config import JudgeEvalConfig
+
+    db = tmp_path / "m.duckdb"
+    with ScriptedServer(responder=math_policy) as srv:
+        gen = run_generate(GenerateConfig(
+            dataset="gsm8k", data_files=[str(FIXTURES / "gsm8k_test20.jsonl")], split="test", limit=3, samples=1,
+            policy=ModelConfig(model="openai/policy", api_base=srv.base_url), db=str(db), progress=False,
+            cluster=ClusterConfig(n_workers=1)))
+    probe_steps = build_steps(JudgeEvalConfig(dataset="gsm8k", data_files=[str(FIXTURES / "gsm8k_test20.jsonl")],
+                                              split="test", limit=4))
+    common = dict(db=str(db), grader="rule", cluster=ClusterConfig(n_workers=1), progress=False, probe_limit=4)
+    with ScriptedServer(responder=_probe_aware(_judge, probe_steps)) as srv:
+        first = run_curate(CurateConfig(judge=ModelConfig(model="openai/judge", api_base=srv.base_url), **common))
+    probe = first["probes"][0]
+    assert probe["better_than_chance"] and probe["steps"] == len(probe_steps) and probe["summary"]["f1_bad"] == 1.0
+    assert _q(db, "SELECT judge_fingerprint, probe_fingerprint FROM judges") == [(first["fingerprint"], probe["fingerprint"])]
+    assert _q(db, "SELECT run_id, judge_fingerprint FROM judge_selection") == [(gen["run_id"], first["fingerprint"])]
+
+    # A judge that answers at random is measured, found no better than chance, and refused before judging.
+    coin = lambda body: random.Random(body["messages"][-1]["content"]).choice(["GOOD", "BAD"])  # noqa: E731
+    with ScriptedServer(responder=coin) as srv, pytest.raises(ValueError, match="min-judge-f1"):
+        run_curate(CurateConfig(judge=ModelConfig(model="openai/coin", api_base=srv.base_url), min_judge_f1=0.9, **common))
+    assert _q(db, "SELECT count(*) FROM judgments WHERE judge_model = 'openai/coin'") == [(0,)]
+
+    # Re-curating with another judge: the sets read its verdicts only; --judge-id brings the first one back.
+    everything_good = lambda body: "Fine.\nGOOD"  # noqa: E731
+    with ScriptedServer(responder=everything_good) as srv:
+        second = run_curate(CurateConfig(judge=ModelConfig(model="openai/lenient", api_base=srv.base_url), **common))
+    assert not second["probes"][0]["better_than_chance"]  # GOOD to everything: balanced accuracy exactly 0.5
+    assert _q(db, "SELECT DISTINCT judge_fingerprint FROM step_verdicts") == [(second["fingerprint"],)]
+    assert _q(db, "SELECT trajectories FROM curation_retention WHERE filter = 'process'") == [(3,)]
+    back = run_curate(CurateConfig(judge_id=first["fingerprint"], **common))
+    assert back["judged_steps"] == 0 and back["probes"] == []
+    assert _q(db, "SELECT DISTINCT judge_fingerprint FROM step_verdicts") == [(first["fingerprint"],)]
+    assert _q(db, "SELECT trajectories FROM curation_retention WHERE filter = 'process'") == [(0,)]
+    with pytest.raises(ValueError, match="judged no step"):
+        run_curate(CurateConfig(judge_id="0000000000000000", **common))

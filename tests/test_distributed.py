@@ -231,7 +231,7 @@ def test_generate_and_curate_scale_out_to_a_dask_scheduler(dask_cluster, tmp_pat
 
     with ScriptedServer(responder=_judge, faults=Faults(latency_s=0.03)) as judge:
         curate = CurateConfig(db=str(db), judge=ModelConfig(model="openai/judge", api_base=judge.base_url, concurrency=2),
-                              grader="rule", cluster=cluster, shard_size=3, progress=False)
+                              grader="rule", cluster=cluster, shard_size=3, progress=False, probe_limit=0)
         with OpenFileWatch(dask_cluster.all_pids() | {me}, str(db)) as watch:
             result = run_curate(curate)
         assert result["status"] == "completed" and result["judged_steps"] == 24, (result, dask_cluster.diagnostics())

@@ -199,7 +199,7 @@ def test_flows_under_the_fault_matrix_record_every_failure_and_lose_nothing(pref
         gen = GenerateConfig(dataset="gsm8k", data_files=[GSM8K], split="test", limit=questions, samples=samples,
                              shard_size=2, policy=model("openai/policy"), db=str(db), cluster=on_cluster, progress=False)
         cur = CurateConfig(db=str(db), judge=model("openai/judge"), grader="llm", shard_size=8, cluster=on_cluster,
-                           progress=False)
+                           progress=False, probe_limit=0)
         boundaries, gen_runs, cur_runs = [], [], []
 
         # Generation: each run stores every planned trajectory; an error row carries the client's reason.

@@ -66,9 +66,18 @@ def test_config_is_shared_by_every_stage_and_conflicts_are_refused(tmp_path):
 
 @pytest.mark.slow
 def test_pipeline_end_to_end_then_a_rerun_pays_and_trains_nothing(prefect_api, tmp_path, tiny_model_dir):
+    from flows.curate import run_curate
+    from flows.generate import run_generate
     from flows.pipeline import pipeline
+    from swirl_core.config import CurateConfig, GenerateConfig
 
     with ScriptedServer(responder=_dispatch) as srv:
+        # A foreign run already curated in the database (another policy): the pipeline must not train on it.
+        foreign = run_generate(GenerateConfig(
+            db=str(tmp_path / "p.duckdb"), samples=1, limit=2, max_steps=3, progress=False, cluster={"n_workers": 1},
+            policy={"model": "openai/old-policy", "api_base": srv.base_url, "temperature": 0.0}))
+        run_curate(CurateConfig(db=str(tmp_path / "p.duckdb"), run_ids=[foreign["run_id"]], progress=False,
+                                cluster={"n_workers": 1}, judge={"model": "openai/judge", "api_base": srv.base_url}))
         api = {"api_base": srv.base_url, "temperature": 0.0, "max_tokens": 64}
         tiny = str(tiny_model_dir)
         train = {"base_model": tiny, "max_steps": 1, "per_device_batch_size": 2, "num_generations": 2,
@@ -87,10 +96,12 @@ def test_pipeline_end_to_end_then_a_rerun_pays_and_trains_nothing(prefect_api, t
         assert first["status"] == "completed", first["stages"]
         assert [s["stage"] for s in first["stages"]] == ["generate", "curate", "train-sft", "train-swirl", "evaluate", "publish"]
         retention = {r["filter"]: r["trajectories"] for r in first["retention"]}
-        assert retention == {"none": 12, "process": 6, "outcome": 6, "process_outcome": 6}
+        assert retention == {"none": 14, "process": 7, "outcome": 7, "process_outcome": 7}  # 2 of them foreign
         for method in ("sft", "swirl"):
             folder = Path(first["checkpoints"][method])
-            assert (folder / "README.md").is_file() and (folder / "swirl_training.json").is_file()
+            lineage = json.loads((folder / "swirl_training.json").read_text())["lineage"]
+            assert lineage["run_ids"] == lineage["requested_run_ids"] == [first["generation_run"]]
+            assert f"| generation runs | {first['generation_run']} |" in (folder / "README.md").read_text()
         assert {m["label"] for m in first["metrics"]} == {"base", "sft", "swirl"}
         assert Path(first["report"]).is_file()
         assert (tmp_path / "p.work" / "hub" / "me__demo" / "README.md").is_file()
@@ -108,6 +119,7 @@ def test_pipeline_end_to_end_then_a_rerun_pays_and_trains_nothing(prefect_api, t
     finally:
         con.close()
     assert n_eval == [(3, 9)] and dupes == [(0,)]
+    assert first["probes"] and first["probes"][0]["dataset"] == "demo-math"  # the demo's judge was measured
 
 
 @pytest.mark.slow

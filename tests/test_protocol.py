@@ -3,6 +3,7 @@
 import pytest
 
 from swirl_core.protocol import (
+    TWO_ACTIONS,
     action_regex,
     instructions,
     observation_message,
@@ -41,14 +42,23 @@ def test_zero_shot_is_one_user_turn_and_few_shot_adds_demo_turns():
         ("<answer> Paris </answer>\n", "answer", "Paris", False),
         ("<search_query>Eiffel tower height", "search", "Eiffel tower height", False),  # missing close
         ("<SEARCH_QUERY>x</SEARCH_QUERY>", "search", "x", False),
-        ("<search_query>a</search_query> and <answer>b</answer>", "search", "a", True),  # two tags
-        ("<search_query>a <answer>b</answer>", "search", "a", True),  # unclosed, then another tag
         ("reasoning\n\nmore reasoning <answer>42</answer> trailing words", "answer", "42", True),
     ],
 )
 def test_parser_on_messy_qa_output(text, kind, content, truncated):
     action = parse_action(text, "qa").action
     assert (action.kind, action.content, action.truncated) == (kind, content, truncated)
+
+
+@pytest.mark.parametrize("text", [
+    "<search_query>a</search_query> and <answer>b</answer>",
+    "<search_query>a <answer>b</answer>",  # unclosed, then another tag
+    "<math_exp>2+2</math_exp> <math_exp>3+3</math_exp>",
+])
+def test_a_message_with_two_actions_is_invalid_and_kept_whole(text):
+    parsed = parse_action(text, "qa" if "search" in text else "math")
+    assert parsed.action.kind == "invalid" and parsed.action.error == TWO_ACTIONS
+    assert parsed.message == text  # the judge sees both actions and rates the step BAD
 
 
 @pytest.mark.parametrize(
@@ -66,9 +76,9 @@ def test_parse_failures_are_recorded_not_raised(text, error):
     assert action.kind == "invalid" and action.error == error
 
 
-def test_message_is_cut_after_the_first_action_and_closed():
-    parsed = parse_action("think <math_exp>3*4</math_exp> <answer>12</answer>", "math")
-    assert parsed.message == "think <math_exp>3*4</math_exp>"
+def test_message_is_cut_after_its_action_and_closed():
+    parsed = parse_action("think <math_exp>3*4</math_exp> and that is all", "math")
+    assert parsed.message == "think <math_exp>3*4</math_exp>" and parsed.action.truncated
     assert parse_action("<math_exp>3*4", "math").message == "<math_exp>3*4</math_exp>"
 
 

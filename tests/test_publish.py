@@ -59,6 +59,23 @@ def test_card_carries_configs_licence_retention_contamination_and_citation(label
         assert needle in body
 
 
+def test_card_carries_the_judges_probe_figures(labeled_db, tmp_path):
+    import pyarrow as pa
+
+    from swirl_core.store import Store
+
+    with Store(labeled_db) as store:  # the judge "f" of the labelled data, measured by probe "p"
+        store.con.execute("INSERT INTO judges VALUES ('f', 'openai/judge', '{}', 'p', current_timestamp)")
+        store.upsert("judge_probe_metrics", pa.Table.from_pylist([
+            {"judge_fingerprint": "p", "dataset": "hotpotqa", "split": "train", "grp": "all", "metric": m, "n": 40,
+             "value": v, "ci_low": lo, "ci_high": hi}
+            for m, v, lo, hi in [("accuracy", 0.8, 0.7, 0.9), ("balanced_accuracy", 0.75, 0.61, 0.88),
+                                 ("f1_bad", 0.7, 0.5, 0.85), ("better_than_chance", 1.0, None, None)]]))
+    _, card = _export(labeled_db, tmp_path / "hub")
+    probe = card.split("The judge probe", 1)[1].split("Process verdict vs outcome", 1)[0]
+    assert "| openai/judge | f | hotpotqa | 40 | 0.75 | [0.61, 0.88] | 0.7 |" in probe and "| True |" in probe
+
+
 def test_export_is_deterministic(labeled_db, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     _export(labeled_db, a)

@@ -13,7 +13,7 @@ from scripted_server import ScriptedServer
 from swirl_core.config import ModelConfig
 from swirl_core.training.data import CURATED_VIEWS, rl_dataset, sft_dataset
 from swirl_core.training.rewards import JudgeReward, format_reward
-from swirl_core.training.trainers import TrainSettings, sft_trainer, train_sft, train_swirl
+from swirl_core.training.trainers import TrainSettings, fit_max_length, sft_trainer, train_sft, train_swirl
 
 MAGIC = "Vistula-7"
 
@@ -152,6 +152,25 @@ def test_sft_masks_the_state(con, tmp_path, tiny_model_dir):
         assert learned.startswith(source["completion"][0]["content"]) and "Question:" not in learned
 
 
+def test_sft_pairs_over_max_length_are_left_out(con, tmp_path, tiny_model_dir):
+    """TRL cuts a long pair from the end, i.e. its action; such a pair would train on nothing, so it is dropped."""
+    data = sft_dataset(con, "process", out_dir=tmp_path / "d")
+    settings = TrainSettings(method="sft", base_model=str(tiny_model_dir), output_dir=str(tmp_path / "o"), max_steps=1)
+    tok = sft_trainer(settings, data.dataset).processing_class
+    full = [len(tok(tok.apply_chat_template(r["prompt"] + r["completion"], tokenize=False), add_special_tokens=False)
+                ["input_ids"]) for r in data.dataset]
+    cut = max(full) - 3  # the longest pairs miss their last 3 tokens
+    truncated = sft_trainer(settings.model_copy(update={"max_length": cut}), data.dataset)
+    for example, n in zip(truncated.train_dataset, full, strict=True):
+        learned = tok.decode([t for t in example["labels"] if t != -100])
+        assert learned.startswith(example["completion"][0]["content"]) == (n <= cut)  # TRL would train on a cut action
+    kept, dropped = fit_max_length(data.dataset, tok, cut)
+    assert dropped == sum(n > cut for n in full) > 0 and len(kept) == len(full) - dropped
+    assert {r["step_index"] for r in kept} == {r["step_index"] for r, n in zip(data.dataset, full) if n <= cut}
+    with pytest.raises(ValueError, match="longer than max_length"):
+        train_sft(settings.model_copy(update={"max_length": 16}), data.dataset)
+
+
 @pytest.mark.slow
 def test_sft_trains_saves_and_the_checkpoint_generates(con, tmp_path, tiny_model_dir):
     import torch
@@ -214,3 +233,10 @@ def test_swirl_rl_scores_fresh_samples_over_http(con, tmp_path, tiny_model_dir):
 
     assert AutoModelForCausalLM.from_pretrained(result.output_dir).config.num_hidden_layers == 2
     assert result.seconds_per_step > 0
+
+
+def test_train_cli_exports_only_the_given_runs():
+    from flows.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--method", "sft", "--output", "o", "--run-id", "a", "--run-id", "b"])
+    assert args.run_ids == ["a", "b"]

@@ -156,8 +156,8 @@ def _closed(text: str, kind: str) -> bool:
 def format_reward(completions: Sequence[Any], task: Sequence[str], **kwargs: Any) -> list[float]:
     """0.0 for a message that is exactly one well-formed action of the task, else -1.0.
 
-    A second action (parse_action's `truncated`) or a missing closing tag — typically a message cut
-    off at max_completion_length — fails: the agent would repair those, but RL should not teach them.
+    Two actions (invalid to the parser), text after the action (`truncated`) or a missing closing tag —
+    typically a message cut off at max_completion_length — fail: RL should not teach them.
     """
     rewards = []
     for completion, kind in zip(completions, task, strict=True):

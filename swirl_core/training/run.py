@@ -25,6 +25,7 @@ class TrainConfig(BaseModel):
     settings: TrainSettings
     judge: ModelConfig | None = Field(None, description="SWiRL's generative reward model; default: the offline model")
     dataset: str | None = Field(None, description="only steps of this seed dataset")
+    run_ids: list[str] | None = Field(None, description="only trajectories of these generation runs; default: every run")
     limit: int | None = Field(None, ge=1, description="at most this many training rows")
     work_dir: str | None = Field(None, description="journals of the judge's calls; default: <db>.work")
 
@@ -43,7 +44,8 @@ def run_training(request: TrainConfig, run_id: str) -> dict[str, Any]:
     # Read-only: training may run on another machine than the flow that writes DuckDB.
     with Store(request.db, read_only=True) as store:
         export = (sft_dataset if settings.method == "sft" else rl_dataset)(
-            store.con, request.resolved_filter, out_dir=data_dir, dataset=request.dataset, limit=request.limit)
+            store.con, request.resolved_filter, out_dir=data_dir, dataset=request.dataset, run_ids=request.run_ids,
+            limit=request.limit)
         prompt_versions = [r[0] for r in store.query(
             "SELECT DISTINCT prompt_version FROM trajectories WHERE run_id IN (SELECT unnest(?::VARCHAR[])) ORDER BY 1",
             [export.run_ids])]
@@ -51,7 +53,7 @@ def run_training(request: TrainConfig, run_id: str) -> dict[str, Any]:
         raise ValueError(f"the '{request.resolved_filter}' curated set is empty: nothing to train on "
                          "(run `swirl curate`, or choose another --filter)")
     lineage = export.lineage() | {"filter": request.resolved_filter, "prompt_versions": prompt_versions, "db": request.db,
-                                  "data_sha256": _sha256(export.files)}
+                                  "data_sha256": _sha256(export.files), "requested_run_ids": request.run_ids}
     judge = request.judge or ModelConfig(temperature=0.0)
     if settings.method == "swirl":
         lineage["judge_model"] = judge.model
@@ -63,9 +65,10 @@ def run_training(request: TrainConfig, run_id: str) -> dict[str, Any]:
     else:
         reward = JudgeReward(judge, request.journal_dir, run_id=run_id)
         result = train_swirl(settings, export.dataset, [reward, format_reward], lineage=lineage)
-    write_model_card(Path(settings.output_dir), settings, lineage, result.log_history)
+    write_model_card(Path(settings.output_dir), settings, lineage, result.log_history, result.dropped_too_long)
     return {"output_dir": result.output_dir, "steps": result.steps, "train_runtime_s": result.train_runtime_s,
             "seconds_per_step": result.seconds_per_step, "log_history": result.log_history, "lineage": lineage,
+            "dropped_too_long": result.dropped_too_long,
             "reward": reward.summary() if reward is not None else None, "skipped": False}
 
 
@@ -92,10 +95,11 @@ def finished_run(folder: Path, settings: TrainSettings, lineage: dict[str, Any])
     steps = max(int(result["steps"]), 1)
     return {"output_dir": result["output_dir"], "steps": result["steps"], "train_runtime_s": result["train_runtime_s"],
             "seconds_per_step": result["train_runtime_s"] / steps, "log_history": result["log_history"],
-            "lineage": lineage, "reward": None, "skipped": True}
+            "lineage": lineage, "dropped_too_long": result.get("dropped_too_long", 0), "reward": None, "skipped": True}
 
 
-def write_model_card(folder: Path, settings: TrainSettings, lineage: dict[str, Any], history: list[dict]) -> None:
+def write_model_card(folder: Path, settings: TrainSettings, lineage: dict[str, Any], history: list[dict],
+                     dropped_too_long: int = 0) -> None:
     method = "SFT baseline" if settings.method == "sft" else "SWiRL step-wise RL (GRPO, judge reward, KL to the initial policy)"
     last = history[-1] if history else {}
     card = f"""---
@@ -118,10 +122,11 @@ one of `<search_query>`, `<math_exp>` or `<answer>`.
 | what | value |
 |---|---|
 | curated filter | {lineage['filter']} |
-| training rows (sub-trajectories) | {lineage['rows']} |
+| training rows (sub-trajectories) | {lineage['rows']} exported, {dropped_too_long} left out as longer than max_length |
 | trajectories | {lineage['trajectories']} |
 | seed datasets | {", ".join(lineage['datasets'])} |
 | generation runs | {", ".join(lineage['run_ids'])} |
+| run filter | {", ".join(lineage['requested_run_ids']) if lineage.get('requested_run_ids') else "none: every run in the database"} |
 | policy prompt versions | {", ".join(lineage['prompt_versions'])} |
 | reward judge | {lineage.get('judge_model', '—')} |
 

@@ -79,6 +79,7 @@ class TrainResult:
     train_runtime_s: float
     steps: int
     metrics: dict[str, Any] = field(default_factory=dict)  # the trainer's end-of-run summary
+    dropped_too_long: int = 0  # SFT pairs left out because state and action do not fit max_length
 
     @property
     def seconds_per_step(self) -> float:
@@ -128,7 +129,8 @@ def _lora(settings: TrainSettings) -> Any:
                       target_modules="all-linear", task_type="CAUSAL_LM")
 
 
-def _finish(trainer: Any, output: Any, tokenizer: Any, settings: TrainSettings, lineage: dict[str, Any] | None) -> TrainResult:
+def _finish(trainer: Any, output: Any, tokenizer: Any, settings: TrainSettings, lineage: dict[str, Any] | None,
+            dropped_too_long: int = 0) -> TrainResult:
     """Save the final policy as a plain HF folder and summarise the run."""
     from peft import PeftModel
 
@@ -142,7 +144,7 @@ def _finish(trainer: Any, output: Any, tokenizer: Any, settings: TrainSettings, 
     steps = [h for h in history if "step" in h and "train_runtime" not in h]
     metrics = next((h for h in reversed(history) if "train_runtime" in h), dict(output.metrics))
     result = TrainResult(output_dir=str(out), log_history=steps, train_runtime_s=float(metrics.get("train_runtime", 0.0)),
-                         steps=int(trainer.state.global_step), metrics=metrics)
+                         steps=int(trainer.state.global_step), metrics=metrics, dropped_too_long=dropped_too_long)
     summary = {"settings": settings.model_dump(), "result": asdict(result), "lineage": lineage or {}}
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
     return result
@@ -154,7 +156,7 @@ def sft_trainer(settings: TrainSettings, dataset: Any, *, model: Any = None, tok
     `dataset` has conversational `prompt` (the state's messages) and `completion` (the action as
     one assistant message) columns, as `data.sft_dataset` exports them; TRL applies the chat
     template and masks the prompt (completion-only loss), so the model learns the step, not the
-    state. A pair longer than `max_length` loses its end, i.e. its action, and TRL drops it.
+    state. Pairs longer than `max_length` must be left out first (`fit_max_length`).
     """
     from trl import SFTConfig, SFTTrainer
 
@@ -165,12 +167,33 @@ def sft_trainer(settings: TrainSettings, dataset: Any, *, model: Any = None, tok
                       peft_config=_lora(settings))
 
 
+def fit_max_length(dataset: Any, tokenizer: Any, max_length: int | None) -> tuple[Any, int]:
+    """The pairs whose whole conversation (state and action) fits `max_length` tokens, and how many did not.
+    TRL truncates from the end, which cuts the action off; with the loss on the action only, such a pair
+    would train on nothing."""
+    if max_length is None:
+        return dataset, 0
+
+    def fits(row: dict[str, Any]) -> bool:
+        text = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= max_length
+
+    kept = dataset.filter(fits)
+    return kept, len(dataset) - len(kept)
+
+
 def train_sft(settings: TrainSettings, dataset: Any, *, model: Any = None, tokenizer: Any = None,
               lineage: dict[str, Any] | None = None) -> TrainResult:
-    """Supervised fine-tuning on (state, action) pairs (see `sft_trainer`); saves the final model."""
+    """Supervised fine-tuning on (state, action) pairs that fit `max_length` (see `sft_trainer`); saves the final model."""
+    if model is None or tokenizer is None:
+        model, tokenizer = load_policy(settings.base_model, bf16=settings.resolved_bf16)
+    dataset, dropped = fit_max_length(dataset, tokenizer, settings.max_length)
+    if len(dataset) == 0:
+        raise ValueError(f"all {dropped} SFT pairs are longer than max_length {settings.max_length} tokens: "
+                         "nothing to train on (raise max_length)")
     trainer = sft_trainer(settings, dataset, model=model, tokenizer=tokenizer)
     output = trainer.train()
-    return _finish(trainer, output, trainer.processing_class, settings, lineage)
+    return _finish(trainer, output, trainer.processing_class, settings, lineage, dropped)
 
 
 def swirl_trainer(settings: TrainSettings, dataset: Any, reward_funcs: Callable | Sequence[Callable], *,
