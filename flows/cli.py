@@ -27,9 +27,10 @@ examples:
 
 
 def _add_model_args(p: argparse.ArgumentParser, prefix: str, default: str, *, temperature: float = 0.7,
-                    policy: bool = True) -> None:
-    p.add_argument(f"--{prefix}", default=default, metavar="MODEL",
-                   help=f"litellm model name, 'smollm2' (offline default) or a local checkpoint folder (default: {default})")
+                    policy: bool = True, spec: bool = False) -> None:
+    p.add_argument(f"--{prefix}", default=default, metavar="MODEL[@API_BASE]" if spec else "MODEL",
+                   help=f"litellm model name{' with an optional @API_BASE' if spec else ''}, 'smollm2' (offline default) "
+                        f"or a local checkpoint folder (default: {default})")
     p.add_argument(f"--{prefix}-api-base", metavar="URL", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
     p.add_argument(f"--{prefix}-api-key-env", metavar="VAR", help="environment variable holding the API key (default: the provider's usual one)")
     p.add_argument(f"--{prefix}-api-key-secret", metavar="BLOCK", help="Prefect Secret block holding the API key (instead of an environment variable)")
@@ -125,7 +126,6 @@ def build_parser() -> argparse.ArgumentParser:
     je = sub.add_parser("judge-eval", help="measure a judge on labelled GOOD/BAD steps built from gold solutions",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     je.add_argument("--db", default="swirl.duckdb", help="DuckDB file (results land in judge_probe_results)")
-    # --judge takes MODEL or MODEL@API_BASE here
     je.add_argument("--dataset", default="demo-math", help="a dataset with gold steps: gsm8k, hotpotqa, musique, demo-math")
     je.add_argument("--data-files", nargs="+", metavar="PATH", help="local JSONL/JSON/Parquet (default: the Hub dataset)")
     je.add_argument("--split", default="train")
@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     je.add_argument("--hub-config", help="Hub dataset config")
     je.add_argument("--limit", type=int, default=20, help="seed questions to build labelled steps from")
     je.add_argument("--seed", type=int, default=0, help="seed of the corruptions")
-    _add_model_args(je, "judge", "smollm2", temperature=0.0, policy=False)
+    _add_model_args(je, "judge", "smollm2", temperature=0.0, policy=False, spec=True)
     je.add_argument("--judge-samples", type=int, default=1, help="judge samples per step (self-consistency)")
     je.add_argument("--max-reasks", type=int, default=2, help="re-asks when a verdict is unparseable")
     je.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples for the CIs")

@@ -137,8 +137,6 @@ def _measure_judge(store: Store, config: CurateConfig, logger) -> list[dict[str,
             continue
         probes.append(probe)
         publish_probe(probe, config.resolved_work_dir)
-        if not probe["better_than_chance"]:
-            logger.warning("%s", probe["headline"])
         f1 = probe["summary"]["f1_bad"]
         if config.min_judge_f1 is not None and (f1 is None or f1 < config.min_judge_f1):
             raise ValueError(f"the judge's F1 for BAD steps on {probe['scored_steps']} labelled steps of "

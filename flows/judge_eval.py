@@ -156,7 +156,7 @@ def run_probe(store: Store, config: JudgeEvalConfig, logger) -> dict[str, Any]:
               "calls": calls, "threshold": threshold, "better_than_chance": better, "metrics": metrics,
               "summary": summary[0], "reliability": reliability(scored)}
     result["headline"] = headline(result)
-    logger.info("%s", result["headline"])
+    (logger.info if better else logger.warning)("%s", result["headline"])
     return result
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 
 import pytest
@@ -172,3 +173,21 @@ def test_a_failed_judge_call_is_recorded_and_asked_again_by_the_next_run(prefect
         again = judge_eval(config)
     assert again["judged_now"] == failed["steps"] and again["summary"]["accuracy"] < 1  # GOOD to all: BAD steps wrong
     assert query(tmp_path / "f.duckdb", "SELECT DISTINCT verdict FROM judge_probe_results") == [("GOOD",)]
+
+
+def test_self_consistency_with_k_judge_samples(prefect_api, tmp_path):
+    from flows.judge_eval import judge_eval
+
+    def moody(body):  # each sample (its own seed) votes at random
+        return random.Random(json.dumps(body, sort_keys=True)).choice(["GOOD", "BAD"])
+
+    config = JudgeEvalConfig(db=str(tmp_path / "k.duckdb"), dataset="gsm8k", data_files=[GSM8K], split="test", limit=3,
+                             n_resamples=100, judge_samples=3, judge=ModelConfig(model="openai/judge"))
+    with ScriptedServer(responder=moody) as srv:
+        config.judge.api_base = srv.base_url
+        result = judge_eval(config)
+        assert srv.stats()["total"] == 3 * result["steps"]
+    unanimous = query(tmp_path / "k.duckdb", "SELECT avg((greatest(good_votes, bad_votes) = votes)::INT), max(votes) "
+                                             "FROM judge_probe_results")[0]
+    assert unanimous[1] == 3 and result["summary"]["self_consistency"] == pytest.approx(unanimous[0])
+    assert 0 < unanimous[0] < 1
