@@ -61,13 +61,17 @@ def _check_access(url: str) -> None:
                                         f"PREFECT_API_AUTH_STRING {problem} (user:password)") from exc
 
 
+class DaskTLSConfigError(ValueError):
+    """A tls:// scheduler address, but no certificate for this process in Dask's configuration."""
+
+
 def _check_tls_client() -> None:
     """A TLS-only scheduler refuses a client without the cluster's certificate: say so before connecting."""
     from distributed.security import Security
 
     security = Security()  # Dask's configuration: DASK_CONFIG, distributed.comm.tls
     if not (security.tls_ca_file and security.tls_client_cert):
-        raise ValueError("a tls:// Dask scheduler needs the cluster's CA and a client certificate in Dask's config "
+        raise DaskTLSConfigError("a tls:// Dask scheduler needs the cluster's CA and a client certificate in Dask's config "
                          "(distributed.comm.tls): export DASK_CONFIG=<the folder docker/dask-tls.sh wrote>")
 
 
@@ -106,12 +110,27 @@ def database_limit_name(db: str | Path) -> str:
     return f"swirl-db-{path.stem}-{content_hash('database', str(path))[:12]}"
 
 
+# Without renewal (the holder crashed) a database's slot returns this long after the last renewal.
+DATABASE_LEASE_S = 60
+
+
 @contextlib.contextmanager
 def database_slot(db: str | Path) -> Iterator[None]:
-    """Hold the database's one slot while this flow has the file open. DuckDB admits one process per file, and
-    Prefect's deployment-level limits cannot be keyed by a parameter, so every flow that opens a database takes
-    a global concurrency limit (limit 1) named after it: a second run on the same database waits its turn
-    (runs on other databases do not), and a crashed holder's lease expires."""
+    """In a deployment run, hold the database's one slot while this flow has the file open.
+
+    DuckDB admits one process per file, and Prefect's deployment-level limits cannot be keyed by a parameter,
+    so such a run takes a global concurrency limit (limit 1) named after the file: a second run on the same
+    database waits its turn, runs on other databases do not. A crashed holder's lease expires on the server
+    (its lease service). Runs outside a deployment (the CLI, which holds the file for its whole command and
+    fails clearly when it is taken; in-process calls) take no slot: their temporary API runs no lease service,
+    so a killed run's slot would never come back.
+    """
+    from prefect.runtime import deployment
+
+    if deployment.id is None:
+        yield
+        return
+    import httpx
     from prefect import get_run_logger
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
@@ -130,8 +149,11 @@ def database_slot(db: str | Path) -> Iterator[None]:
                 pass
     with contextlib.ExitStack() as held:
         try:  # one try without waiting, so that a run that has to wait says so
-            held.enter_context(concurrency(name, occupy=1, strict=True, max_retries=0))
-        except ConcurrencySlotAcquisitionError:
+            held.enter_context(concurrency(name, strict=True, max_retries=0, lease_duration=DATABASE_LEASE_S))
+        except ConcurrencySlotAcquisitionError as exc:
+            cause = exc.__cause__
+            if not (isinstance(cause, httpx.HTTPStatusError) and cause.response.status_code == 423):  # 423: taken
+                raise
             get_run_logger().info("database %s is in use by another run: waiting for it (concurrency limit %s)", db, name)
-            held.enter_context(concurrency(name, occupy=1, strict=True))
+            held.enter_context(concurrency(name, strict=True, lease_duration=DATABASE_LEASE_S))
         yield
