@@ -71,8 +71,8 @@ def _check_tls_client() -> None:
 
     security = Security()  # Dask's configuration: DASK_CONFIG, distributed.comm.tls
     if not (security.tls_ca_file and security.tls_client_cert):
-        raise DaskTLSConfigError("a tls:// Dask scheduler needs the cluster's CA and a client certificate in Dask's config "
-                         "(distributed.comm.tls): export DASK_CONFIG=<the folder docker/dask-tls.sh wrote>")
+        raise DaskTLSConfigError("a tls:// Dask scheduler needs the cluster's CA and a client certificate in Dask's "
+                                 "config (distributed.comm.tls): export DASK_CONFIG=<the folder docker/dask-tls.sh wrote>")
 
 
 @contextlib.contextmanager
