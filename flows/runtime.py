@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,7 +82,7 @@ def prefect_api() -> Iterator[str | None]:
 
     Without an exported API URL each Dask worker would start its own temporary server (~26 s).
     """
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
     existing = os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()
     if existing:
@@ -90,17 +91,27 @@ def prefect_api() -> Iterator[str | None]:
         return
     from prefect.server.api.server import SubprocessASGIServer
 
+    # Every user of a shared host reaches 127.0.0.1, and the API serves Secret blocks: the temporary server
+    # requires a credential of its own, which this process and its Dask workers (the environment) present.
+    credential = "swirl:" + secrets.token_urlsafe(24)
+    saved = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "PREFECT_SERVER_API_AUTH_STRING")}
+    os.environ["PREFECT_SERVER_API_AUTH_STRING"] = credential
     server = SubprocessASGIServer()
-    server.start(timeout=int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")))
-    os.environ["PREFECT_API_URL"] = server.api_url
     try:
-        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        server.start(timeout=int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")))
+        os.environ.pop("PREFECT_SERVER_API_AUTH_STRING")  # the server's setting, read at its start
+        os.environ.update({"PREFECT_API_URL": server.api_url, "PREFECT_API_AUTH_STRING": credential})
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url, PREFECT_API_AUTH_STRING: credential}):
             yield server.api_url
     finally:
         from prefect.logging.handlers import APILogWorker
 
         APILogWorker.drain_all(timeout=5)  # ship buffered run logs while the server is still up
-        os.environ.pop("PREFECT_API_URL", None)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         server.stop()
 
 
