@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,14 +62,18 @@ def _check_access(url: str) -> None:
                                         f"PREFECT_API_AUTH_STRING {problem} (user:password)") from exc
 
 
+class DaskTLSConfigError(ValueError):
+    """A tls:// scheduler address, but no certificate for this process in Dask's configuration."""
+
+
 def _check_tls_client() -> None:
     """A TLS-only scheduler refuses a client without the cluster's certificate: say so before connecting."""
     from distributed.security import Security
 
     security = Security()  # Dask's configuration: DASK_CONFIG, distributed.comm.tls
     if not (security.tls_ca_file and security.tls_client_cert):
-        raise ValueError("a tls:// Dask scheduler needs the cluster's CA and a client certificate in Dask's config "
-                         "(distributed.comm.tls): export DASK_CONFIG=<the folder docker/dask-tls.sh wrote>")
+        raise DaskTLSConfigError("a tls:// Dask scheduler needs the cluster's CA and a client certificate in Dask's "
+                                 "config (distributed.comm.tls): export DASK_CONFIG=<the folder docker/dask-tls.sh wrote>")
 
 
 @contextlib.contextmanager
@@ -77,7 +82,7 @@ def prefect_api() -> Iterator[str | None]:
 
     Without an exported API URL each Dask worker would start its own temporary server (~26 s).
     """
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
     existing = os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()
     if existing:
@@ -86,17 +91,27 @@ def prefect_api() -> Iterator[str | None]:
         return
     from prefect.server.api.server import SubprocessASGIServer
 
+    # Every user of a shared host reaches 127.0.0.1, and the API serves Secret blocks: the temporary server
+    # requires a credential of its own, which this process and its Dask workers (the environment) present.
+    credential = "swirl:" + secrets.token_urlsafe(24)
+    saved = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "PREFECT_SERVER_API_AUTH_STRING")}
+    os.environ["PREFECT_SERVER_API_AUTH_STRING"] = credential
     server = SubprocessASGIServer()
-    server.start(timeout=int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")))
-    os.environ["PREFECT_API_URL"] = server.api_url
     try:
-        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        server.start(timeout=int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")))
+        os.environ.pop("PREFECT_SERVER_API_AUTH_STRING")  # the server's setting, read at its start
+        os.environ.update({"PREFECT_API_URL": server.api_url, "PREFECT_API_AUTH_STRING": credential})
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url, PREFECT_API_AUTH_STRING: credential}):
             yield server.api_url
     finally:
         from prefect.logging.handlers import APILogWorker
 
         APILogWorker.drain_all(timeout=5)  # ship buffered run logs while the server is still up
-        os.environ.pop("PREFECT_API_URL", None)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         server.stop()
 
 
@@ -106,12 +121,27 @@ def database_limit_name(db: str | Path) -> str:
     return f"swirl-db-{path.stem}-{content_hash('database', str(path))[:12]}"
 
 
+# Without renewal (the holder crashed) a database's slot returns this long after the last renewal.
+DATABASE_LEASE_S = 60
+
+
 @contextlib.contextmanager
 def database_slot(db: str | Path) -> Iterator[None]:
-    """Hold the database's one slot while this flow has the file open. DuckDB admits one process per file, and
-    Prefect's deployment-level limits cannot be keyed by a parameter, so every flow that opens a database takes
-    a global concurrency limit (limit 1) named after it: a second run on the same database waits its turn
-    (runs on other databases do not), and a crashed holder's lease expires."""
+    """In a deployment run, hold the database's one slot while this flow has the file open.
+
+    DuckDB admits one process per file, and Prefect's deployment-level limits cannot be keyed by a parameter,
+    so such a run takes a global concurrency limit (limit 1) named after the file: a second run on the same
+    database waits its turn, runs on other databases do not. A crashed holder's lease expires on the server
+    (its lease service). Runs outside a deployment (the CLI, which holds the file for its whole command and
+    fails clearly when it is taken; in-process calls) take no slot: their temporary API runs no lease service,
+    so a killed run's slot would never come back.
+    """
+    from prefect.runtime import deployment
+
+    if deployment.id is None:
+        yield
+        return
+    import httpx
     from prefect import get_run_logger
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
@@ -130,8 +160,11 @@ def database_slot(db: str | Path) -> Iterator[None]:
                 pass
     with contextlib.ExitStack() as held:
         try:  # one try without waiting, so that a run that has to wait says so
-            held.enter_context(concurrency(name, occupy=1, strict=True, max_retries=0))
-        except ConcurrencySlotAcquisitionError:
+            held.enter_context(concurrency(name, strict=True, max_retries=0, lease_duration=DATABASE_LEASE_S))
+        except ConcurrencySlotAcquisitionError as exc:
+            cause = exc.__cause__
+            if not (isinstance(cause, httpx.HTTPStatusError) and cause.response.status_code == 423):  # 423: taken
+                raise
             get_run_logger().info("database %s is in use by another run: waiting for it (concurrency limit %s)", db, name)
-            held.enter_context(concurrency(name, occupy=1, strict=True))
+            held.enter_context(concurrency(name, strict=True, lease_duration=DATABASE_LEASE_S))
         yield

@@ -119,7 +119,8 @@ class PrefectStack:
         # Through the script docker/compose.yaml runs, with the variables compose passes it (an empty credential
         # when the user sets none); on loopback, like everything the tests start.
         server_env = {"PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-                      "SWIRL_API_BIND": "127.0.0.1", "PREFECT_SERVER_API_AUTH_STRING": self.auth or ""}
+                      "SWIRL_API_BIND": "127.0.0.1", "PREFECT_SERVER_API_AUTH_STRING": self.auth or "",
+                      "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem"}
         server = self._spawn("server", ["sh", str(ROOT / "docker" / "prefect-server.sh"), "--host", "127.0.0.1",
                                         "--port", str(self.port)], server_env)
         deadline = time.monotonic() + 120

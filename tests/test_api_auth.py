@@ -11,6 +11,7 @@ import os
 import secrets
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
@@ -106,3 +107,44 @@ def test_an_authenticated_api_refuses_strangers_and_serves_the_worker_and_the_cl
 
     report("api_auth", {"deployment_run_s": round(deployment_run_s, 1), "cli_generate_s": round(cli_s, 1),
                         "server_start_s": round(stack.timings["server"], 1)}, record_property)
+
+
+@pytest.mark.slow
+def test_the_temporary_api_of_a_cli_run_requires_its_own_credential(tmp_path):
+    """Without PREFECT_API_URL, `swirl` starts a temporary Prefect API on 127.0.0.1, which every user of a shared
+    host can reach: it requires a random credential that only the command and its Dask workers hold. Probed
+    while the run is in flight (from the policy server, at its first request): refused without it."""
+    import httpx
+    import psutil
+
+    probes: list[dict] = []
+    holder: dict = {}
+    once = threading.Lock()
+
+    def policy(body: dict) -> str:
+        with once:
+            if probes:
+                return math_policy(body)
+            server = next(c for c in psutil.Process(holder["pid"]).children(recursive=True)
+                          if "uvicorn" in " ".join(c.cmdline()))
+            port = next(c.laddr.port for c in server.net_connections("tcp") if c.status == psutil.CONN_LISTEN)
+            api = f"http://127.0.0.1:{port}/api"
+            probes.append({"health": httpx.get(f"{api}/health", timeout=10).status_code,
+                           "flow_runs": httpx.post(f"{api}/flow_runs/filter", json={}, timeout=10).status_code,
+                           "blocks": httpx.post(f"{api}/block_documents/filter", json={}, timeout=10).status_code})
+        return math_policy(body)
+
+    db = tmp_path / "temp-api.duckdb"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_")}
+    env.update({"PREFECT_HOME": str(tmp_path / "prefect-home"), "PYTHONPATH": str(ROOT)})
+    with ScriptedServer(responder=policy) as srv:
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "generate", "--dataset", "gsm8k", "--data-files",
+                                 str(FIXTURES / "gsm8k_test20.jsonl"), "--split", "test", "--limit", "2", "--samples", "1",
+                                 "--workers", "1", "--policy", "openai/policy", "--policy-api-base", srv.base_url,
+                                 "--db", str(db), "--no-progress"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        holder["pid"] = proc.pid
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-2000:] + err[-3000:]
+        assert srv.stats()["completed"] == 6  # the Dask worker reported its task runs with the credential, and paid
+    assert probes == [{"health": 200, "flow_runs": 401, "blocks": 401}], probes

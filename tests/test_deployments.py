@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -237,3 +238,53 @@ def test_two_runs_on_one_database_triggered_together_queue_and_both_complete(pre
     assert counts["trajectories"] == 3 == counts["answered"]
     assert paid["completed"] == 6 == paid["total"]  # 3 trajectories × 2 steps, each paid once
     assert [status for status, _ in counts["runs"]] == ["completed"]
+
+
+@pytest.mark.slow
+def test_a_run_killed_while_it_holds_a_database_gives_it_back(prefect_stack):
+    """SIGKILL of a deployment run that holds a database (no cleanup runs) does not block the database for good:
+    its lease is no longer renewed, the server takes the slot back, and the next run on that database completes."""
+    import psutil
+
+    from flows.runtime import DATABASE_LEASE_S, database_limit_name
+
+    stack = prefect_stack
+    db = stack.base / "killed.duckdb"
+    name = database_limit_name(db)
+    with socket.socket() as silent:  # a policy endpoint that accepts connections and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        params = stack.params(db)
+        params["config"]["policy"].update(api_base=f"http://127.0.0.1:{silent.getsockname()[1]}/v1", timeout_s=600)
+        first = stack.request("POST", f"/deployments/{stack.deployment_id}/create_flow_run", {"parameters": params}).json()["id"]
+        deadline = time.monotonic() + 180
+        while (r := stack.request("GET", f"/v2/concurrency_limits/{name}")).status_code != 200 or not r.json()["active_slots"]:
+            assert time.monotonic() < deadline, f"the first run never took the slot\n{stack.diagnostics()}"
+            time.sleep(0.5)
+        procs = psutil.Process(stack.procs["worker"].pid).children(recursive=True)
+        victim = next(p for p in procs if _environ(p).get("PREFECT__FLOW_RUN_ID") == first)
+        doomed = [victim, *victim.children(recursive=True)]  # its Dask cluster too
+        for proc in doomed:
+            proc.kill()
+        psutil.wait_procs(doomed, timeout=30)
+        killed = time.monotonic()
+        second = stack.request("POST", f"/deployments/{stack.deployment_id}/create_flow_run",
+                               {"parameters": stack.params(db)}).json()["id"]
+        run = stack.wait_for_run(second, timeout=DATABASE_LEASE_S + 240)
+    waited = time.monotonic() - killed
+    print(f"a killed holder's database came back; the next run finished {waited:.1f}s after the kill")
+    assert run["state"]["type"] == "COMPLETED", (run["state"], stack.diagnostics())
+    assert stack.wait_for_run(first, timeout=120)["state"]["type"] == "CRASHED"
+    children = stack.request("POST", "/flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": [second]}}}).json()
+    assert any("is in use by another run: waiting" in line for c in children for line in stack.run_logs(c["id"]))
+    assert duckdb_counts(db)["answered"] == 3
+    assert stack.get(f"/v2/concurrency_limits/{name}")["active_slots"] == 0
+
+
+def _environ(proc) -> dict:
+    import psutil
+
+    try:
+        return proc.environ()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return {}
