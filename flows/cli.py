@@ -135,6 +135,20 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--judge", default="smollm2", help="swirl: the reward judge (litellm name or local model)")
     tr.add_argument("--judge-api-base", help="swirl: OpenAI-compatible endpoint of the judge")
     tr.add_argument("--judge-api-key-env", help="swirl: environment variable holding the judge's API key")
+    tr.add_argument("--rpm", type=float, help="swirl: the judge's requests-per-minute limit (one limiter for the whole run)")
+    tr.add_argument("--save-steps", type=int, default=50, help="a checkpoint every N steps; rerun the same command to resume")
+    tr.add_argument("--num-processes", type=int, default=1, help="training processes under `accelerate launch` (one per GPU)")
+    tr.add_argument("--distributed", choices=["ddp", "zero2", "zero3", "fsdp"], default="ddp",
+                    help="engine of several processes (DeepSpeed ZeRO / FSDP for models that do not fit one GPU)")
+    tr.add_argument("--vllm", choices=["colocate", "server"], help="swirl: sample with vLLM on the GPU (default: transformers)")
+    tr.add_argument("--vllm-server-base-url", help="swirl: the `trl vllm-serve` server of --vllm server")
+    tr.add_argument("--report-to", action="append", choices=["tensorboard", "wandb"], default=[],
+                    help="also log to this tracker (repeatable)")
+    tr.add_argument("--push-to-hub", metavar="USER/NAME", help="push the final model and its card to this Hub model repo")
+    tr.add_argument("--public", action="store_true", help="a new Hub repo is public (default: private)")
+    tr.add_argument("--token-secret", help="Prefect Secret block holding the Hub token (default: HF_TOKEN)")
+    tr.add_argument("--dataset-repo-id", metavar="USER/NAME", help="the Hub dataset of the curated set, named in the card")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     pub = sub.add_parser("publish", help="export the curated sets with a dataset card and upload them to the Hub",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -380,12 +394,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         method=args.method, base_model=args.base_model, output_dir=args.output, max_steps=args.max_steps,
         per_device_batch_size=args.batch_size, gradient_accumulation=args.grad_accum, learning_rate=args.learning_rate,
         num_generations=args.num_generations, max_completion_length=args.max_completion_length, beta=args.beta,
-        use_lora=args.lora,
+        use_lora=args.lora, save_steps=args.save_steps, num_processes=args.num_processes, distributed=args.distributed,
+        use_vllm=args.vllm is not None, vllm_mode=args.vllm or "colocate", vllm_server_base_url=args.vllm_server_base_url,
+        report_to=args.report_to,
     )
     judge = ModelConfig(model=args.judge, api_base=args.judge_api_base, api_key_env=args.judge_api_key_env,
-                        temperature=0.0) if args.method == "swirl" else None
+                        requests_per_minute=args.rpm, temperature=0.0) if args.method == "swirl" else None
     config = TrainConfig(db=args.db, filter=args.filter, settings=settings, judge=judge, dataset=args.dataset,
-                         limit=args.limit)
+                         limit=args.limit, progress=not args.no_progress, push_to_hub=args.push_to_hub,
+                         private=not args.public, token_secret=args.token_secret, dataset_repo_id=args.dataset_repo_id)
     from flows.runtime import prefect_api
     from flows.train import train_flow
 
@@ -394,10 +411,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result["skipped"]:
         print(f"{result['output_dir']} already holds this training run (same settings, same data): nothing to do; "
               "delete the folder or change --output to train again")
-        return 0
-    print(f"trained {result['steps']} steps ({result['seconds_per_step']:.2f} s/step) on "
-          f"{result['lineage']['rows']} rows of the '{result['lineage']['filter']}' set; checkpoint: {result['output_dir']}")
+    else:
+        _print_training(result)
+    if result.get("hub"):
+        print(f"pushed to the Hub: {result['hub']['repo_id']} ({result['hub']['commit']})")
     return 0
+
+
+def _print_training(result: dict) -> None:
+    from flows.train import zero_std_share
+
+    resumed = f", resumed from step {result['resumed_from']}" if result["resumed_from"] else ""
+    print(f"trained {result['steps']} steps ({result['seconds_per_step']:.2f} s/step, {result['world_size']} process(es)"
+          f"{resumed}) on {result['lineage']['rows']} rows of the '{result['lineage']['filter']}' set; "
+          f"checkpoint: {result['output_dir']}")
+    if (share := zero_std_share(result["log_history"])) is not None:
+        print(f"groups with zero reward variance (no learning signal): {share:.1%} on average")
 
 
 def cmd_publish(args: argparse.Namespace) -> int:

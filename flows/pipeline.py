@@ -47,8 +47,12 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
     for settings in (config.sft, config.swirl):
         if settings is None:
             continue
+        pub = config.publish
         train_config = TrainConfig(db=config.db, work_dir=config.work_dir, settings=settings, dataset=config.generate.dataset,
-                                   judge=config.curate.judge if settings.method == "swirl" else None)
+                                   judge=config.curate.judge if settings.method == "swirl" else None,
+                                   progress=config.progress, dataset_repo_id=pub.repo_id if pub else None,
+                                   push_to_hub=f"{pub.repo_id}-{settings.method}" if pub and pub.push_models and not pub.dry_run else None,
+                                   private=pub.private if pub else True, token_secret=pub.token_secret if pub else None)
         result = stage(f"train-{settings.method}", lambda c=train_config: train_flow(c),
                        lambda r: {"status": "skipped (already trained on this data)" if r["skipped"] else "completed",
                                   "detail": f"{r['steps']} steps on {r['lineage']['rows']} rows"})

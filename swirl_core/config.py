@@ -162,6 +162,7 @@ class PublishConfig(BaseModel):
     eval_splits: list[str] = Field(default_factory=lambda: ["test", "validation", "dev"],
                                    description="question splits counted as evaluation data in the contamination check")
     dry_run: bool = Field(False, description="export and write the card, but do not upload")
+    push_models: bool = Field(False, description="pipeline: also push each trained model to the model repo <repo_id>-<method>")
 
     @property
     def resolved_out_dir(self) -> Path:

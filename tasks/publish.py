@@ -7,6 +7,15 @@ from prefect import task
 from swirl_core.hub import upload_folder
 
 
+def hub_token(secret_name: str | None) -> str | None:
+    """The token of a Prefect Secret block, or None: huggingface_hub then reads HF_TOKEN (or the saved login)."""
+    if secret_name:
+        from prefect.blocks.system import Secret
+
+        return Secret.load(secret_name).get()
+    return None
+
+
 @task(name="upload-to-hub", retries=2, retry_delay_seconds=10)
 def upload(folder: str, repo_id: str, private: bool, token: str | None) -> dict:
     return upload_folder(folder, repo_id, token=token, private=private)

@@ -8,6 +8,8 @@ backend load directly, so a trained policy can be evaluated by the same code as 
 
 from __future__ import annotations
 
+import asyncio
+import importlib.util
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -19,6 +21,11 @@ from pydantic import BaseModel, Field, model_validator
 from swirl_core.llm.local_models import DEFAULT_LOCAL_MODEL, is_local_model, resolve_local_model
 
 SUMMARY_FILE = "swirl_training.json"
+CHECKPOINT_PREFIX = "checkpoint-"
+# Settings that change how a run is saved or watched, not what it trains: a finished or interrupted
+# run with other values of these is still the same run.
+RUNTIME_FIELDS = frozenset({"save_steps", "save_total_limit", "logging_steps", "report_to"})
+REPORTERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # report_to value → the package it needs
 
 
 def _cuda() -> bool:
@@ -49,6 +56,18 @@ class TrainSettings(BaseModel):
     bf16: bool | None = Field(None, description="default: on when CUDA is available")
     activation_checkpointing: bool = Field(False, description="trade compute for memory; off: small models need no help")
     logging_steps: int = Field(1, ge=1)
+    save_steps: int = Field(50, ge=1, description="a checkpoint every N steps; rerunning an interrupted run resumes from the last")
+    save_total_limit: int = Field(2, ge=1, description="checkpoints kept (older ones are deleted)")
+    num_processes: int = Field(1, ge=1, description="training processes under `accelerate launch` (one per GPU)")
+    distributed: Literal["ddp", "zero2", "zero3", "fsdp"] = Field(
+        "ddp", description="engine of several processes: DDP, DeepSpeed ZeRO-2/3 or FSDP (for models that do not fit one GPU)")
+    use_vllm: bool = Field(False, description="SWiRL: sample the group with vLLM (GPU; needs the vllm package)")
+    vllm_mode: Literal["colocate", "server"] = Field(
+        "colocate", description="colocate: vLLM shares the training GPUs; server: a separate `trl vllm-serve`")
+    vllm_server_base_url: str | None = Field(None, description="server mode: e.g. http://127.0.0.1:8000")
+    vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="colocate mode: GPU memory share of vLLM")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="also log to these trackers (tensorboard writes under output_dir/runs, offline)")
 
     @property
     def resolved_bf16(self) -> bool:
@@ -59,8 +78,16 @@ class TrainSettings(BaseModel):
     def resolved_learning_rate(self) -> float:
         return self.learning_rate or (2e-5 if self.method == "sft" else 1e-6)
 
+    def identity(self) -> dict[str, Any]:
+        """What makes two runs the same run (a finished one is skipped, an interrupted one resumed)."""
+        return self.model_dump(mode="json", exclude=set(RUNTIME_FIELDS))
+
     @model_validator(mode="after")
     def _check(self) -> TrainSettings:
+        if self.use_vllm and self.method != "swirl":
+            raise ValueError("use_vllm samples SWiRL's RL groups; SFT samples nothing")
+        if self.vllm_server_base_url and self.vllm_mode != "server":
+            raise ValueError("vllm_server_base_url is for vllm_mode 'server'")
         if self.method == "swirl":
             if self.beta <= 0:
                 raise ValueError("SWiRL RL needs a KL penalty to the initial policy: beta must be > 0")
@@ -79,10 +106,13 @@ class TrainResult:
     train_runtime_s: float
     steps: int
     metrics: dict[str, Any] = field(default_factory=dict)  # the trainer's end-of-run summary
+    resumed_from: int = 0  # the checkpoint's step this run continued from (0: trained from the start)
+    world_size: int = 1
 
     @property
     def seconds_per_step(self) -> float:
-        return self.train_runtime_s / max(self.steps, 1)
+        """Of the steps this run itself trained: a resumed run's runtime does not cover the earlier ones."""
+        return self.train_runtime_s / max(self.steps - self.resumed_from, 1)
 
 
 def load_policy(base_model: str, *, bf16: bool = False) -> tuple[Any, Any]:
@@ -100,7 +130,10 @@ def load_policy(base_model: str, *, bf16: bool = False) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def _common_args(settings: TrainSettings) -> dict[str, Any]:
+def _common_args(settings: TrainSettings, progress_bar: bool) -> dict[str, Any]:
+    for name in settings.report_to:
+        if importlib.util.find_spec(REPORTERS[name]) is None:
+            raise ValueError(f"report_to {name} needs the {REPORTERS[name]} package: pip install {REPORTERS[name]}")
     return {
         "output_dir": settings.output_dir,
         "max_steps": settings.max_steps,
@@ -113,10 +146,30 @@ def _common_args(settings: TrainSettings) -> dict[str, Any]:
         "bf16": settings.resolved_bf16,
         # TRL defaults gradient checkpointing on; transformers 5 names it activation_checkpointing.
         "activation_checkpointing": settings.activation_checkpointing,
-        "save_strategy": "no",  # only the final model is kept, saved below (merged if LoRA)
-        "report_to": "none",
-        "disable_tqdm": True,
+        # Optimizer, scheduler, RNG and data position too: an interrupted run resumes where it stopped.
+        # The final model is saved separately (merged if LoRA), see `_finish`.
+        "save_strategy": "steps",
+        "save_steps": settings.save_steps,
+        "save_total_limit": settings.save_total_limit,
+        "report_to": list(settings.report_to) or "none",
+        "disable_tqdm": not progress_bar,
     }
+
+
+def last_checkpoint(folder: str | Path) -> Path | None:
+    """The newest complete checkpoint in `folder`: the trainer writes `trainer_state.json` last, so a
+    checkpoint cut short by a kill lacks it and is passed over."""
+    done = [p for p in Path(folder).glob(f"{CHECKPOINT_PREFIX}*")
+            if p.name.removeprefix(CHECKPOINT_PREFIX).isdigit() and (p / "trainer_state.json").is_file()]
+    return max(done, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)), default=None)
+
+
+def _run(trainer: Any, settings: TrainSettings, lineage: dict[str, Any] | None) -> TrainResult:
+    """Train from the last checkpoint of `output_dir` if there is one (the caller checked it is this run's)."""
+    resume = last_checkpoint(settings.output_dir)
+    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    resumed_from = int(resume.name.removeprefix(CHECKPOINT_PREFIX)) if resume else 0
+    return _finish(trainer, output, trainer.processing_class, settings, lineage, resumed_from)
 
 
 def _lora(settings: TrainSettings) -> Any:
@@ -128,27 +181,34 @@ def _lora(settings: TrainSettings) -> Any:
                       target_modules="all-linear", task_type="CAUSAL_LM")
 
 
-def _finish(trainer: Any, output: Any, tokenizer: Any, settings: TrainSettings, lineage: dict[str, Any] | None) -> TrainResult:
-    """Save the final policy as a plain HF folder and summarise the run."""
+def _finish(trainer: Any, output: Any, tokenizer: Any, settings: TrainSettings, lineage: dict[str, Any] | None,
+            resumed_from: int) -> TrainResult:
+    """Save the final policy as a plain HF folder and summarise the run (the main process only, as the
+    trainer does with its checkpoints)."""
     from peft import PeftModel
 
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    if isinstance(model, PeftModel):
-        model = model.merge_and_unload()  # a plain checkpoint: evaluation and the next stage need no peft
     out = Path(settings.output_dir)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
     history = trainer.state.log_history
     steps = [h for h in history if "step" in h and "train_runtime" not in h]
     metrics = next((h for h in reversed(history) if "train_runtime" in h), dict(output.metrics))
     result = TrainResult(output_dir=str(out), log_history=steps, train_runtime_s=float(metrics.get("train_runtime", 0.0)),
-                         steps=int(trainer.state.global_step), metrics=metrics)
-    summary = {"settings": settings.model_dump(), "result": asdict(result), "lineage": lineage or {}}
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+                         steps=int(trainer.state.global_step), metrics=metrics, resumed_from=resumed_from,
+                         world_size=trainer.accelerator.num_processes)
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        if isinstance(model, PeftModel):
+            model = model.merge_and_unload()  # a plain checkpoint: evaluation and the next stage need no peft
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        summary = {"settings": settings.identity(), "result": asdict(result), "lineage": lineage or {}}
+        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+    trainer.accelerator.wait_for_everyone()
     return result
 
 
-def sft_trainer(settings: TrainSettings, dataset: Any, *, model: Any = None, tokenizer: Any = None) -> Any:
+def sft_trainer(settings: TrainSettings, dataset: Any, *, model: Any = None, tokenizer: Any = None,
+                progress_bar: bool = False, callbacks: Sequence[Any] = ()) -> Any:
     """The configured `SFTTrainer` (not yet run): loss on the action tokens only.
 
     `dataset` has conversational `prompt` (the state's messages) and `completion` (the action as
@@ -160,39 +220,59 @@ def sft_trainer(settings: TrainSettings, dataset: Any, *, model: Any = None, tok
 
     if model is None or tokenizer is None:
         model, tokenizer = load_policy(settings.base_model, bf16=settings.resolved_bf16)
-    config = SFTConfig(**_common_args(settings), max_length=settings.max_length, completion_only_loss=True)
+    config = SFTConfig(**_common_args(settings, progress_bar), max_length=settings.max_length, completion_only_loss=True)
     return SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                      peft_config=_lora(settings))
+                      peft_config=_lora(settings), callbacks=list(callbacks))
 
 
 def train_sft(settings: TrainSettings, dataset: Any, *, model: Any = None, tokenizer: Any = None,
-              lineage: dict[str, Any] | None = None) -> TrainResult:
-    """Supervised fine-tuning on (state, action) pairs (see `sft_trainer`); saves the final model."""
-    trainer = sft_trainer(settings, dataset, model=model, tokenizer=tokenizer)
-    output = trainer.train()
-    return _finish(trainer, output, trainer.processing_class, settings, lineage)
+              lineage: dict[str, Any] | None = None, progress_bar: bool = False, callbacks: Sequence[Any] = ()) -> TrainResult:
+    """Supervised fine-tuning on (state, action) pairs (see `sft_trainer`); resumes from the last
+    checkpoint of `output_dir`, saves the final model."""
+    trainer = sft_trainer(settings, dataset, model=model, tokenizer=tokenizer, progress_bar=progress_bar, callbacks=callbacks)
+    return _run(trainer, settings, lineage)
+
+
+def grpo_config(settings: TrainSettings, *, progress_bar: bool = False, reward_weights: Sequence[float] | None = None,
+                sampling_regex: str | None = None) -> Any:
+    """TRL's `GRPOConfig` for SWiRL's RL stage. With `use_vllm`, vLLM samples the group (colocated on the
+    training GPUs, or a `trl vllm-serve` server) under `sampling_regex`, the action grammar generation used."""
+    from trl import GRPOConfig
+
+    vllm: dict[str, Any] = {}
+    if settings.use_vllm:
+        vllm = {"use_vllm": True, "vllm_mode": settings.vllm_mode,
+                "vllm_gpu_memory_utilization": settings.vllm_gpu_memory_utilization,
+                "vllm_structured_outputs_regex": sampling_regex}
+        if settings.vllm_server_base_url:
+            vllm["vllm_server_base_url"] = settings.vllm_server_base_url
+    return GRPOConfig(
+        **_common_args(settings, progress_bar), num_generations=settings.num_generations,
+        max_completion_length=settings.max_completion_length, temperature=settings.temperature, beta=settings.beta,
+        reward_weights=list(reward_weights) if reward_weights is not None else None, **vllm,
+    )
 
 
 def swirl_trainer(settings: TrainSettings, dataset: Any, reward_funcs: Callable | Sequence[Callable], *,
-                  model: Any = None, tokenizer: Any = None, reward_weights: Sequence[float] | None = None) -> Any:
+                  model: Any = None, tokenizer: Any = None, reward_weights: Sequence[float] | None = None,
+                  progress_bar: bool = False, callbacks: Sequence[Any] = (), sampling_regex: str | None = None) -> Any:
     """The configured `GRPOTrainer` (not yet run) for SWiRL's RL stage; see `train_swirl`."""
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
+    if settings.use_vllm and importlib.util.find_spec("vllm") is None:
+        raise ValueError("use_vllm needs the vllm package (a GPU machine: pip install vllm)")
     if model is None or tokenizer is None:
         model, tokenizer = load_policy(settings.base_model, bf16=settings.resolved_bf16)
     funcs = list(reward_funcs) if isinstance(reward_funcs, Sequence) else [reward_funcs]
-    config = GRPOConfig(
-        **_common_args(settings), num_generations=settings.num_generations,
-        max_completion_length=settings.max_completion_length, temperature=settings.temperature, beta=settings.beta,
-        reward_weights=list(reward_weights) if reward_weights is not None else None,
-    )
+    config = grpo_config(settings, progress_bar=progress_bar, reward_weights=reward_weights, sampling_regex=sampling_regex)
     return GRPOTrainer(model=model, reward_funcs=funcs, args=config, train_dataset=dataset,
-                       processing_class=tokenizer, peft_config=_lora(settings))
+                       processing_class=tokenizer, peft_config=_lora(settings), callbacks=list(callbacks))
 
 
 def train_swirl(settings: TrainSettings, dataset: Any, reward_funcs: Callable | Sequence[Callable], *, model: Any = None,
                 tokenizer: Any = None, reward_weights: Sequence[float] | None = None,
-                lineage: dict[str, Any] | None = None) -> TrainResult:
+                lineage: dict[str, Any] | None = None, progress_bar: bool = False, callbacks: Sequence[Any] = (),
+                sampling_regex: str | None = None) -> TrainResult:
     """SWiRL's RL stage: J(θ) = E_{s∼T, a∼π_θ(s)}[R(a|s)] with a KL penalty to the initial policy.
 
     Each dataset row is a stored state s (conversational `prompt`); the trainer samples
@@ -209,7 +289,12 @@ def train_swirl(settings: TrainSettings, dataset: Any, reward_funcs: Callable | 
     sequence KL into the reward; and GRPOTrainer is TRL's main RL path (reward weights, async
     rewards, `log_metric` from rewards), so it is the better-maintained choice.
     """
-    trainer = swirl_trainer(settings, dataset, reward_funcs, model=model, tokenizer=tokenizer,
-                            reward_weights=reward_weights)
-    output = trainer.train()
-    return _finish(trainer, output, trainer.processing_class, settings, lineage)
+    trainer = swirl_trainer(settings, dataset, reward_funcs, model=model, tokenizer=tokenizer, reward_weights=reward_weights,
+                            progress_bar=progress_bar, callbacks=callbacks, sampling_regex=sampling_regex)
+    try:
+        return _run(trainer, settings, lineage)
+    finally:
+        # An async reward keeps one client open on TRL's event loop for the whole run; close it there.
+        for func in trainer.reward_funcs:
+            if getattr(trainer, "async_loop", None) is not None and hasattr(func, "aclose"):
+                asyncio.run_coroutine_threadsafe(func.aclose(), trainer.async_loop).result()
