@@ -21,8 +21,14 @@ examples:
   swirl curate --db swirl.duckdb --judge openai/gpt-4o-mini --grader llm
   swirl evaluate --dataset gsm8k --data-files ../shared/data/gsm8k/test_dev.jsonl --limit 300 \
       --model base=smollm2 --model sft=./out/sft --model swirl=./out/swirl --judge openai/gpt-4o-mini --grader llm
+  swirl evaluate --dataset hotpotqa --data-files dev.json --dataset gsm8k --data-files test.jsonl \
+      --model base=smollm2 --model swirl=./out/swirl --judge openai/gpt-4o-mini   # a model × dataset grid
+  swirl train --method swirl --output ./out/swirl --num-processes 2 --save-steps 50 --push-to-hub me/swirl
   swirl sql --db swirl.duckdb "SELECT status, count(*) FROM trajectories GROUP BY 1"
 """
+
+
+EVAL_DEFAULT_DATASET = "demo-math"
 
 
 def _add_model_args(p: argparse.ArgumentParser, prefix: str, default: str, *, temperature: float = 0.7,
@@ -43,6 +49,25 @@ def _add_model_args(p: argparse.ArgumentParser, prefix: str, default: str, *, te
                        help="demonstrations as chat turns (default: on for in-process models)")
         p.add_argument("--constraint", choices=["auto", "none", "grammar", "regex"], default="auto",
                        help="decoding constraint: grammar in-process, regex = vLLM guided decoding (default: auto)")
+
+
+class _NewDataset(argparse.Action):
+    """`--dataset NAME` starts a dataset of the evaluation grid; the options after it are its own."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest) or []), {"dataset": values}])
+
+
+class _OfDataset(argparse.Action):
+    """`--data-files` / `--corpus`: of the last `--dataset` (before any: of the default one)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        datasets = getattr(namespace, self.dest) or [{"dataset": EVAL_DEFAULT_DATASET}]
+        key = option_string.lstrip("-").replace("-", "_")
+        if key in datasets[-1]:
+            parser.error(f"{option_string} given twice for --dataset {datasets[-1]['dataset']}")
+        datasets[-1][key] = values
+        setattr(namespace, self.dest, datasets)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,9 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="compare models (base, SFT, SWiRL) on held-out questions with CIs",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ev.add_argument("--db", default="swirl.duckdb", help="DuckDB file (results land in eval_results)")
-    ev.add_argument("--dataset", default="demo-math",
-                    help="gsm8k, hotpotqa, musique, beerqa, cofca, generic, demo-math, demo-qa")
-    ev.add_argument("--data-files", nargs="+", metavar="PATH", help="local JSONL/JSON/Parquet (default: the Hub dataset)")
+    ev.add_argument("--dataset", action=_NewDataset, dest="datasets", metavar="NAME",
+                    help="gsm8k, hotpotqa, musique, beerqa, cofca, generic, demo-math, demo-qa; repeatable, each followed "
+                         "by its own --data-files/--corpus: a table of model × dataset (default: demo-math)")
+    ev.add_argument("--data-files", nargs="+", metavar="PATH", action=_OfDataset, dest="datasets",
+                    help="local JSONL/JSON/Parquet of the --dataset before it (default: the Hub dataset)")
     ev.add_argument("--split", default="test", help="a split the models were not trained on")
     ev.add_argument("--hub-name", help="Hub dataset name (default: the dataset's usual one)")
     ev.add_argument("--hub-config", help="Hub dataset config")
@@ -175,14 +202,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="repeatable; SPEC is a litellm name with an optional @API_BASE "
                          "(sft=openai/sft@http://127.0.0.1:8000/v1), 'smollm2', or a checkpoint folder "
                          "(swirl=./out/swirl) (default: base=smollm2)")
-    ev.add_argument("--grader", choices=["rule", "llm"], default="rule",
-                    help="correctness: exact match/F1 (rule), plus the judge's YES/NO (llm)")
+    ev.add_argument("--grader", choices=["auto", "rule", "llm"], default="auto",
+                    help="correctness: exact match/F1 (rule), plus the judge's YES/NO (llm); auto: llm for QA when a "
+                         "--judge is given")
     ev.add_argument("--judge", metavar="MODEL[@API_BASE]",
                     help="LLM grader and process judge (mean step score); none: rule metrics only")
     ev.add_argument("--no-step-scores", action="store_true", help="skip the process judge's step scores")
     ev.add_argument("--no-tools", action="store_true", help="no-tool mode: answer in one message (paper's Figure 6)")
     ev.add_argument("--max-steps", type=int, help="step cap (default: 10 math, 5 QA, 1 without tools)")
-    ev.add_argument("--corpus", help="search corpus JSONL/Parquet (title,text), or 'seeds'")
+    ev.add_argument("--corpus", action=_OfDataset, dest="datasets", metavar="PATH",
+                    help="search corpus JSONL/Parquet (title,text) of the --dataset before it, or 'seeds'")
     ev.add_argument("--search-k", type=int, default=1, help="paragraphs returned per search")
     ev.add_argument("--temperature", type=float, default=0.0, help="policy temperature (greedy by default)")
     ev.add_argument("--max-tokens", type=int, help="tokens per step (default: 256 API, 64 in-process)")
@@ -272,7 +301,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _print_rows("curated sets", result["retention"])
     if result["metrics"]:
         _print_rows("evaluation on held-out questions", [
-            {"model": m["label"], "metric": m["metric"], "n": m["n"], "mean": f"{m['mean']:.3f}",
+            {"dataset": m["dataset"], "model": m["label"], "metric": m["metric"], "n": m["n"], "mean": f"{m['mean']:.3f}",
              "95% CI": f"[{m['ci_low']:.3f}, {m['ci_high']:.3f}]"} for m in result["metrics"]])
     db = result["db"]
     print(f"\nresults: {db} (DuckDB); checkpoints: {', '.join(result['checkpoints'].values()) or 'none'}"
@@ -355,14 +384,15 @@ def cmd_curate(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from swirl_core.config import ClusterConfig, EvalConfig, EvalModel, parse_model_spec
+    from swirl_core.config import ClusterConfig, EvalConfig, EvalDataset, EvalModel, parse_model_spec
 
     tuning = {"temperature": args.temperature, "max_tokens": args.max_tokens, "concurrency": args.concurrency}
     models = [EvalModel.parse(m, **tuning) for m in (args.models or ["base=smollm2"])]
+    first, *rest = args.datasets or [{"dataset": EVAL_DEFAULT_DATASET}]
     config = EvalConfig(
-        db=args.db, dataset=args.dataset, data_files=args.data_files, split=args.split, hub_name=args.hub_name,
-        hub_config=args.hub_config, limit=args.limit, models=models, tools=not args.no_tools,
-        max_steps=args.max_steps, corpus=args.corpus, search_k=args.search_k, grader=args.grader,
+        db=args.db, **first, split=args.split, hub_name=args.hub_name, hub_config=args.hub_config,
+        also=[EvalDataset(**d) for d in rest], limit=args.limit, models=models, tools=not args.no_tools,
+        max_steps=args.max_steps, search_k=args.search_k, grader=args.grader,
         judge=parse_model_spec(args.judge, temperature=0.0) if args.judge else None,
         step_scores=not args.no_step_scores, n_resamples=args.resamples, report=args.report, work_dir=args.work_dir,
         cluster=ClusterConfig(address=args.scheduler_address, n_workers=args.workers), progress=not args.no_progress,
@@ -371,13 +401,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from flows.runtime import prefect_api
     from swirl_core.generation import plan_generation
 
-    for m in config.models:  # bad seeds, options or checkpoints: a one-line error before any call
-        plan_generation(config.generate_config(m))
+    for c in config.per_dataset():  # bad seeds, options or checkpoints: a one-line error before any call
+        for m in c.models:
+            plan_generation(c.generate_config(m))
     with _hold_db(config.db), prefect_api():
         result = evaluate(config)
     print(Path(result["report"]).read_text().rsplit("\n![", 1)[0])  # the report's tables, without the plot link
+    runs = ", ".join(f"'{r['run_id']}'" for r in result.get("datasets", [result]))
     print(f"report: {result['report']} (plot: {result['plot']})\n"
-          f"  swirl sql --db {result['db']} \"SELECT * FROM eval_summary WHERE eval_run_id = '{result['run_id']}'\"")
+          f"  swirl sql --db {result['db']} \"SELECT * FROM eval_summary WHERE eval_run_id IN ({runs})\"")
     for failure in result["failures"]:
         print(f"failed: {failure} — rerun the same command to resume", file=sys.stderr)
     return 0 if result["status"] == "completed" else 1
