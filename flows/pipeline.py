@@ -109,8 +109,8 @@ def _markdown(config: PipelineConfig, stages: list[dict], retention: list[dict],
              "| curated set | trajectories | sub-trajectories |", "|---|---|---|",
              *[f"| {r['filter']} | {r['trajectories']} | {r['sub_trajectories']} |" for r in retention]]
     if metrics:
-        lines += ["", "| model | metric | mean | 95% CI |", "|---|---|---|---|",
-                  *[f"| {m['label']} | {m['metric']} | {m['mean']:.3f} | [{m['ci_low']:.3f}, {m['ci_high']:.3f}] |"
+        lines += ["", "| dataset | model | metric | mean | 95% CI |", "|---|---|---|---|---|",
+                  *[f"| {m['dataset']} | {m['label']} | {m['metric']} | {m['mean']:.3f} | [{m['ci_low']:.3f}, {m['ci_high']:.3f}] |"
                     for m in metrics]]
     if report:
         lines += ["", f"Evaluation report: `{report}`"]
