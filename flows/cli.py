@@ -451,14 +451,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _print_training(result: dict) -> None:
-    from flows.train import zero_std_share
+    from flows.train import rl_signals
 
     resumed = f", resumed from step {result['resumed_from']}" if result["resumed_from"] else ""
     print(f"trained {result['steps']} steps ({result['seconds_per_step']:.2f} s/step, {result['world_size']} process(es)"
           f"{resumed}) on {result['lineage']['rows']} rows of the '{result['lineage']['filter']}' set; "
           f"checkpoint: {result['output_dir']}")
-    if (share := zero_std_share(result["log_history"])) is not None:
-        print(f"groups with zero reward variance (no learning signal): {share:.1%} on average")
+    for line in rl_signals(result["log_history"]):
+        print(line)
 
 
 def cmd_publish(args: argparse.Namespace) -> int:

@@ -14,12 +14,12 @@ from prefect import flow
 
 from swirl_core.hashing import content_hash
 from swirl_core.plots import line_chart_png
+from swirl_core.training.progress import WATCHED_METRICS
 from swirl_core.training.run import TrainConfig
 from tasks.artifacts import png_markdown, publish_markdown, publish_tables
 from tasks.publish import hub_token
 from tasks.train import push_model, train
 
-CURVES = ("loss", "reward", "kl", "frac_reward_zero_std")
 # Run-level settings that do not change what is trained: the same run, the same id.
 _NOT_IN_RUN_ID = {"progress", "push_to_hub", "private", "token_secret", "license", "dataset_repo_id"}
 
@@ -36,15 +36,27 @@ def train_flow(config: TrainConfig) -> dict[str, Any]:
     return result | {"run_id": run_id}
 
 
-def zero_std_share(history: list[dict]) -> float | None:
-    """The mean share of GRPO groups whose rewards were all equal (they teach nothing), over the logged steps."""
-    values = [h["frac_reward_zero_std"] for h in history if "frac_reward_zero_std" in h]
+def run_mean(history: list[dict], key: str) -> float | None:
+    """The mean of a logged metric over the run's steps, None when it was never logged (SFT)."""
+    values = [h[key] for h in history if key in h]
     return sum(values) / len(values) if values else None
+
+
+def rl_signals(history: list[dict]) -> list[str]:
+    """What a reader of an RL run must know: how many groups taught nothing (all rewards equal — most of them
+    with a binary judge), and how many sampled steps were cut at max_completion_length (their tag never closes)."""
+    lines = []
+    if (share := run_mean(history, "frac_reward_zero_std")) is not None:
+        lines.append(f"groups with zero reward variance (no learning signal): {share:.1%} on average")
+    if (clipped := run_mean(history, "completions/clipped_ratio")) is not None:
+        lines.append(f"sampled steps cut at max_completion_length: {clipped:.1%}"
+                     + (" — raise it so a step fits with its reasoning" if clipped > 0.2 else ""))
+    return lines
 
 
 def _publish(run_id: str, config: TrainConfig, result: dict) -> None:
     history = result["log_history"]
-    curves = {k: [(h["step"], h[k]) for h in history if k in h] for k in CURVES}
+    curves = {k: [(h["step"], h[k]) for h in history if k in h] for k in WATCHED_METRICS}
     publish_tables(f"train-{config.settings.method}", run_id, {"log": [
         {k: v for k, v in h.items() if isinstance(v, (int, float))} for h in history]})
     lines = [f"# Training run `{run_id}` ({config.settings.method})",
@@ -54,8 +66,7 @@ def _publish(run_id: str, config: TrainConfig, result: dict) -> None:
              f"checkpoint `{result['output_dir']}`"]
     if result["resumed_from"]:
         lines.append(f"- resumed from the checkpoint at step {result['resumed_from']}")
-    if (share := zero_std_share(history)) is not None:
-        lines.append(f"- groups with zero reward variance (no learning signal): {share:.1%} on average")
+    lines += [f"- {line}" for line in rl_signals(history)]
     if result.get("reward"):
         lines.append(f"- judge reward: {result['reward']}")
     if result.get("hub"):

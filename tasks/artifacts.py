@@ -6,7 +6,7 @@ import base64
 
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 
-PROGRESS_METRICS = ("loss", "reward", "kl", "frac_reward_zero_std")
+from swirl_core.training.progress import WATCHED_METRICS
 
 
 def _key(text: str) -> str:
@@ -33,7 +33,7 @@ def progress_tracker(key: str, description: str):
     artifact = create_progress_artifact(0.0, key=_key(key), description=description)
 
     def update(event: dict) -> None:
-        shown = {k: event[k] for k in PROGRESS_METRICS if k in event}
+        shown = {k: event[k] for k in WATCHED_METRICS if k in event}
         line = ", ".join(f"{k} {v:.4g}" for k, v in shown.items())
         update_progress_artifact(artifact, 100.0 * event["step"] / max(event["max_steps"], 1),
                                  description=f"{description}: step {event['step']}/{event['max_steps']}" + (f"; {line}" if line else ""))

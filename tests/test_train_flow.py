@@ -70,5 +70,11 @@ def test_swirl_rl_flow_scores_fresh_actions_with_the_judge_over_http(labeled_db,
     assert any("rewards/judge_reward/mean" in h for h in result["log_history"])
     assert (tmp_path / "rl" / "config.json").exists() and "SWiRL step-wise RL" in (tmp_path / "rl" / "README.md").read_text()
     with get_client(sync_client=True) as client:
-        keys = {a.key for a in client.read_latest_artifacts()}
-    assert {"train-swirl-summary", "train-swirl-log"} <= keys
+        artifacts = {a.key: a for a in client.read_latest_artifacts()}
+    assert {"train-swirl-summary", "train-swirl-log", "train-swirl-progress"} <= set(artifacts)
+    assert artifacts["train-swirl-progress"].data == 100.0  # moved by every logged step, in this process
+    # A judge that says GOOD to everything gives every group equal rewards: the summary says they taught nothing.
+    assert all(h["frac_reward_zero_std"] == 1.0 for h in result["log_history"])
+    summary = artifacts["train-swirl-summary"].data
+    assert "groups with zero reward variance (no learning signal): 100.0% on average" in summary
+    assert "sampled steps cut at max_completion_length" in summary

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -243,3 +244,20 @@ def test_swirl_train_pushes_the_model_and_its_card_to_the_hub(labeled_db, tiny_m
     card = files["README.md"].decode()
     assert "datasets:\n- user/swirl-data" in card and "- trl" in card and "license: apache-2.0" in card
     assert "hf_test_token" not in card and (out / "checkpoint-2").is_dir()
+
+
+@pytest.mark.slow
+def test_a_failed_launch_reports_the_exit_and_which_ranks_finished(tmp_path):
+    """Both processes die (their data file is gone): the supervisor fails with the launcher's exit code, the
+    ranks that finished (none) and the processes' last output, instead of returning a result."""
+    from swirl_core.training.launch import TrainingProcessError, launch
+    from swirl_core.training.run import LaunchSpec
+
+    settings = TrainSettings(method="sft", base_model="smollm2", output_dir=str(tmp_path / "out"), num_processes=2)
+    spec = LaunchSpec(request=TrainConfig(settings=settings, progress=False), run_id="r", lineage={},
+                      data_file=str(tmp_path / "gone.parquet"), progress_bar=False, sampling_regex=None)
+    with pytest.raises(TrainingProcessError) as failed:
+        launch(spec)
+    message = str(failed.value)
+    assert re.search(r"2 training processes exited with code [1-9]\d* \(rank 0: -?\d+, rank 1: -?\d+\); ranks that "
+                     r"finished: none; first error: FileNotFoundError: .*gone\.parquet", message), message

@@ -14,6 +14,7 @@ import collections
 import importlib.util
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -28,7 +29,9 @@ from swirl_core.training.trainers import TrainResult
 CONFIG_DIR = Path(__file__).with_name("accelerate_configs")  # ZeRO-2/3 and FSDP, for models that do not fit one GPU
 ENGINE_PACKAGES = {"zero2": "deepspeed", "zero3": "deepspeed"}
 SPEC_FILE, PROGRESS_FILE = "spec.json", "progress.jsonl"
-OUTPUT_TAIL = 6000  # characters of the processes' output kept for an error message
+OUTPUT_TAIL = 50_000  # characters of the processes' output kept for an error message
+_RANK_EXIT = re.compile(r"rank\s*:\s*(\d+) \(local_rank.*\n\s*exitcode\s*:\s*(-?\d+)")  # torchrun's failure summary
+_ERROR_LINE = re.compile(r"^(\w+(?:Error|Exception)): (.+)$", re.MULTILINE)
 
 
 class TrainingProcessError(RuntimeError):
@@ -91,11 +94,18 @@ def launch(spec: LaunchSpec, *, on_progress: ProgressSink | None = None) -> tupl
     ranks = {int(p.stem.split("-")[1]): json.loads(p.read_text(encoding="utf-8")) for p in folder.glob("rank-*.json")}
     finished = sorted(ranks)
     if code != 0 or len(ranks) != settings.num_processes:
-        raise TrainingProcessError(
-            f"accelerate launch of {settings.num_processes} training processes exited with code {code}; ranks that "
-            f"finished: {finished or 'none'}; last output:\n{''.join(tail)[-2000:]}")
+        raise TrainingProcessError(_failure(settings.num_processes, code, finished, "".join(tail)))
     main = ranks[0]
     return TrainResult(**main["result"]), _sum_rewards([r["reward"] for r in ranks.values()])
+
+
+def _failure(processes: int, code: int, finished: list[int], output: str) -> str:
+    """How the processes ended, from torchrun's summary, and the first error any of them raised."""
+    exits = ", ".join(f"rank {r}: {c}" for r, c in sorted(set(_RANK_EXIT.findall(output))))
+    errors = [f"{kind}: {text}" for kind, text in _ERROR_LINE.findall(output) if kind != "ChildFailedError"]
+    return (f"accelerate launch of {processes} training processes exited with code {code}"
+            + (f" ({exits})" if exits else "") + f"; ranks that finished: {finished or 'none'}"
+            + (f"; first error: {errors[0]}" if errors else "") + f"; last output:\n{output[-1500:]}")
 
 
 def _pass_through(stream, tail: collections.deque) -> None:

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 ProgressSink = Callable[[dict[str, Any]], None]
+# What the progress artifact shows and the run's curves draw.
+WATCHED_METRICS = ("loss", "reward", "kl", "frac_reward_zero_std")
 
 
 def progress_event(step: int, max_steps: int, logs: dict[str, Any]) -> dict[str, Any]:
