@@ -28,7 +28,6 @@ from helpers import build_labeled_db  # noqa: E402
 from scripted_server import start_subprocess  # noqa: E402
 
 from swirl_core.config import ModelConfig  # noqa: E402
-from swirl_core.protocol import action_regex  # noqa: E402
 from swirl_core.store import Store  # noqa: E402
 from swirl_core.training.data import rl_dataset, sft_dataset  # noqa: E402
 from swirl_core.training.rewards import JudgeReward, format_reward  # noqa: E402
@@ -101,14 +100,14 @@ def main() -> None:
         rl_settings = TrainSettings(method="swirl", num_generations=args.generations,
                                     max_completion_length=args.completion_tokens, use_vllm=not args.no_vllm,
                                     vllm_mode=args.vllm_mode, output_dir=str(tmp / "grpo-out"), **common)
-        regex = None if args.no_vllm else action_regex("qa")  # the test data are QA states
-        plain = swirl_trainer(rl_settings, rl, [format_reward], sampling_regex=regex)
+        # The test data are QA states: sampled under generation's action constraint (regex with vLLM).
+        plain = swirl_trainer(rl_settings, rl, [format_reward], sampling_task="qa")
         rows.append(("TRL GRPO (format reward)", step_times(plain), None))
         del plain
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
         judge = JudgeReward(ModelConfig(model=args.judge_model, api_base=base_url, temperature=0.0), None)
         swirl = swirl_trainer(rl_settings.model_copy(update={"output_dir": str(tmp / "swirl-out")}), rl,
-                              [judge, format_reward], sampling_regex=regex)
+                              [judge, format_reward], sampling_task="qa")
         rows.append(("SWiRL GRPO (judge reward)", step_times(swirl), judge))
     finally:
         if proc is not None:

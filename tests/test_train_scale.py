@@ -18,6 +18,7 @@ from helpers import build_labeled_db
 from scripted_server import Faults, ScriptedServer
 
 from swirl_core.config import ModelConfig
+from swirl_core.protocol import action_regex
 from swirl_core.training.run import RUN_FILE, TrainConfig, claim_output, hub_base_model, write_model_card
 from swirl_core.training.trainers import SUMMARY_FILE, TrainSettings, grpo_config, last_checkpoint
 
@@ -158,10 +159,16 @@ def test_two_processes_train_over_gloo_and_rank_zero_writes_the_checkpoints(labe
 
 def test_vllm_settings_build_a_grpo_config_on_cpu(tmp_path):
     """No GPU and no vllm here: the settings validate and become TRL's vLLM options; the trainer refuses clearly."""
-    base = {"method": "swirl", "output_dir": str(tmp_path), "use_vllm": True}
-    colocate = grpo_config(TrainSettings(**base, vllm_gpu_memory_utilization=0.5), sampling_regex="<answer>.*</answer>")
+    base = {"method": "swirl", "output_dir": str(tmp_path), "use_vllm": True, "max_completion_length": 256}
+    colocate = grpo_config(TrainSettings(**base, vllm_gpu_memory_utilization=0.5), sampling_task="qa")
     assert (colocate.use_vllm, colocate.vllm_mode, colocate.vllm_gpu_memory_utilization) == (True, "colocate", 0.5)
-    assert colocate.vllm_structured_outputs_regex == "<answer>.*</answer>"
+    assert colocate.vllm_structured_outputs_regex == action_regex("qa")  # generation's guided decoding, for RL too
+    free = grpo_config(TrainSettings(**base, constraint="none"), sampling_task="qa")
+    assert free.vllm_structured_outputs_regex is None
+    # A budget too short for a guided step with its reasoning would cut every sample before its tag closes.
+    with pytest.raises(ValueError, match="cannot hold a step with its reasoning"):
+        TrainSettings(**base | {"max_completion_length": 64})
+    assert TrainSettings(**base | {"max_completion_length": 64, "constraint": "none"}).use_vllm
     server = grpo_config(TrainSettings(**base, vllm_mode="server", vllm_server_base_url="http://127.0.0.1:8000"))
     assert (server.vllm_mode, server.vllm_server_base_url) == ("server", "http://127.0.0.1:8000")
     assert grpo_config(TrainSettings(method="swirl", output_dir=str(tmp_path))).use_vllm is False
@@ -255,7 +262,7 @@ def test_a_failed_launch_reports_the_exit_and_which_ranks_finished(tmp_path):
 
     settings = TrainSettings(method="sft", base_model="smollm2", output_dir=str(tmp_path / "out"), num_processes=2)
     spec = LaunchSpec(request=TrainConfig(settings=settings, progress=False), run_id="r", lineage={},
-                      data_file=str(tmp_path / "gone.parquet"), progress_bar=False, sampling_regex=None)
+                      data_file=str(tmp_path / "gone.parquet"), progress_bar=False, sampling_task=None)
     with pytest.raises(TrainingProcessError) as failed:
         launch(spec)
     message = str(failed.value)

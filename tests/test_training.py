@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 
 import duckdb
@@ -239,3 +240,18 @@ def test_swirl_rl_scores_fresh_samples_over_http(con, tmp_path, tiny_model_dir):
 
     assert AutoModelForCausalLM.from_pretrained(result.output_dir).config.num_hidden_layers == 2
     assert result.seconds_per_step > 0
+
+
+@pytest.mark.slow
+def test_swirl_rl_samples_under_the_action_grammar_like_generation(con, tmp_path, tiny_model_dir):
+    """A random tiny policy writes no tags on its own; sampled under the in-process grammar (the default for a
+    QA run without vLLM) every completion is exactly one well-formed QA action, so the judge rates real steps."""
+    data = rl_dataset(con, "process", out_dir=tmp_path / "d")
+    settings = TrainSettings(method="swirl", base_model=str(tiny_model_dir), output_dir=str(tmp_path / "rl"), max_steps=1,
+                             per_device_batch_size=4, num_generations=2, max_completion_length=24)
+    with ScriptedServer(default="GOOD") as srv:
+        reward = JudgeReward(ModelConfig(model="openai/judge", api_base=srv.base_url, temperature=0.0), None)
+        result = train_swirl(settings, data.dataset, [reward, format_reward], sampling_task="qa")
+        sampled = [_evaluated(b).strip().removeprefix("[Assistant]").strip() for b in srv.requests]
+    assert result.log_history[0]["rewards/format_reward/mean"] == 0.0  # all four: one closed action each
+    assert len(sampled) == 4 and all(re.fullmatch(r"<(search_query|answer)>[^<]+</\1>", s) for s in sampled), sampled

@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 
 from swirl_core.config import ModelConfig
 from swirl_core.llm.local_models import SMOLLM2_HUB_ID, is_smollm2
-from swirl_core.protocol import action_regex
+from swirl_core.records import TaskKind
 from swirl_core.store import Store
 from swirl_core.training.data import load_exported, rl_dataset, sft_dataset
 from swirl_core.training.progress import ProgressSink, progress_callback
@@ -76,7 +76,7 @@ class LaunchSpec(BaseModel):
     data_file: str
     lineage: dict[str, Any]
     progress_bar: bool
-    sampling_regex: str | None
+    sampling_task: TaskKind | None
 
 
 def run_training(request: TrainConfig, run_id: str, *, on_progress: ProgressSink | None = None) -> dict[str, Any]:
@@ -105,11 +105,13 @@ def run_training(request: TrainConfig, run_id: str, *, on_progress: ProgressSink
     resuming = claim_output(folder, settings, lineage)
     if resuming:
         log.warning("%s: resuming the interrupted run from its last checkpoint", folder)
-    # vLLM samples under the action grammar generation used (one task per run; in-process sampling is free).
-    tasks = set(export.dataset.unique("task")) if settings.method == "swirl" else set()
-    regex = action_regex(next(iter(tasks))) if settings.use_vllm and len(tasks) == 1 else None  # type: ignore[arg-type]
+    # RL samples under generation's action constraint, which is per task: one task per run, else free text.
+    tasks = sorted(export.dataset.unique("task")) if settings.method == "swirl" else []
+    if len(tasks) > 1 and settings.constraint == "auto":
+        log.warning("the RL states mix tasks %s: sampling is unconstrained (train one task per run to keep it)", tasks)
     spec = LaunchSpec(request=request, run_id=run_id, data_file=export.files[0], lineage=lineage,
-                      progress_bar=request.progress and sys.stderr.isatty(), sampling_regex=regex)
+                      progress_bar=request.progress and sys.stderr.isatty(),
+                      sampling_task=tasks[0] if len(tasks) == 1 else None)
     if request.launched:
         from swirl_core.training.launch import launch
 
@@ -133,7 +135,7 @@ def train_exported(spec: LaunchSpec, dataset: Any = None, on_progress: ProgressS
         return train_sft(settings, data, lineage=spec.lineage, progress_bar=spec.progress_bar, callbacks=callbacks), None
     reward = JudgeReward(request.judge or ModelConfig(temperature=0.0), request.journal_dir, run_id=spec.run_id)
     result = train_swirl(settings, data, [reward, format_reward], lineage=spec.lineage, progress_bar=spec.progress_bar,
-                         callbacks=callbacks, sampling_regex=spec.sampling_regex)
+                         callbacks=callbacks, sampling_task=spec.sampling_task)
     return result, reward.summary()
 
 

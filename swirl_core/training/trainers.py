@@ -19,6 +19,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, model_validator
 
 from swirl_core.llm.local_models import DEFAULT_LOCAL_MODEL, is_local_model, resolve_local_model
+from swirl_core.protocol import REGEX_STEP_TOKENS, action_regex, action_tags
+from swirl_core.records import TaskKind
 
 SUMMARY_FILE = "swirl_training.json"
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -66,6 +68,9 @@ class TrainSettings(BaseModel):
         "colocate", description="colocate: vLLM shares the training GPUs; server: a separate `trl vllm-serve`")
     vllm_server_base_url: str | None = Field(None, description="server mode: e.g. http://127.0.0.1:8000")
     vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="colocate mode: GPU memory share of vLLM")
+    constraint: Literal["auto", "none"] = Field(
+        "auto", description="SWiRL: sample under generation's action constraint (auto: the in-process grammar, or "
+                            "vLLM's action regex), so a small policy's samples are steps the judge can rate; none: free text")
     report_to: list[Literal["tensorboard", "wandb"]] = Field(
         default_factory=list, description="also log to these trackers (tensorboard writes under output_dir/runs, offline)")
 
@@ -88,6 +93,9 @@ class TrainSettings(BaseModel):
             raise ValueError("use_vllm samples SWiRL's RL groups; SFT samples nothing")
         if self.vllm_server_base_url and self.vllm_mode != "server":
             raise ValueError("vllm_server_base_url is for vllm_mode 'server'")
+        if self.use_vllm and self.constraint == "auto" and self.max_completion_length < REGEX_STEP_TOKENS:
+            raise ValueError(f"max_completion_length {self.max_completion_length} cannot hold a step with its reasoning "
+                             f"under the action regex (up to about {REGEX_STEP_TOKENS} tokens): raise it")
         if self.method == "swirl":
             if self.beta <= 0:
                 raise ValueError("SWiRL RL needs a KL penalty to the initial policy: beta must be > 0")
@@ -234,16 +242,17 @@ def train_sft(settings: TrainSettings, dataset: Any, *, model: Any = None, token
 
 
 def grpo_config(settings: TrainSettings, *, progress_bar: bool = False, reward_weights: Sequence[float] | None = None,
-                sampling_regex: str | None = None) -> Any:
+                sampling_task: TaskKind | None = None) -> Any:
     """TRL's `GRPOConfig` for SWiRL's RL stage. With `use_vllm`, vLLM samples the group (colocated on the
-    training GPUs, or a `trl vllm-serve` server) under `sampling_regex`, the action grammar generation used."""
+    training GPUs, or a `trl vllm-serve` server) under the action regex of `sampling_task`, as guided generation does."""
     from trl import GRPOConfig
 
     vllm: dict[str, Any] = {}
     if settings.use_vllm:
+        constrained = settings.constraint == "auto" and sampling_task is not None
         vllm = {"use_vllm": True, "vllm_mode": settings.vllm_mode,
                 "vllm_gpu_memory_utilization": settings.vllm_gpu_memory_utilization,
-                "vllm_structured_outputs_regex": sampling_regex}
+                "vllm_structured_outputs_regex": action_regex(sampling_task) if constrained else None}
         if settings.vllm_server_base_url:
             vllm["vllm_server_base_url"] = settings.vllm_server_base_url
     return GRPOConfig(
@@ -253,18 +262,44 @@ def grpo_config(settings: TrainSettings, *, progress_bar: bool = False, reward_w
     )
 
 
+def sample_under_grammar(model: Any, tokenizer: Any, task: TaskKind, max_new_tokens: int) -> None:
+    """Give the policy's `generate` the in-process action grammar generation uses: GRPO samples every group
+    through it, so a small model's samples are one well-formed action each (it rarely writes a tag unaided).
+
+    The loss still scores the sampled tokens under the unconstrained policy, as TRL does with vLLM's
+    structured outputs: the update raises the policy's own probability of the good constrained steps."""
+    from transformers import LogitsProcessorList
+
+    from swirl_core.llm.transformers_backend import ActionGrammar
+
+    tags = action_tags(task)
+    strings = [tokenizer.decode([i]) for i in range(len(tokenizer))]
+    masks: dict = {}  # per grammar state, shared by every call of the run
+    unconstrained = model.generate
+
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        grammar = ActionGrammar(tokenizer, kwargs["input_ids"].shape[1], max_new_tokens, tags, "math_exp" in tags,
+                                strings, masks)
+        return unconstrained(*args, logits_processor=LogitsProcessorList([grammar]), **kwargs)
+
+    model.generate = generate
+
+
 def swirl_trainer(settings: TrainSettings, dataset: Any, reward_funcs: Callable | Sequence[Callable], *,
                   model: Any = None, tokenizer: Any = None, reward_weights: Sequence[float] | None = None,
-                  progress_bar: bool = False, callbacks: Sequence[Any] = (), sampling_regex: str | None = None) -> Any:
-    """The configured `GRPOTrainer` (not yet run) for SWiRL's RL stage; see `train_swirl`."""
+                  progress_bar: bool = False, callbacks: Sequence[Any] = (), sampling_task: TaskKind | None = None) -> Any:
+    """The configured `GRPOTrainer` (not yet run) for SWiRL's RL stage; see `train_swirl`. `sampling_task` (one
+    task per run) selects the action constraint the groups are sampled under."""
     from trl import GRPOTrainer
 
     if settings.use_vllm and importlib.util.find_spec("vllm") is None:
         raise ValueError("use_vllm needs the vllm package (a GPU machine: pip install vllm)")
     if model is None or tokenizer is None:
         model, tokenizer = load_policy(settings.base_model, bf16=settings.resolved_bf16)
+    if sampling_task is not None and settings.constraint == "auto" and not settings.use_vllm:
+        sample_under_grammar(model, tokenizer, sampling_task, settings.max_completion_length)
     funcs = list(reward_funcs) if isinstance(reward_funcs, Sequence) else [reward_funcs]
-    config = grpo_config(settings, progress_bar=progress_bar, reward_weights=reward_weights, sampling_regex=sampling_regex)
+    config = grpo_config(settings, progress_bar=progress_bar, reward_weights=reward_weights, sampling_task=sampling_task)
     return GRPOTrainer(model=model, reward_funcs=funcs, args=config, train_dataset=dataset,
                        processing_class=tokenizer, peft_config=_lora(settings), callbacks=list(callbacks))
 
@@ -272,7 +307,7 @@ def swirl_trainer(settings: TrainSettings, dataset: Any, reward_funcs: Callable 
 def train_swirl(settings: TrainSettings, dataset: Any, reward_funcs: Callable | Sequence[Callable], *, model: Any = None,
                 tokenizer: Any = None, reward_weights: Sequence[float] | None = None,
                 lineage: dict[str, Any] | None = None, progress_bar: bool = False, callbacks: Sequence[Any] = (),
-                sampling_regex: str | None = None) -> TrainResult:
+                sampling_task: TaskKind | None = None) -> TrainResult:
     """SWiRL's RL stage: J(θ) = E_{s∼T, a∼π_θ(s)}[R(a|s)] with a KL penalty to the initial policy.
 
     Each dataset row is a stored state s (conversational `prompt`); the trainer samples
@@ -290,7 +325,7 @@ def train_swirl(settings: TrainSettings, dataset: Any, reward_funcs: Callable | 
     rewards, `log_metric` from rewards), so it is the better-maintained choice.
     """
     trainer = swirl_trainer(settings, dataset, reward_funcs, model=model, tokenizer=tokenizer, reward_weights=reward_weights,
-                            progress_bar=progress_bar, callbacks=callbacks, sampling_regex=sampling_regex)
+                            progress_bar=progress_bar, callbacks=callbacks, sampling_task=sampling_task)
     try:
         return _run(trainer, settings, lineage)
     finally:
