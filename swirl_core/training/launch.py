@@ -87,8 +87,14 @@ def launch(spec: LaunchSpec, *, on_progress: ProgressSink | None = None) -> tupl
                     if on_progress is not None:
                         on_progress(event)
     except BaseException:
-        proc.kill()  # the supervisor is going away: its processes must not train on unwatched
-        proc.wait()
+        # The supervisor is going away: its processes must not train on unwatched. SIGTERM first, which
+        # torchrun's agent passes on to the ranks (a SIGKILL would leave them running).
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
         raise
     pump.join(timeout=10)
     ranks = {int(p.stem.split("-")[1]): json.loads(p.read_text(encoding="utf-8")) for p in folder.glob("rank-*.json")}
