@@ -75,17 +75,16 @@ def launch(spec: LaunchSpec, *, on_progress: ProgressSink | None = None) -> tupl
     tail: collections.deque[str] = collections.deque(maxlen=OUTPUT_TAIL)
     pump = threading.Thread(target=_pass_through, args=(proc.stdout, tail), daemon=True)
     pump.start()
+    code: int | None = None
     try:
-        while True:
+        while code is None:
             try:
                 code = proc.wait(timeout=1.0)
-                break
             except subprocess.TimeoutExpired:
                 pass
-            finally:
-                for event in progress.read_new():
-                    if on_progress is not None:
-                        on_progress(event)
+            for event in progress.read_new():  # after the exit too: the last steps' events
+                if on_progress is not None:
+                    on_progress(event)
     except BaseException:
         # The supervisor is going away: its processes must not train on unwatched. SIGTERM first, which
         # torchrun's agent passes on to the ranks (a SIGKILL would leave them running).

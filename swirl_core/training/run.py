@@ -63,6 +63,10 @@ class TrainConfig(BaseModel):
         return (Path(self.work_dir) if self.work_dir else Path(self.db).with_suffix(".work")) / "journal"
 
     @property
+    def resolved_judge(self) -> ModelConfig:
+        return self.judge or ModelConfig(temperature=0.0)
+
+    @property
     def launched(self) -> bool:
         """Several processes, or a sharded engine: the run goes through `accelerate launch`."""
         return self.settings.num_processes > 1 or self.settings.distributed != "ddp"
@@ -95,9 +99,8 @@ def run_training(request: TrainConfig, run_id: str, *, on_progress: ProgressSink
                          "(run `swirl curate`, or choose another --filter)")
     lineage = export.lineage() | {"filter": request.resolved_filter, "prompt_versions": prompt_versions, "db": request.db,
                                   "data_sha256": _sha256(export.files)}
-    judge = request.judge or ModelConfig(temperature=0.0)
     if settings.method == "swirl":
-        lineage["judge_model"] = judge.model
+        lineage["judge_model"] = request.resolved_judge.model
     if (done := finished_run(folder, settings, lineage)) is not None:
         write_model_card(folder, settings, lineage, done["log_history"], license=request.license,
                          dataset_repo_id=request.dataset_repo_id)  # the card may name a newly published set
@@ -133,7 +136,7 @@ def train_exported(spec: LaunchSpec, dataset: Any = None, on_progress: ProgressS
     callbacks = [progress_callback(on_progress)] if on_progress is not None else []
     if settings.method == "sft":
         return train_sft(settings, data, lineage=spec.lineage, progress_bar=spec.progress_bar, callbacks=callbacks), None
-    reward = JudgeReward(request.judge or ModelConfig(temperature=0.0), request.journal_dir, run_id=spec.run_id)
+    reward = JudgeReward(request.resolved_judge, request.journal_dir, run_id=spec.run_id)
     result = train_swirl(settings, data, [reward, format_reward], lineage=spec.lineage, progress_bar=spec.progress_bar,
                          callbacks=callbacks, sampling_task=spec.sampling_task)
     return result, reward.summary()
