@@ -22,8 +22,14 @@ examples:
   swirl curate --db swirl.duckdb --judge openai/gpt-4o-mini --grader llm --min-judge-f1 0.6
   swirl evaluate --dataset gsm8k --data-files ../shared/data/gsm8k/test_dev.jsonl --limit 300 \
       --model base=smollm2 --model sft=./out/sft --model swirl=./out/swirl --judge openai/gpt-4o-mini --grader llm
+  swirl evaluate --dataset hotpotqa --data-files dev.json --dataset gsm8k --data-files test.jsonl \
+      --model base=smollm2 --model swirl=./out/swirl --judge openai/gpt-4o-mini   # a model × dataset grid
+  swirl train --method swirl --output ./out/swirl --num-processes 2 --save-steps 50 --push-to-hub me/swirl
   swirl sql --db swirl.duckdb "SELECT status, count(*) FROM trajectories GROUP BY 1"
 """
+
+
+EVAL_DEFAULT_DATASET = "demo-math"
 
 
 def _add_model_args(p: argparse.ArgumentParser, prefix: str, default: str, *, temperature: float = 0.7,
@@ -46,6 +52,25 @@ def _add_model_args(p: argparse.ArgumentParser, prefix: str, default: str, *, te
                        help="demonstrations as chat turns (default: on for in-process models)")
         p.add_argument("--constraint", choices=["auto", "none", "grammar", "regex"], default="auto",
                        help="decoding constraint: grammar in-process, regex = vLLM guided decoding (default: auto)")
+
+
+class _NewDataset(argparse.Action):
+    """`--dataset NAME` starts a dataset of the evaluation grid; the options after it are its own."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest) or []), {"dataset": values}])
+
+
+class _OfDataset(argparse.Action):
+    """`--data-files` / `--corpus`: of the last `--dataset` (before any: of the default one)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        datasets = getattr(namespace, self.dest) or [{"dataset": EVAL_DEFAULT_DATASET}]
+        key = option_string.lstrip("-").replace("-", "_")
+        if key in datasets[-1]:
+            parser.error(f"{option_string} given twice for --dataset {datasets[-1]['dataset']}")
+        datasets[-1][key] = values
+        setattr(namespace, self.dest, datasets)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,6 +188,20 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--judge-api-base", help="swirl: OpenAI-compatible endpoint of the judge")
     tr.add_argument("--judge-api-key-env", help="swirl: environment variable holding the judge's API key")
     tr.add_argument("--judge-api-key-secret", help="swirl: Prefect Secret block holding the judge's API key")
+    tr.add_argument("--rpm", type=float, help="swirl: the judge's requests-per-minute limit (one limiter for the whole run)")
+    tr.add_argument("--save-steps", type=int, default=50, help="a checkpoint every N steps; rerun the same command to resume")
+    tr.add_argument("--num-processes", type=int, default=1, help="training processes under `accelerate launch` (one per GPU)")
+    tr.add_argument("--distributed", choices=["ddp", "zero2", "zero3", "fsdp"], default="ddp",
+                    help="engine of several processes (DeepSpeed ZeRO / FSDP for models that do not fit one GPU)")
+    tr.add_argument("--vllm", choices=["colocate", "server"], help="swirl: sample with vLLM on the GPU (default: transformers)")
+    tr.add_argument("--vllm-server-base-url", help="swirl: the `trl vllm-serve` server of --vllm server")
+    tr.add_argument("--report-to", action="append", choices=["tensorboard", "wandb"], default=[],
+                    help="also log to this tracker (repeatable)")
+    tr.add_argument("--push-to-hub", metavar="USER/NAME", help="push the final model and its card to this Hub model repo")
+    tr.add_argument("--public", action="store_true", help="a new Hub repo is public (default: private)")
+    tr.add_argument("--token-secret", help="Prefect Secret block holding the Hub token (default: HF_TOKEN)")
+    tr.add_argument("--dataset-repo-id", metavar="USER/NAME", help="the Hub dataset of the curated set, named in the card")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     pub = sub.add_parser("publish", help="export the curated sets with a dataset card and upload them to the Hub",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -178,9 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="compare models (base, SFT, SWiRL) on held-out questions with CIs",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ev.add_argument("--db", default="swirl.duckdb", help="DuckDB file (results land in eval_results)")
-    ev.add_argument("--dataset", default="demo-math",
-                    help="gsm8k, hotpotqa, musique, beerqa, cofca, generic, demo-math, demo-qa")
-    ev.add_argument("--data-files", nargs="+", metavar="PATH", help="local JSONL/JSON/Parquet (default: the Hub dataset)")
+    ev.add_argument("--dataset", action=_NewDataset, dest="datasets", metavar="NAME",
+                    help="gsm8k, hotpotqa, musique, beerqa, cofca, generic, demo-math, demo-qa; repeatable, each followed "
+                         "by its own --data-files/--corpus: a table of model × dataset (default: demo-math)")
+    ev.add_argument("--data-files", nargs="+", metavar="PATH", action=_OfDataset, dest="datasets",
+                    help="local JSONL/JSON/Parquet of the --dataset before it (default: the Hub dataset)")
     ev.add_argument("--split", default="test", help="a split the models were not trained on")
     ev.add_argument("--hub-name", help="Hub dataset name (default: the dataset's usual one)")
     ev.add_argument("--hub-config", help="Hub dataset config")
@@ -189,14 +230,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="repeatable; SPEC is a litellm name with an optional @API_BASE "
                          "(sft=openai/sft@http://127.0.0.1:8000/v1), 'smollm2', or a checkpoint folder "
                          "(swirl=./out/swirl) (default: base=smollm2)")
-    ev.add_argument("--grader", choices=["rule", "llm"], default="rule",
-                    help="correctness: exact match/F1 (rule), plus the judge's YES/NO (llm)")
+    ev.add_argument("--grader", choices=["auto", "rule", "llm"], default="auto",
+                    help="correctness: exact match/F1 (rule), plus the judge's YES/NO (llm); auto: llm for QA when a "
+                         "--judge is given")
     ev.add_argument("--judge", metavar="MODEL[@API_BASE]",
                     help="LLM grader and process judge (mean step score); none: rule metrics only")
     ev.add_argument("--no-step-scores", action="store_true", help="skip the process judge's step scores")
     ev.add_argument("--no-tools", action="store_true", help="no-tool mode: answer in one message (paper's Figure 6)")
     ev.add_argument("--max-steps", type=int, help="step cap (default: 10 math, 5 QA, 1 without tools)")
-    ev.add_argument("--corpus", help="search corpus JSONL/Parquet (title,text), or 'seeds'")
+    ev.add_argument("--corpus", action=_OfDataset, dest="datasets", metavar="PATH",
+                    help="search corpus JSONL/Parquet (title,text) of the --dataset before it, or 'seeds'")
     ev.add_argument("--search-k", type=int, default=1, help="paragraphs returned per search")
     ev.add_argument("--temperature", type=float, default=0.0, help="policy temperature (greedy by default)")
     ev.add_argument("--max-tokens", type=int, help="tokens per step (default: 256 API, 64 in-process)")
@@ -288,7 +331,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _print_rows("curated sets", result["retention"])
     if result["metrics"]:
         _print_rows("evaluation on held-out questions", [
-            {"model": m["label"], "metric": m["metric"], "n": m["n"], "mean": f"{m['mean']:.3f}",
+            {"dataset": m["dataset"], "model": m["label"], "metric": m["metric"], "n": m["n"], "mean": f"{m['mean']:.3f}",
              "95% CI": f"[{m['ci_low']:.3f}, {m['ci_high']:.3f}]"} for m in result["metrics"]])
     db = result["db"]
     print(f"\nresults: {db} (DuckDB); checkpoints: {', '.join(result['checkpoints'].values()) or 'none'}"
@@ -410,14 +453,15 @@ def cmd_judge_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from swirl_core.config import ClusterConfig, EvalConfig, EvalModel, parse_model_spec
+    from swirl_core.config import ClusterConfig, EvalConfig, EvalDataset, EvalModel, parse_model_spec
 
     tuning = {"temperature": args.temperature, "max_tokens": args.max_tokens, "concurrency": args.concurrency}
     models = [EvalModel.parse(m, **tuning) for m in (args.models or ["base=smollm2"])]
+    first, *rest = args.datasets or [{"dataset": EVAL_DEFAULT_DATASET}]
     config = EvalConfig(
-        db=args.db, dataset=args.dataset, data_files=args.data_files, split=args.split, hub_name=args.hub_name,
-        hub_config=args.hub_config, limit=args.limit, models=models, tools=not args.no_tools,
-        max_steps=args.max_steps, corpus=args.corpus, search_k=args.search_k, grader=args.grader,
+        db=args.db, **first, split=args.split, hub_name=args.hub_name, hub_config=args.hub_config,
+        also=[EvalDataset(**d) for d in rest], limit=args.limit, models=models, tools=not args.no_tools,
+        max_steps=args.max_steps, search_k=args.search_k, grader=args.grader,
         judge=parse_model_spec(args.judge, temperature=0.0) if args.judge else None,
         step_scores=not args.no_step_scores, n_resamples=args.resamples, report=args.report, work_dir=args.work_dir,
         cluster=ClusterConfig(address=args.scheduler_address, n_workers=args.workers), progress=not args.no_progress,
@@ -426,13 +470,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from flows.runtime import prefect_api
     from swirl_core.generation import plan_generation
 
-    for m in config.models:  # bad seeds, options or checkpoints: a one-line error before any call
-        plan_generation(config.generate_config(m))
+    for c in config.per_dataset():  # bad seeds, options or checkpoints: a one-line error before any call
+        for m in c.models:
+            plan_generation(c.generate_config(m))
     with _hold_db(config.db), prefect_api():
         result = evaluate(config)
     print(Path(result["report"]).read_text().rsplit("\n![", 1)[0])  # the report's tables, without the plot link
+    runs = ", ".join(f"'{r['run_id']}'" for r in result.get("datasets", [result]))
     print(f"report: {result['report']} (plot: {result['plot']})\n"
-          f"  swirl sql --db {result['db']} \"SELECT * FROM eval_summary WHERE eval_run_id = '{result['run_id']}'\"")
+          f"  swirl sql --db {result['db']} \"SELECT * FROM eval_summary WHERE eval_run_id IN ({runs})\"")
     for failure in result["failures"]:
         print(f"failed: {failure} — rerun the same command to resume", file=sys.stderr)
     return 0 if result["status"] == "completed" else 1
@@ -449,12 +495,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         method=args.method, base_model=args.base_model, output_dir=args.output, max_steps=args.max_steps,
         per_device_batch_size=args.batch_size, gradient_accumulation=args.grad_accum, learning_rate=args.learning_rate,
         num_generations=args.num_generations, max_completion_length=args.max_completion_length, beta=args.beta,
-        use_lora=args.lora,
+        use_lora=args.lora, save_steps=args.save_steps, num_processes=args.num_processes, distributed=args.distributed,
+        use_vllm=args.vllm is not None, vllm_mode=args.vllm or "colocate", vllm_server_base_url=args.vllm_server_base_url,
+        report_to=args.report_to,
     )
     judge = ModelConfig(model=args.judge, api_base=args.judge_api_base, api_key_env=args.judge_api_key_env,
-                        api_key_secret=args.judge_api_key_secret, temperature=0.0) if args.method == "swirl" else None
+                        api_key_secret=args.judge_api_key_secret, requests_per_minute=args.rpm,
+                        temperature=0.0) if args.method == "swirl" else None
     config = TrainConfig(db=args.db, filter=args.filter, settings=settings, judge=judge, dataset=args.dataset,
-                         run_ids=args.run_ids, limit=args.limit)
+                         run_ids=args.run_ids, limit=args.limit, progress=not args.no_progress, push_to_hub=args.push_to_hub,
+                         private=not args.public, token_secret=args.token_secret, dataset_repo_id=args.dataset_repo_id)
     from flows.runtime import prefect_api
     from flows.train import train_flow
 
@@ -463,12 +513,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result["skipped"]:
         print(f"{result['output_dir']} already holds this training run (same settings, same data): nothing to do; "
               "delete the folder or change --output to train again")
-        return 0
-    print(f"trained {result['steps']} steps ({result['seconds_per_step']:.2f} s/step) on "
-          f"{result['lineage']['rows']} rows of the '{result['lineage']['filter']}' set; checkpoint: {result['output_dir']}")
+    else:
+        _print_training(result)
+    if result.get("hub"):
+        print(f"pushed to the Hub: {result['hub']['repo_id']} ({result['hub']['commit']})")
+    return 0
+
+
+def _print_training(result: dict) -> None:
+    from flows.train import rl_signals
+
+    resumed = f", resumed from step {result['resumed_from']}" if result["resumed_from"] else ""
+    print(f"trained {result['steps']} steps ({result['seconds_per_step']:.2f} s/step, {result['world_size']} process(es)"
+          f"{resumed}) on {result['lineage']['rows']} rows of the '{result['lineage']['filter']}' set; "
+          f"checkpoint: {result['output_dir']}")
     if result["dropped_too_long"]:
         print(f"{result['dropped_too_long']} rows left out: state and action longer than max_length")
-    return 0
+    for line in rl_signals(result["log_history"]):
+        print(line)
 
 
 def cmd_publish(args: argparse.Namespace) -> int:

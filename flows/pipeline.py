@@ -51,8 +51,12 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
         if settings is None:
             continue
         # Its own generation run only: older runs with other policies or prompts must not leak into training.
+        pub = config.publish
         train_config = TrainConfig(db=config.db, work_dir=config.work_dir, settings=settings, dataset=config.generate.dataset,
-                                   run_ids=[gen["run_id"]], judge=config.curate.judge if settings.method == "swirl" else None)
+                                   run_ids=[gen["run_id"]], judge=config.curate.judge if settings.method == "swirl" else None,
+                                   progress=config.progress, dataset_repo_id=pub.repo_id if pub else None,
+                                   push_to_hub=f"{pub.repo_id}-{settings.method}" if pub and pub.push_models and not pub.dry_run else None,
+                                   private=pub.private if pub else True, token_secret=pub.token_secret if pub else None)
         result = stage(f"train-{settings.method}", lambda c=train_config: train_flow(c),
                        lambda r: {"status": "skipped (already trained on this data)" if r["skipped"] else "completed",
                                   "detail": f"{r['steps']} steps on {r['lineage']['rows']} rows"
@@ -111,8 +115,8 @@ def _markdown(config: PipelineConfig, stages: list[dict], retention: list[dict],
              "| curated set | trajectories | sub-trajectories |", "|---|---|---|",
              *[f"| {r['filter']} | {r['trajectories']} | {r['sub_trajectories']} |" for r in retention]]
     if metrics:
-        lines += ["", "| model | metric | mean | 95% CI |", "|---|---|---|---|",
-                  *[f"| {m['label']} | {m['metric']} | {m['mean']:.3f} | [{m['ci_low']:.3f}, {m['ci_high']:.3f}] |"
+        lines += ["", "| dataset | model | metric | mean | 95% CI |", "|---|---|---|---|---|",
+                  *[f"| {m['dataset']} | {m['label']} | {m['metric']} | {m['mean']:.3f} | [{m['ci_low']:.3f}, {m['ci_high']:.3f}] |"
                     for m in metrics]]
     if report:
         lines += ["", f"Evaluation report: `{report}`"]

@@ -11,14 +11,7 @@ from swirl_core.config import PublishConfig
 from swirl_core.hub import contamination, dataset_card, export_folder
 from swirl_core.store import Store
 from tasks.artifacts import publish_markdown
-from tasks.publish import upload
-from tasks.secrets import read_secret
-
-
-def _token(config: PublishConfig) -> str | None:
-    if config.token_secret:
-        return read_secret(config.token_secret)
-    return None  # huggingface_hub reads HF_TOKEN (or the saved login) itself
+from tasks.publish import hub_token, upload
 
 
 @flow(name="publish", log_prints=True)
@@ -34,6 +27,6 @@ def publish(config: PublishConfig) -> dict[str, Any]:
     result: dict[str, Any] = {"folder": str(folder), "rows": summary.rows, "contamination": report,
                               "repo_id": config.repo_id, "uploaded": False}
     if not config.dry_run:
-        result |= upload(str(folder), config.repo_id, config.private, _token(config)) | {"uploaded": True}
+        result |= upload(str(folder), config.repo_id, config.private, hub_token(config.token_secret)) | {"uploaded": True}
     publish_markdown("publish", card.split("---", 2)[-1], f"dataset card for {config.repo_id}", name="card")
     return result

@@ -15,9 +15,8 @@ from swirl_core.hashing import content_hash
 from swirl_core.llm.base import ChatRequest, LLMError
 from swirl_core.llm.client import LLMClient
 from swirl_core.protocol import (
-    TAGS,
     action_regex,
-    actions,
+    action_tags,
     invalid_action_feedback,
     observation_message,
     parse_action,
@@ -62,7 +61,7 @@ class PolicySpec:
     def request(self, messages: list[dict[str, str]], sample_index: int) -> ChatRequest:
         constraint, extra = None, {}
         if self.constraint == "grammar":
-            constraint = "grammar:" + "|".join(TAGS[k] for k in actions(self.task, self.tools))
+            constraint = "grammar:" + "|".join(action_tags(self.task, self.tools))
         elif self.constraint == "regex":
             constraint, extra = "regex", {"guided_regex": action_regex(self.task, self.tools)}
         return ChatRequest(

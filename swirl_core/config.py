@@ -200,6 +200,7 @@ class PublishConfig(BaseModel):
     eval_splits: list[str] = Field(default_factory=lambda: ["test", "validation", "dev"],
                                    description="question splits counted as evaluation data in the contamination check")
     dry_run: bool = Field(False, description="export and write the card, but do not upload")
+    push_models: bool = Field(False, description="pipeline: also push each trained model to the model repo <repo_id>-<method>")
 
     @property
     def resolved_out_dir(self) -> Path:
@@ -243,8 +244,25 @@ class EvalModel(BaseModel):
         return cls(label=label.strip(), model=parse_model_spec(spec, **({"temperature": 0.0} | overrides)))
 
 
+class EvalDataset(BaseModel):
+    """One more dataset of an evaluation grid, with its own files (the paper: trained on HotPotQA, tested on GSM8K too)."""
+
+    dataset: str = Field(..., description="gsm8k, hotpotqa, musique, beerqa, cofca, generic, demo-math, demo-qa")
+    data_files: list[str] | None = Field(None, description="local JSONL/JSON/Parquet files; default: the Hub dataset")
+    split: str | None = Field(None, description="default: the evaluation's split")
+    hub_name: str | None = None
+    hub_config: str | None = None
+    corpus: str | None = Field(None, description="search corpus; default: the dataset's own")
+
+    @field_validator("data_files", mode="before")
+    @classmethod
+    def _listify(cls, v: Any) -> Any:
+        return [v] if isinstance(v, (str, Path)) else v
+
+
 class EvalConfig(BaseModel):
-    """Parameters of the `evaluate` flow: the same agent loop and step caps for every model."""
+    """Parameters of the `evaluate` flow: the same agent loop and step caps for every model, on one dataset or a
+    grid of several (`also`)."""
 
     db: str = "swirl.duckdb"
     dataset: str = Field("demo-math", description="gsm8k, hotpotqa, musique, beerqa, cofca, generic, demo-math, demo-qa")
@@ -258,8 +276,12 @@ class EvalConfig(BaseModel):
     max_steps: int | None = Field(None, ge=1, le=50, description="step cap; default 10 for math, 5 for QA (1 without tools)")
     corpus: str | None = Field(None, description="search corpus; default: the dataset's own")
     search_k: int = Field(1, ge=1, le=20)
-    grader: Literal["rule", "llm"] = Field("rule", description="correctness: rule-based only, or also the judge's YES/NO")
+    grader: Literal["auto", "rule", "llm"] = Field(
+        "auto", description="correctness: rule-based only, or also the judge's YES/NO; auto = llm for QA when a judge "
+                            "is configured (exact match undercounts free-text answers), rule otherwise")
     judge: ModelConfig | None = Field(None, description="LLM grader and process judge; without it, no judge metrics")
+    also: list[EvalDataset] = Field(default_factory=list, description="more datasets, each evaluated like the first: "
+                                                                      "a table of model × dataset (cross-task transfer)")
     step_scores: bool = Field(True, description="mean process-judge step score (needs a judge)")
     n_resamples: int = Field(2000, ge=100, le=100_000, description="bootstrap resamples for the CIs")
     confidence: float = Field(0.95, gt=0.5, lt=1)
@@ -281,7 +303,24 @@ class EvalConfig(BaseModel):
             raise ValueError(f"model labels must be unique, got {labels}")
         if self.grader == "llm" and self.judge is None:
             raise ValueError("--grader llm needs a judge model (--judge MODEL[@API_BASE])")
+        names = [(d.dataset, d.split) for d in self.per_dataset()]
+        if len(set(names)) != len(names):
+            raise ValueError(f"each dataset (and split) is evaluated once, got {[n for n, _ in names]}")
         return self
+
+    def per_dataset(self) -> list[EvalConfig]:
+        """One configuration per dataset of the grid; with several, the report path names the grid's report."""
+        if not self.also:
+            return [self]
+        first = self.model_copy(update={"also": [], "report": None})
+        # Files, Hub names and corpus are the dataset's own (none: its defaults); the split is shared unless given.
+        return [first, *(first.model_copy(update=d.model_dump(exclude={"split"}) | {"split": d.split or self.split})
+                         for d in self.also)]
+
+    def grader_for(self, tasks: set[str]) -> Literal["rule", "llm"]:
+        if self.grader != "auto":
+            return self.grader
+        return "llm" if self.judge is not None and "qa" in tasks else "rule"
 
     @property
     def resolved_work_dir(self) -> Path:

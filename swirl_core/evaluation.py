@@ -200,3 +200,30 @@ def report_markdown(run_id: str, config: EvalConfig, overview: list[dict], compa
     if plot_markdown:
         lines += ["", plot_markdown]
     return "\n".join(lines)
+
+
+def grid_rows(results: Sequence[Mapping]) -> list[dict]:
+    """The grid as long rows: each model on each dataset, in that dataset's primary metric (accuracy)."""
+    return [m for r in results for m in r["metrics"] if m["metric"] == r["primary_metric"]]
+
+
+def grid_markdown(run_id: str, results: Sequence[Mapping]) -> str:
+    """The paper's cross-task table: a row per model, a column per dataset (primary metric with its CI), then
+    each dataset's paired comparisons of that metric."""
+    rows = grid_rows(results)
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    cell = {(r["label"], r["dataset"]): _with_ci(r["mean"], r["ci_low"], r["ci_high"]) for r in rows}
+    heads = [f"{r['dataset']} ({METRIC_TITLES[r['primary_metric']]}, n={max(m['n'] for m in r['metrics'])})" for r in results]
+    lines = [f"# Evaluation grid `{run_id}`: {len(labels)} models × {len(results)} datasets", "",
+             "| model | " + " | ".join(heads) + " |", "|---|" + "---|" * len(results),
+             *[f"| {label} | " + " | ".join(cell.get((label, r["dataset"]), "–") for r in results) + " |"
+               for label in labels],
+             "", "## Paired comparisons (B − A on the same questions)", "",
+             "| dataset | metric | A | B | n | B − A [CI] | p (paired bootstrap) | p (McNemar) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines += [f"| {r['dataset']} | {METRIC_TITLES[c['metric']]} | {c['model_a']} | {c['model_b']} | {c['n']} | "
+                  f"{_with_ci(c['diff'], c['low'], c['high'])} | {_p(c['p_bootstrap'])} | {_p(c['p_mcnemar'])} |"
+                  for c in r["comparisons"] if c["metric"] == r["primary_metric"]]
+    lines += ["", "Each dataset's own report: " + ", ".join(f"`{r['report']}`" for r in results)]
+    return "\n".join(lines)

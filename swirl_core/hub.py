@@ -113,17 +113,19 @@ def export_folder(con, folder: str | Path, *, max_file_bytes: str = "256MB") -> 
 
 
 def upload_folder(folder: str | Path, repo_id: str, *, token: str | None, private: bool,
-                  message: str = "Publish SWiRL curated data") -> dict[str, Any]:
-    """Create the dataset repo if needed and commit the folder; unchanged files make no commit.
+                  message: str = "Publish SWiRL curated data", repo_type: str = "dataset",
+                  ignore_patterns: list[str] | None = None) -> dict[str, Any]:
+    """Create the repo (a dataset, or a model) if needed and commit the folder; unchanged files make no commit.
 
     The endpoint comes from `HF_ENDPOINT` as usual; the token is passed through, never logged."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
-    api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-    before = api.list_repo_commits(repo_id, repo_type="dataset")
-    api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="dataset", commit_message=message)
-    after = api.list_repo_commits(repo_id, repo_type="dataset")
+    api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
+    before = api.list_repo_commits(repo_id, repo_type=repo_type)
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type=repo_type, commit_message=message,
+                      ignore_patterns=ignore_patterns)
+    after = api.list_repo_commits(repo_id, repo_type=repo_type)
     return {"repo_id": repo_id, "commit": after[0].commit_id if after else None,
             "new_commit": len(after) > len(before), "private": private}
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+
+from swirl_core.training.progress import WATCHED_METRICS
 
 
 def _key(text: str) -> str:
@@ -23,6 +25,20 @@ def publish_tables(prefix: str, run_id: str, tables: dict[str, list[dict]]) -> N
 
 def publish_markdown(prefix: str, markdown: str, description: str, name: str = "summary") -> None:
     create_markdown_artifact(key=_key(f"{prefix}-{name}"), markdown=markdown, description=description)
+
+
+def progress_tracker(key: str, description: str):
+    """A progress artifact (percent of max_steps) and the sink that moves it with each training event; its
+    description shows the step and the latest loss, reward, KL and share of zero-variance groups."""
+    artifact = create_progress_artifact(0.0, key=_key(key), description=description)
+
+    def update(event: dict) -> None:
+        shown = {k: event[k] for k in WATCHED_METRICS if k in event}
+        line = ", ".join(f"{k} {v:.4g}" for k, v in shown.items())
+        update_progress_artifact(artifact, 100.0 * event["step"] / max(event["max_steps"], 1),
+                                 description=f"{description}: step {event['step']}/{event['max_steps']}" + (f"; {line}" if line else ""))
+
+    return update
 
 
 def png_markdown(png: bytes, alt: str) -> str:

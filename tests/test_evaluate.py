@@ -210,3 +210,76 @@ def test_cli_reports_bad_options_before_any_call(tmp_path, capsys):
     assert "LABEL=SPEC" in capsys.readouterr().err
     assert main(["evaluate", "--db", str(tmp_path / "x.duckdb"), "--model", f"ckpt={tmp_path}/missing-dir/"]) == 2
     assert not (tmp_path / "x.duckdb").exists()
+
+
+HOTPOT = FIXTURES / "hotpotqa_dev20.json"
+HOTPOT_GOLD = {r["question"].strip(): r["answer"] for r in json.loads(HOTPOT.read_text())}
+
+
+def grid_responder(body: dict) -> str:
+    """`strong` answers at once: the GSM8K number, or the HotPotQA answer inside a sentence (EM misses it,
+    the grader does not); `weak` is always wrong. The judge grades by whether the key is in the answer."""
+    last = body["messages"][-1]["content"]
+    if body["model"] == "judge":
+        key = re.search(r"Answer key: (.*)", last).group(1).strip()
+        mine = re.search(r"My answer: (.*)", last).group(1).strip()
+        return "Same answer.\nYES" if key.lower() in mine.lower() else "Different.\nNO"
+    question = _question_of(body["messages"])
+    if body["model"] == "weak":
+        return "<answer>-1</answer>"
+    if question in GOLD:
+        return f"<answer>{GOLD[question]}</answer>"
+    return f"<answer>I am quite sure the answer is {HOTPOT_GOLD[question]}</answer>"
+
+
+@pytest.mark.slow
+def test_a_grid_of_two_datasets_gives_a_model_by_dataset_table(prefect_api, tmp_path):
+    """Cross-task evaluation in one run: GSM8K graded by rule (math), HotPotQA by the LLM grader (auto: QA with a
+    judge), each with its own CIs and paired tests, and one model × dataset table."""
+    from flows.evaluate import evaluate
+
+    with ScriptedServer(responder=grid_responder) as srv:
+        config = EvalConfig(
+            db=str(tmp_path / "grid.duckdb"), dataset="gsm8k", data_files=[str(GSM8K)], split="test", limit=4,
+            also=[{"dataset": "hotpotqa", "data_files": [str(HOTPOT)], "split": "validation"}],
+            models=[EvalModel(label="weak", model=_served("weak", srv)), EvalModel(label="strong", model=_served("strong", srv))],
+            judge=_served("judge", srv), step_scores=False, cluster=ClusterConfig(n_workers=1), progress=False,
+        )
+        result = evaluate(config)
+    assert result["status"] == "completed" and [d["dataset"] for d in result["datasets"]] == ["gsm8k", "hotpotqa"]
+    assert [d["primary_metric"] for d in result["datasets"]] == ["exact_match", "llm_judge"]
+    assert len({d["run_id"] for d in result["datasets"]}) == 2
+    cells = {(r["label"], r["dataset"]): r for r in result["grid"]}
+    assert set(cells) == {(m, d) for m in ("weak", "strong") for d in ("gsm8k", "hotpotqa")}
+    assert cells["strong", "gsm8k"]["mean"] == cells["strong", "hotpotqa"]["mean"] == 1.0
+    assert cells["weak", "gsm8k"]["mean"] == cells["weak", "hotpotqa"]["mean"] == 0.0
+    assert all(c["n"] == 4 for c in cells.values())
+    # Exact match would have scored the right HotPotQA answers as wrong: the reason QA defaults to the grader.
+    qa = {(m["label"], m["metric"]): m["mean"] for m in result["datasets"][1]["metrics"]}
+    assert qa["strong", "exact_match"] == 0.0 and qa["strong", "llm_judge"] == 1.0
+    report = open(result["report"]).read()
+    assert "| model | gsm8k (EM, n=4) | hotpotqa (LLM judge, n=4) |" in report
+    assert "| strong | 1.000 [1.000, 1.000] | 1.000 [1.000, 1.000] |" in report
+    assert "| hotpotqa | LLM judge | weak | strong | 4 |" in report and "| gsm8k | EM | weak | strong | 4 |" in report
+
+
+def test_cli_takes_several_datasets_each_with_its_files(tmp_path):
+    from flows.cli import build_parser, main
+
+    args = build_parser().parse_args(["evaluate", "--dataset", "hotpotqa", "--data-files", "dev.json", "--corpus", "wiki.jsonl",
+                                      "--dataset", "gsm8k", "--data-files", "a.jsonl", "b.jsonl"])
+    assert args.datasets == [{"dataset": "hotpotqa", "data_files": ["dev.json"], "corpus": "wiki.jsonl"},
+                             {"dataset": "gsm8k", "data_files": ["a.jsonl", "b.jsonl"]}]
+    assert build_parser().parse_args(["evaluate", "--data-files", "x.jsonl"]).datasets == [
+        {"dataset": "demo-math", "data_files": ["x.jsonl"]}]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["evaluate", "--dataset", "gsm8k", "--data-files", "a", "--data-files", "b"])
+    # A bad file of the second dataset fails in one line before any call, and nothing is created.
+    assert main(["evaluate", "--db", str(tmp_path / "g.duckdb"), "--dataset", "gsm8k", "--data-files", str(GSM8K),
+                 "--dataset", "hotpotqa", "--data-files", str(tmp_path / "missing.json")]) == 2
+    assert not (tmp_path / "g.duckdb").exists()
+    with pytest.raises(ValueError, match="evaluated once"):
+        EvalConfig(dataset="gsm8k", also=[{"dataset": "gsm8k"}])
+    qa = EvalConfig(judge=ModelConfig(), also=[{"dataset": "hotpotqa"}])
+    assert (qa.grader_for({"qa"}), qa.grader_for({"math"}), EvalConfig().grader_for({"qa"})) == ("llm", "rule", "rule")
+    assert [c.dataset for c in qa.per_dataset()] == ["demo-math", "hotpotqa"] and qa.per_dataset()[1].data_files is None

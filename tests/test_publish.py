@@ -139,9 +139,8 @@ def test_publish_to_a_hub_then_load_dataset_and_republish_without_a_commit(label
 def test_token_can_come_from_a_prefect_secret_block(prefect_api):
     from prefect.blocks.system import Secret
 
-    from flows.publish import _token
-    from swirl_core.config import PublishConfig
+    from tasks.publish import hub_token
 
     Secret(value="hf_from_block").save("swirl-test-hf-token", overwrite=True)
-    assert _token(PublishConfig(repo_id="user/x", token_secret="swirl-test-hf-token")) == "hf_from_block"
-    assert _token(PublishConfig(repo_id="user/x")) is None  # huggingface_hub then reads HF_TOKEN itself
+    assert hub_token("swirl-test-hf-token") == "hf_from_block"  # datasets (publish) and models (train) alike
+    assert hub_token(None) is None  # huggingface_hub then reads HF_TOKEN itself

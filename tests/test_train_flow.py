@@ -70,5 +70,12 @@ def test_swirl_rl_flow_scores_fresh_actions_with_the_judge_over_http(labeled_db,
     assert any("rewards/judge_reward/mean" in h for h in result["log_history"])
     assert (tmp_path / "rl" / "config.json").exists() and "SWiRL step-wise RL" in (tmp_path / "rl" / "README.md").read_text()
     with get_client(sync_client=True) as client:
-        keys = {a.key for a in client.read_latest_artifacts()}
-    assert {"train-swirl-summary", "train-swirl-log"} <= keys
+        artifacts = {a.key: a for a in client.read_latest_artifacts()}
+    assert {"train-swirl-summary", "train-swirl-log", "train-swirl-progress"} <= set(artifacts)
+    assert artifacts["train-swirl-progress"].data == 100.0  # moved by every logged step, in this process
+    # The share of groups whose rewards were all equal (they teach nothing) is logged per step and summarised.
+    shares = [h["frac_reward_zero_std"] for h in result["log_history"]]
+    assert len(shares) == 2 and all(0.0 <= s <= 1.0 for s in shares)
+    summary = artifacts["train-swirl-summary"].data
+    assert f"groups with zero reward variance (no learning signal): {sum(shares) / 2:.1%} on average" in summary
+    assert "sampled steps cut at max_completion_length" in summary

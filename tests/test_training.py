@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import time
 
 import duckdb
 import pytest
@@ -76,7 +78,7 @@ def test_rl_export_carries_what_the_judge_needs(con, tmp_path):
 # ------------------------------------------------------------------------------------------- rewards
 
 
-def test_judge_reward_follows_the_sampled_text_not_the_stored_label(con, tmp_path):
+async def test_judge_reward_follows_the_sampled_text_not_the_stored_label(con, tmp_path):
     """The state of t0 step 1, whose stored action was judged GOOD: only the sampled text decides."""
     row = rl_dataset(con, "process", out_dir=tmp_path / "rl").dataset.filter(
         lambda r: (r["trajectory_id"], r["step_index"]) == ("t0", 1))[0]
@@ -93,7 +95,7 @@ def test_judge_reward_follows_the_sampled_text_not_the_stored_label(con, tmp_pat
         reward = JudgeReward(ModelConfig(model="openai/judge", api_base=srv.base_url, temperature=0.0),
                              tmp_path / "journal", run_id="train-test", max_reasks=1)
         kwargs = {key: [row[key]] * n for key in ("task", "question", "history", "trajectory_id", "step_index")}
-        rewards = reward([row["prompt"]] * n, [[{"role": "assistant", "content": t}] for t in sampled], **kwargs)
+        rewards = await reward([row["prompt"]] * n, [[{"role": "assistant", "content": t}] for t in sampled], **kwargs)
         assert rewards == [1.0, 0.0, 0.0]
         evaluated = [_evaluated(b) for b in srv.requests]
         for text in sampled:
@@ -101,16 +103,40 @@ def test_judge_reward_follows_the_sampled_text_not_the_stored_label(con, tmp_pat
         assert all("Marie Curie birthplace → Warsaw" in b["messages"][-1]["content"] for b in srv.requests)
         assert reward.calls == 4 and reward.sent == 4 and reward.unknown == 1 and reward.good == 1
         assert reward.wait_s > 0 and reward.__name__ == "judge_reward"
-        # The same (state, action) again is answered from the call journal: paid once.
-        assert reward([row["prompt"]] * n, [[{"role": "assistant", "content": t}] for t in sampled], **kwargs) == rewards
-        assert len(srv.requests) == 4 and reward.cache_hits == 4
+        # The same (state, action) again is answered from the call journal: paid once, on the same client.
+        assert await reward([row["prompt"]] * n, [[{"role": "assistant", "content": t}] for t in sampled], **kwargs) == rewards
+        assert len(srv.requests) == 4 and reward.cache_hits == 4 and reward.clients_built == 1
+        await reward.aclose()
         port = srv.port
     # A judge that cannot be reached scores 0.0 (and is counted), it does not stop training.
     down = JudgeReward(ModelConfig(model="openai/judge", api_base=f"http://127.0.0.1:{port}/v1", max_retries=0,
                                    timeout_s=5), None)
-    assert down([row["prompt"]], [[{"role": "assistant", "content": "<answer>x</answer>"}]], task=["qa"],
-                question=[row["question"]], history=[row["history"]]) == [0.0]
+    assert await down([row["prompt"]], [[{"role": "assistant", "content": "<answer>x</answer>"}]], task=["qa"],
+                      question=[row["question"]], history=[row["history"]]) == [0.0]
     assert down.failures == 1
+    await down.aclose()
+
+
+async def test_judge_reward_keeps_one_rate_limiter_across_batches(con, tmp_path):
+    """--rpm holds for the whole run: the second batch waits for the bucket the first one emptied (a client
+    rebuilt per batch would start it full again)."""
+    row = rl_dataset(con, "process", out_dir=tmp_path / "rl").dataset[0]
+    def batch(texts: list[str]) -> dict:
+        cols = {key: [row[key]] * len(texts) for key in ("task", "question", "history", "trajectory_id", "step_index")}
+        return {"prompts": [row["prompt"]] * len(texts), "completions": texts, **cols}
+
+    with ScriptedServer(default="GOOD") as srv:
+        # 60/min: a burst of 60 (the bucket's capacity), then one request a second.
+        reward = JudgeReward(ModelConfig(model="openai/judge", api_base=srv.base_url, temperature=0.0,
+                                         requests_per_minute=60), None)
+        started = time.perf_counter()
+        await reward(**batch([f"<answer>{i}</answer>" for i in range(60)]))
+        first = time.perf_counter() - started
+        await reward(**batch(["<answer>one more</answer>"]))
+        second = time.perf_counter() - started - first
+        await reward.aclose()
+    assert reward.clients_built == 1 and reward.sent == 61
+    assert second >= 0.8 > first / 60  # the bucket the first batch emptied refills at 1/s
 
 
 def test_format_reward():
@@ -240,3 +266,18 @@ def test_train_cli_exports_only_the_given_runs():
 
     args = build_parser().parse_args(["train", "--method", "sft", "--output", "o", "--run-id", "a", "--run-id", "b"])
     assert args.run_ids == ["a", "b"]
+
+
+@pytest.mark.slow
+def test_swirl_rl_samples_under_the_action_grammar_like_generation(con, tmp_path, tiny_model_dir):
+    """A random tiny policy writes no tags on its own; sampled under the in-process grammar (the default for a
+    QA run without vLLM) every completion is exactly one well-formed QA action, so the judge rates real steps."""
+    data = rl_dataset(con, "process", out_dir=tmp_path / "d")
+    settings = TrainSettings(method="swirl", base_model=str(tiny_model_dir), output_dir=str(tmp_path / "rl"), max_steps=1,
+                             per_device_batch_size=4, num_generations=2, max_completion_length=24)
+    with ScriptedServer(default="GOOD") as srv:
+        reward = JudgeReward(ModelConfig(model="openai/judge", api_base=srv.base_url, temperature=0.0), None)
+        result = train_swirl(settings, data.dataset, [reward, format_reward], sampling_task="qa")
+        sampled = [_evaluated(b).strip().removeprefix("[Assistant]").strip() for b in srv.requests]
+    assert result.log_history[0]["rewards/format_reward/mean"] == 0.0  # all four: one closed action each
+    assert len(sampled) == 4 and all(re.fullmatch(r"<(search_query|answer)>[^<]+</\1>", s) for s in sampled), sampled

