@@ -124,7 +124,7 @@ def test_cli_generate_and_curate_on_a_tls_only_scheduler(tls_cluster, tmp_path, 
 
     with ScriptedServer(responder=_judge) as judge:
         out = swirl("curate", "curate", "--judge", "openai/judge", "--judge-api-base", judge.base_url, "--grader", "rule",
-                    "--shard-size", "4", *common)
+                    "--shard-size", "4", "--probe-limit", "0", *common)
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:] + tls_cluster.diagnostics()
         assert judge.stats()["completed"] == 12
     assert {pid for _, pid in journal_writers(db)} == workers
