@@ -34,6 +34,8 @@ def _add_model_args(p: argparse.ArgumentParser, prefix: str, default: str, *, te
     p.add_argument(f"--{prefix}-api-base", metavar="URL", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
     p.add_argument(f"--{prefix}-api-key-env", metavar="VAR", help="environment variable holding the API key (default: the provider's usual one)")
     p.add_argument(f"--{prefix}-api-key-secret", metavar="BLOCK", help="Prefect Secret block holding the API key (instead of an environment variable)")
+    p.add_argument(f"--{prefix}-identity", metavar="NAME",
+                   help="name its calls and results are stored under (default: MODEL@API_BASE; give one model on several hosts one name)")
     p.add_argument("--concurrency", type=int, default=32, help="max requests in flight per worker (default: 32)")
     p.add_argument("--rpm", type=float, help="requests-per-minute limit")
     p.add_argument("--tpm", type=float, help="tokens-per-minute limit")
@@ -222,6 +224,7 @@ def _model_config(args: argparse.Namespace, prefix: str):
     return ModelConfig(
         model=getattr(args, prefix), api_base=getattr(args, f"{prefix}_api_base"),
         api_key_env=getattr(args, f"{prefix}_api_key_env"), api_key_secret=getattr(args, f"{prefix}_api_key_secret"),
+        identity=getattr(args, f"{prefix}_identity"),
         concurrency=args.concurrency,
         requests_per_minute=args.rpm, tokens_per_minute=args.tpm, timeout_s=args.timeout,
         max_retries=args.max_retries, temperature=args.temperature, max_tokens=args.max_tokens,

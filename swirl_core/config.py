@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from swirl_core.llm.local_models import DEFAULT_LOCAL_MODEL, is_local_model
+from swirl_core.llm.local_models import DEFAULT_LOCAL_MODEL, is_local_model, model_identity
 from swirl_core.training.trainers import TrainSettings
 
 # litellm providers that speak the OpenAI protocol: with an api_base they take the fast path.
@@ -24,6 +24,8 @@ class ModelConfig(BaseModel):
     api_base: str | None = Field(None, description="endpoint of an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
     api_key_env: str | None = Field(None, description="NAME of the environment variable holding the key (default: the provider's usual one); the key itself is never stored")
     api_key_secret: str | None = Field(None, description="NAME of a Prefect Secret block holding the key, read by the process that makes the calls (instead of api_key_env)")
+    identity: str | None = Field(None, min_length=1, description="the name its calls, trajectories and results are stored under; "
+                                 "default MODEL@API_BASE, so two endpoints are two models: give one model served on several hosts one identity")
     backend: Literal["auto", "openai_compat", "litellm", "transformers"] = "auto"
     concurrency: int = Field(32, ge=1, le=4096, description="max requests in flight per process")
     requests_per_minute: float | None = Field(None, gt=0)
@@ -51,6 +53,16 @@ class ModelConfig(BaseModel):
         if self.api_base and provider in OPENAI_COMPATIBLE_PROVIDERS:
             return "openai_compat"
         return "litellm"
+
+    @property
+    def resolved_identity(self) -> str:
+        """The model as calls are cached and results stored: a checkpoint with its weights hash, a served
+        model with its endpoint (a model without one keeps its bare name, as journals written before have it)."""
+        if self.is_local:
+            return model_identity(self.model)
+        if self.identity:
+            return self.identity
+        return f"{self.model}@{self.api_base.rstrip('/')}" if self.api_base else self.model
 
     @property
     def is_local(self) -> bool:
@@ -84,6 +96,8 @@ class ModelConfig(BaseModel):
             raise ValueError("constraint 'grammar' needs an in-process model; use 'regex' for a served model")
         if self.constraint == "regex" and self.is_local:
             raise ValueError("constraint 'regex' is for served models; in-process models use 'grammar'")
+        if self.identity and self.is_local:
+            raise ValueError("identity is for served models; an in-process checkpoint is known by its weights hash")
         if self.api_key_env and self.api_key_secret:
             raise ValueError("name the API key's environment variable or its Secret block, not both")
         return self

@@ -265,7 +265,7 @@ def run_grade_shard(shard: GradeShard) -> list[LLMGrade]:
     cfg = shard.grader
 
     def work(client):
-        grader = OutcomeGrader(client, cfg.model, shard.max_reasks, max_tokens=cfg.resolved_max_tokens,
+        grader = OutcomeGrader(client, cfg.resolved_identity, shard.max_reasks, max_tokens=cfg.resolved_max_tokens,
                                constraint=GRADE_CONSTRAINT if cfg.is_local else None)
         return grader.grade_many(shard.items)
 

@@ -18,7 +18,6 @@ from swirl_core.agent import Agent, PolicySpec
 from swirl_core.config import GenerateConfig, ModelConfig
 from swirl_core.hashing import content_hash
 from swirl_core.llm.factory import run_with_client
-from swirl_core.llm.local_models import model_identity
 from swirl_core.records import InvalidRow, Question, TaskKind, Trajectory
 from swirl_core.seeds import DATASETS, corpus_from_questions, load_seeds
 from swirl_core.store import query_dicts
@@ -58,7 +57,7 @@ class GenerationPlan:
 
 def policy_spec(cfg: ModelConfig, task: TaskKind, max_steps: int, tools_fingerprint: str, tools: bool = True) -> PolicySpec:
     return PolicySpec(
-        model=model_identity(cfg.model), task=task, max_steps=max_steps, few_shot=cfg.resolved_few_shot,
+        model=cfg.resolved_identity, task=task, max_steps=max_steps, few_shot=cfg.resolved_few_shot,
         constraint=cfg.resolved_constraint, temperature=cfg.temperature, top_p=cfg.top_p,
         max_tokens=cfg.resolved_max_tokens, tools_fingerprint=tools_fingerprint, tools=tools,
     )

@@ -24,7 +24,6 @@ from pydantic import BaseModel, Field, model_validator
 from swirl_core.config import ModelConfig
 from swirl_core.llm.base import ChatRequest, LLMError
 from swirl_core.llm.client import LLMClient
-from swirl_core.llm.local_models import model_identity
 from swirl_core.protocol import ARROW
 from swirl_core.records import LLMResponse, TaskKind, Trajectory
 
@@ -336,7 +335,7 @@ class JudgeSpec(BaseModel):
     def for_model(cls, cfg: ModelConfig, samples: int = 1, max_reasks: int = 2) -> JudgeSpec:
         """The judge a `ModelConfig` names; curation and the RL reward share it so their verdicts agree."""
         return cls(
-            model=model_identity(cfg.model), samples=samples, max_reasks=max_reasks,
+            model=cfg.resolved_identity, samples=samples, max_reasks=max_reasks,
             temperature=cfg.temperature if samples == 1 else max(cfg.temperature, 0.7),
             max_tokens=cfg.resolved_max_tokens, constraint=VERDICT_CONSTRAINT if cfg.is_local else None,
             calibration="median" if cfg.is_local else "none",
