@@ -2,6 +2,8 @@
 
 It plays a policy model (step scripts) and a judge model (regex rules), injects faults per distinct
 request body, and counts what it answered, so tests can drive the real LLM client over real HTTP.
+Asked for `logprobs`, it returns one token per word (with its leading whitespace); `alternatives(body,
+token)` may give a token's top alternatives as (token, probability) pairs (default: the token alone, p=1).
 
     with ScriptedServer(scripts={"capital of France": ["<search>France</search>", "<answer>Paris</answer>"]}) as srv:
         client = openai.OpenAI(base_url=srv.base_url, api_key="test")
@@ -26,6 +28,7 @@ import collections
 import hashlib
 import itertools
 import json
+import math
 import os
 import queue
 import random
@@ -177,11 +180,12 @@ class ScriptedServer:
 
     def __init__(self, *, scripts: dict[str, list[str]] | None = None, rules: list[tuple[str, str]] | None = None,
                  default: str = "<answer>unknown</answer>", faults: Faults | None = None, port: int = 0,
-                 responder: Callable[[dict], str] | None = None, stamp_replies: bool = False) -> None:
+                 responder: Callable[[dict], str] | None = None, stamp_replies: bool = False,
+                 alternatives: Callable[[dict, str], list[tuple[str, float]] | None] | None = None) -> None:
         self.scripts = dict(scripts or {})
         self._keys = list(self.scripts)
         self._rules = [(re.compile(rx, re.DOTALL), reply) for rx, reply in (rules or [])]
-        self.default, self.responder = default, responder
+        self.default, self.responder, self.alternatives = default, responder, alternatives
         # Prefix every reply with "[req:<16 hex of the body's sha256>]": a stored reply then names the request
         # that paid for it (replies stay deterministic per body, so a replayed conversation is unchanged).
         self.stamp_replies = stamp_replies
@@ -377,7 +381,8 @@ class ScriptedServer:
         payload = json.dumps({
             "id": f"chatcmpl-{next(self._ids):012d}", "object": "chat.completion", "created": int(time.time()),
             "model": body.get("model", "scripted"),
-            "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            "choices": [{"index": i, "message": {"role": "assistant", "content": text},
+                         "logprobs": self._logprobs(body, text) if body.get("logprobs") else None,
                          "finish_reason": "stop"} for i in range(n)],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens},
@@ -387,6 +392,18 @@ class ScriptedServer:
         with self._lock:
             entry["completed"] = True
         return self._count(200, digest), payload, "", None
+
+
+    def _logprobs(self, body: dict, text: str) -> dict:
+        """OpenAI's logprobs object: one token per word, top alternatives from `alternatives` (at most top_logprobs)."""
+        top = body.get("top_logprobs") or 0
+        content = []
+        for token in re.findall(r"\s*\S+", text):
+            alts = (self.alternatives(body, token) if self.alternatives else None) or [(token, 1.0)]
+            lp = dict((t, math.log(p)) for t, p in alts)
+            content.append({"token": token, "logprob": lp.get(token, math.log(1e-6)),
+                            "top_logprobs": [{"token": t, "logprob": v} for t, v in list(lp.items())[:top]]})
+        return {"content": content}
 
 
 # -- separate-process mode (the server must not share a benchmark client's GIL) ------------------------
