@@ -13,8 +13,10 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from swirl_core.llm.local_models import DEFAULT_LOCAL_MODEL, is_local_model, model_identity
 from swirl_core.training.trainers import TrainSettings
 
-# litellm providers that speak the OpenAI protocol: with an api_base they take the fast path.
-OPENAI_COMPATIBLE_PROVIDERS = ("openai", "hosted_vllm", "vllm", "openai_compat", "llamacpp", "lm_studio")
+# litellm providers that speak the OpenAI protocol: with an api_base (Ollama: by default) they take the fast path.
+OLLAMA_PROVIDERS = ("ollama", "ollama_chat")
+OPENAI_COMPATIBLE_PROVIDERS = ("openai", "hosted_vllm", "vllm", "openai_compat", "llamacpp", "lm_studio", *OLLAMA_PROVIDERS)
+OLLAMA_DEFAULT_BASE = "http://localhost:11434"  # litellm's default; Ollama's OpenAI API is under /v1 of it
 
 
 class ModelConfig(BaseModel):
@@ -49,10 +51,22 @@ class ModelConfig(BaseModel):
             return self.backend
         if is_local_model(self.model):
             return "transformers"
-        provider = self.model.split("/", 1)[0] if "/" in self.model else ""
-        if self.api_base and provider in OPENAI_COMPATIBLE_PROVIDERS:
-            return "openai_compat"
-        return "litellm"
+        return "openai_compat" if self.served_endpoint else "litellm"
+
+    @property
+    def provider(self) -> str:
+        return self.model.split("/", 1)[0] if "/" in self.model else ""
+
+    @property
+    def served_endpoint(self) -> str | None:
+        """The OpenAI-compatible base URL of a served model (OpenAI-protocol providers only), without a trailing
+        slash; Ollama's is /v1 of the address litellm names, so `ollama/NAME` with litellm's api_base works."""
+        if self.provider in OLLAMA_PROVIDERS:
+            base = (self.api_base or OLLAMA_DEFAULT_BASE).rstrip("/")
+            return base if base.endswith("/v1") else base + "/v1"
+        if self.api_base and self.provider in OPENAI_COMPATIBLE_PROVIDERS:
+            return self.api_base.rstrip("/")
+        return None
 
     @property
     def resolved_identity(self) -> str:
@@ -62,7 +76,8 @@ class ModelConfig(BaseModel):
             return model_identity(self.model)
         if self.identity:
             return self.identity
-        return f"{self.model}@{self.api_base.rstrip('/')}" if self.api_base else self.model
+        endpoint = self.served_endpoint or (self.api_base.rstrip("/") if self.api_base else None)
+        return f"{self.model}@{endpoint}" if endpoint else self.model
 
     @property
     def is_local(self) -> bool:
