@@ -44,10 +44,18 @@ def _add_model_args(p: argparse.ArgumentParser, prefix: str, default: str, *, te
     p.add_argument("--temperature", type=float, default=temperature)
     p.add_argument("--max-tokens", type=int, help="tokens per reply (default: 256 API, 64 in-process)")
     if policy:
+        from swirl_core.constraints import SERVER_KINDS
+
         p.add_argument("--few-shot", action=argparse.BooleanOptionalAction, default=None,
                        help="demonstrations as chat turns (default: on for in-process models)")
         p.add_argument("--constraint", choices=["auto", "none", "grammar", "regex"], default="auto",
-                       help="decoding constraint: grammar in-process, regex = vLLM guided decoding (default: auto)")
+                       help="decoding constraint: grammar in-process, regex on a server, verified by one probe request "
+                            "before the run (default: auto)")
+        p.add_argument("--server-kind", choices=["auto", *SERVER_KINDS], default="auto",
+                       help="how --constraint regex is sent: vLLM structured_outputs, SGLang regex, llama.cpp GBNF, "
+                            "TGI regex; auto = what the server says it is (default: auto)")
+        p.add_argument("--allow-unconstrained", action="store_true",
+                       help="if the server ignores the constraint, continue without it (constraint NULL) instead of stopping")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -229,6 +237,7 @@ def _model_config(args: argparse.Namespace, prefix: str):
         requests_per_minute=args.rpm, tokens_per_minute=args.tpm, timeout_s=args.timeout,
         max_retries=args.max_retries, temperature=args.temperature, max_tokens=args.max_tokens,
         few_shot=getattr(args, "few_shot", None), constraint=getattr(args, "constraint", "auto"),
+        server_kind=getattr(args, "server_kind", "auto"), allow_unconstrained=getattr(args, "allow_unconstrained", False),
     )
 
 
@@ -315,9 +324,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     from flows.generate import run_generate
     from flows.runtime import prefect_api
-    from swirl_core.generation import plan_generation
+    from swirl_core.generation import plan_generation, verify_constraint
 
     plan_generation(config)  # bad seeds or options: a one-line error here, before any flow or call
+    verify_constraint(config.policy)  # a server that ignores the constraint: a one-line error, before the flow
     with _hold_db(config.db), prefect_api():
         result = run_generate(config)
     _print_generation(result)

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from swirl_core.constraints import ServerKind
 from swirl_core.llm.local_models import DEFAULT_LOCAL_MODEL, is_local_model, model_identity
 from swirl_core.training.trainers import TrainSettings
 
@@ -41,8 +42,14 @@ class ModelConfig(BaseModel):
     output_price_per_mtok: float | None = Field(None, ge=0)
     few_shot: bool | None = Field(None, description="demonstrations as chat turns; default on for in-process models")
     constraint: Literal["auto", "none", "grammar", "regex"] = Field(
-        "auto", description="decoding constraint: grammar (in-process), regex (vLLM guided decoding); auto = grammar in-process, none otherwise"
+        "auto", description="decoding constraint: grammar (in-process), regex (served: verified by a probe first); "
+                            "auto = grammar in-process, none otherwise"
     )
+    server_kind: Literal["auto"] | ServerKind = Field(
+        "auto", description="how a served constraint is sent: vLLM structured_outputs, SGLang regex, llama.cpp GBNF "
+                            "grammar, TGI regex response_format; auto = what the server's /models says, else openai (none)")
+    allow_unconstrained: bool = Field(False, description="when the probe finds the server ignores the constraint, "
+                                                         "continue without it (steps record constraint NULL) instead of stopping")
     local_batch_size: int = Field(16, ge=1)
 
     @property

@@ -197,8 +197,3 @@ def parse_action(text: str, task: TaskKind, tools: bool = True) -> Parsed:
         return Parsed(Action(kind="invalid", reasoning=reasoning, error=f"empty <{tag}> tag"), message)
     return Parsed(Action(kind=kind, reasoning=reasoning, content=content, truncated=truncated), message)
 
-
-def action_regex(task: TaskKind, tools: bool = True) -> str:
-    """A regex for guided decoding on served models (vLLM `guided_regex`): brief reasoning, then one tag."""
-    forms = "|".join(f"<{TAGS[k]}>[^<]{{1,300}}</{TAGS[k]}>" for k in actions(task, tools))
-    return rf"[^<]{{0,400}}({forms})"

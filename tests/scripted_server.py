@@ -52,7 +52,10 @@ from typing import Any
 CLIENT_GONE = 499  # nginx's "client closed request": after a sleep the client had hung up, so nothing was sent
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 429: "Too Many Requests", 500: "Internal Server Error"}
 _MALFORMED = b'{"id": "chatcmpl-broken", "object": "chat.completion", "choices": [{"index": 0, "mess'
-_MODELS = json.dumps({"object": "list", "data": [{"id": "scripted", "object": "model", "created": 0, "owned_by": "tests"}]}).encode()
+
+
+def _models(owned_by: str) -> bytes:  # vLLM, SGLang and llama.cpp name themselves in `owned_by`
+    return json.dumps({"object": "list", "data": [{"id": "scripted", "object": "model", "created": 0, "owned_by": owned_by}]}).encode()
 
 
 @dataclass
@@ -152,7 +155,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         route = self._route()
         if route == "/models":
-            self._send(200, _MODELS)
+            self._send(200, _models(self.server.owner.owned_by))
         elif route == "/_stats":
             self._send(200, json.dumps(self.server.owner.stats()).encode())
         elif route == "/_attempts":
@@ -181,11 +184,12 @@ class ScriptedServer:
     def __init__(self, *, scripts: dict[str, list[str]] | None = None, rules: list[tuple[str, str]] | None = None,
                  default: str = "<answer>unknown</answer>", faults: Faults | None = None, port: int = 0,
                  responder: Callable[[dict], str] | None = None, stamp_replies: bool = False,
-                 alternatives: Callable[[dict, str], list[tuple[str, float]] | None] | None = None) -> None:
+                 alternatives: Callable[[dict, str], list[tuple[str, float]] | None] | None = None,
+                 owned_by: str = "tests") -> None:
         self.scripts = dict(scripts or {})
         self._keys = list(self.scripts)
         self._rules = [(re.compile(rx, re.DOTALL), reply) for rx, reply in (rules or [])]
-        self.default, self.responder, self.alternatives = default, responder, alternatives
+        self.default, self.responder, self.alternatives, self.owned_by = default, responder, alternatives, owned_by
         # Prefix every reply with "[req:<16 hex of the body's sha256>]": a stored reply then names the request
         # that paid for it (replies stay deterministic per body, so a replayed conversation is unchanged).
         self.stamp_replies = stamp_replies

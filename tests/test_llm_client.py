@@ -148,16 +148,16 @@ async def test_litellm_backend_over_real_http(tmp_path, monkeypatch):
     assert "sk-test-secret-123" not in "".join(p.read_text() for p in tmp_path.glob("*.jsonl"))
 
 
-async def test_guided_regex_and_seed_reach_a_served_model(tmp_path):
+async def test_structured_outputs_and_seed_reach_a_served_model(tmp_path):
     from swirl_core.agent import PolicySpec
 
-    spec = PolicySpec(model="hosted_vllm/m", task="math", max_steps=3, constraint="regex")
+    spec = PolicySpec(model="hosted_vllm/m", task="math", max_steps=3, constraint="regex", server_kind="vllm")
     with ScriptedServer(default="<answer>4</answer>") as srv:
         client = _client(srv, tmp_path, model="hosted_vllm/m")
         await client.complete(spec.request(MESSAGES, sample_index=3))
         await client.aclose()
         body = srv.requests[-1]
-        assert body["model"] == "m" and body["seed"] == 3 and "<math_exp>" in body["guided_regex"]
+        assert body["model"] == "m" and body["seed"] == 3 and "<math_exp>" in body["structured_outputs"]["regex"]
 
 
 @pytest.mark.parametrize("name", ["openai/scripted", "hosted_vllm/scripted", "ollama/scripted", "ollama_chat/scripted"])

@@ -41,7 +41,7 @@ T = TypeVar("T")
 NO_KEY = "no-key"  # sent to a served model that needs none, where a client insists on one
 
 
-def _served_key(cfg: ModelConfig) -> str | None:
+def served_key(cfg: ModelConfig) -> str | None:
     """The key of an OpenAI-protocol server: the configured one; OpenAI's own usual variable only for openai/."""
     return _api_key(cfg) or (os.environ.get("OPENAI_API_KEY") if cfg.provider == "openai" else None)
 
@@ -82,7 +82,7 @@ def build_client(cfg: ModelConfig, journal_dir: str | Path | None, *, fsync: boo
         endpoint = cfg.served_endpoint or cfg.api_base
         if endpoint is None:
             raise ValueError(f"{cfg.model}: backend openai_compat needs an api_base")
-        backend = OpenAICompatBackend(endpoint, model_name=cfg.model.partition("/")[2], api_key=_served_key(cfg),
+        backend = OpenAICompatBackend(endpoint, model_name=cfg.model.partition("/")[2], api_key=served_key(cfg),
                                       concurrency=cfg.concurrency)
         prices = prices or price_per_token(cfg.model)
     elif cfg.served_endpoint:
@@ -92,7 +92,7 @@ def build_client(cfg: ModelConfig, journal_dir: str | Path | None, *, fsync: boo
         # prefix (its own Ollama client would speak Ollama's native API instead). It insists on a key, and
         # must not fall back to OPENAI_API_KEY for a server that is not OpenAI's.
         backend = LiteLLMBackend("openai/" + cfg.model.partition("/")[2], api_base=cfg.served_endpoint,
-                                 api_key=_served_key(cfg) or NO_KEY)
+                                 api_key=served_key(cfg) or NO_KEY)
     else:
         from swirl_core.llm.litellm_backend import LiteLLMBackend
 
