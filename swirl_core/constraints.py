@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import aiohttp
+import orjson
 
+from swirl_core.llm.openai_compat import error_text
 from swirl_core.protocol import TAGS, actions
 from swirl_core.records import TaskKind
 
@@ -108,11 +110,14 @@ async def probe_constraint(endpoint: str, model_name: str, kind: ServerKind | Li
         started = time.perf_counter()
         async with session.post(endpoint + "/chat/completions", json=body,
                                 timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
-            data = await resp.json(content_type=None)
+            raw, status = await resp.read(), resp.status
         latency = time.perf_counter() - started
+    if status != 200:  # e.g. a server that rejects fields it does not know
+        return ProbeResult(endpoint, resolved, False, f"HTTP {status}: {error_text(raw)}", latency, None)
     try:
+        data = orjson.loads(raw)
         reply = data["choices"][0]["message"]["content"] or ""
-    except (KeyError, IndexError, TypeError):
-        reply = f"HTTP {resp.status}: {str(data)[:200]}"
-    return ProbeResult(endpoint, resolved, reply.strip() == PROBE_REPLY, reply,
-                       latency, (data.get("usage") or {}).get("completion_tokens") if isinstance(data, dict) else None)
+    except (ValueError, KeyError, IndexError, TypeError):
+        return ProbeResult(endpoint, resolved, False, f"malformed reply: {raw[:200]!r}", latency, None)
+    return ProbeResult(endpoint, resolved, reply.strip() == PROBE_REPLY, reply, latency,
+                       (data.get("usage") or {}).get("completion_tokens"))

@@ -2,8 +2,9 @@
 
 It plays a policy model (step scripts) and a judge model (regex rules), injects faults per distinct
 request body, and counts what it answered, so tests can drive the real LLM client over real HTTP.
-Asked for `logprobs`, it returns one token per word (with its leading whitespace); `alternatives(body,
-token)` may give a token's top alternatives as (token, probability) pairs (default: the token alone, p=1).
+Given `alternatives(body, token)` (a token's top alternatives as (token, probability) pairs, or None for
+the token alone at p=1), it is a server that returns `logprobs` when asked: one token per word, with its
+leading whitespace. Without it, it ignores the request for logprobs, as some servers do.
 
     with ScriptedServer(scripts={"capital of France": ["<search>France</search>", "<answer>Paris</answer>"]}) as srv:
         client = openai.OpenAI(base_url=srv.base_url, api_key="test")
@@ -386,7 +387,7 @@ class ScriptedServer:
             "id": f"chatcmpl-{next(self._ids):012d}", "object": "chat.completion", "created": int(time.time()),
             "model": body.get("model", "scripted"),
             "choices": [{"index": i, "message": {"role": "assistant", "content": text},
-                         "logprobs": self._logprobs(body, text) if body.get("logprobs") else None,
+                         "logprobs": self._logprobs(body, text) if body.get("logprobs") and self.alternatives else None,
                          "finish_reason": "stop"} for i in range(n)],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens},
@@ -403,7 +404,7 @@ class ScriptedServer:
         top = body.get("top_logprobs") or 0
         content = []
         for token in re.findall(r"\s*\S+", text):
-            alts = (self.alternatives(body, token) if self.alternatives else None) or [(token, 1.0)]
+            alts = self.alternatives(body, token) or [(token, 1.0)]
             lp = dict((t, math.log(p)) for t, p in alts)
             content.append({"token": token, "logprob": lp.get(token, math.log(1e-6)),
                             "top_logprobs": [{"token": t, "logprob": v} for t, v in list(lp.items())[:top]]})

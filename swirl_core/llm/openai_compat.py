@@ -74,9 +74,9 @@ class OpenAICompatBackend:
         except aiohttp.ClientError as exc:
             raise RetryableError(f"connection error: {exc.__class__.__name__}") from exc
         if status == 429 or status >= 500:
-            raise RetryableError(f"HTTP {status}: {_error_text(raw)}", retry_after)
+            raise RetryableError(f"HTTP {status}: {error_text(raw)}", retry_after)
         if status != 200:
-            raise LLMError(f"HTTP {status}: {_error_text(raw)}")
+            raise LLMError(f"HTTP {status}: {error_text(raw)}")
         try:
             data = orjson.loads(raw)
             choice = data["choices"][0]
@@ -128,9 +128,10 @@ def _timeout(seconds: float) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=seconds)
 
 
-def _error_text(raw: bytes) -> str:
+def error_text(raw: bytes) -> str:
     try:
-        err = orjson.loads(raw).get("error")
+        body = orjson.loads(raw)
+        err = body.get("error") or body.get("detail")  # FastAPI servers (transformers serve) say `detail`
         return str(err.get("message") if isinstance(err, dict) else err)[:300]
     except (orjson.JSONDecodeError, AttributeError):
         return raw[:300].decode("utf-8", "replace")
