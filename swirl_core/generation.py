@@ -17,8 +17,8 @@ from pydantic import BaseModel
 
 from swirl_core.agent import Agent, PolicySpec
 from swirl_core.config import GenerateConfig, ModelConfig
-from swirl_core.hashing import content_hash
 from swirl_core.constraints import ProbeResult, probe_constraint
+from swirl_core.hashing import content_hash
 from swirl_core.llm.factory import run_with_client, served_key
 from swirl_core.records import InvalidRow, Question, TaskKind, Trajectory
 from swirl_core.seeds import DATASETS, corpus_from_questions, load_seeds

@@ -19,7 +19,6 @@ from swirl_core.llm.base import ChatRequest, LLMError, RetryableError
 from swirl_core.llm.limits import parse_retry_after
 from swirl_core.records import LLMResponse
 
-
 TOP_LOGPROBS = 5  # alternatives per token asked for with `logprob_choices`: both verdicts' first tokens fit
 _LEADING_WORD = re.compile(r"[^A-Za-z]*([A-Za-z]*)")
 
