@@ -40,6 +40,8 @@ def _add_model_args(p: argparse.ArgumentParser, prefix: str, default: str, *, te
     p.add_argument(f"--{prefix}-api-base", metavar="URL", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
     p.add_argument(f"--{prefix}-api-key-env", metavar="VAR", help="environment variable holding the API key (default: the provider's usual one)")
     p.add_argument(f"--{prefix}-api-key-secret", metavar="BLOCK", help="Prefect Secret block holding the API key (instead of an environment variable)")
+    p.add_argument(f"--{prefix}-identity", metavar="NAME",
+                   help="name its calls and results are stored under (default: MODEL@API_BASE; give one model on several hosts one name)")
     p.add_argument("--concurrency", type=int, default=32, help="max requests in flight per worker (default: 32)")
     p.add_argument("--rpm", type=float, help="requests-per-minute limit")
     p.add_argument("--tpm", type=float, help="tokens-per-minute limit")
@@ -48,10 +50,18 @@ def _add_model_args(p: argparse.ArgumentParser, prefix: str, default: str, *, te
     p.add_argument("--temperature", type=float, default=temperature)
     p.add_argument("--max-tokens", type=int, help="tokens per reply (default: 256 API, 64 in-process)")
     if policy:
+        from swirl_core.constraints import SERVER_KINDS
+
         p.add_argument("--few-shot", action=argparse.BooleanOptionalAction, default=None,
                        help="demonstrations as chat turns (default: on for in-process models)")
         p.add_argument("--constraint", choices=["auto", "none", "grammar", "regex"], default="auto",
-                       help="decoding constraint: grammar in-process, regex = vLLM guided decoding (default: auto)")
+                       help="decoding constraint: grammar in-process, regex on a server, verified by one probe request "
+                            "before the run (default: auto)")
+        p.add_argument("--server-kind", choices=["auto", *SERVER_KINDS], default="auto",
+                       help="how --constraint regex is sent: vLLM structured_outputs, SGLang regex, llama.cpp GBNF, "
+                            "TGI regex; auto = what the server says it is (default: auto)")
+        p.add_argument("--allow-unconstrained", action="store_true",
+                       help="if the server ignores the constraint, continue without it (constraint NULL) instead of stopping")
 
 
 class _NewDataset(argparse.Action):
@@ -265,10 +275,12 @@ def _model_config(args: argparse.Namespace, prefix: str):
     return ModelConfig(
         model=getattr(args, prefix), api_base=getattr(args, f"{prefix}_api_base"),
         api_key_env=getattr(args, f"{prefix}_api_key_env"), api_key_secret=getattr(args, f"{prefix}_api_key_secret"),
+        identity=getattr(args, f"{prefix}_identity"),
         concurrency=args.concurrency,
         requests_per_minute=args.rpm, tokens_per_minute=args.tpm, timeout_s=args.timeout,
         max_retries=args.max_retries, temperature=args.temperature, max_tokens=args.max_tokens,
         few_shot=getattr(args, "few_shot", None), constraint=getattr(args, "constraint", "auto"),
+        server_kind=getattr(args, "server_kind", "auto"), allow_unconstrained=getattr(args, "allow_unconstrained", False),
     )
 
 
@@ -355,9 +367,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     from flows.generate import run_generate
     from flows.runtime import prefect_api
-    from swirl_core.generation import plan_generation
+    from swirl_core.generation import plan_generation, verify_constraint
 
     plan_generation(config)  # bad seeds or options: a one-line error here, before any flow or call
+    verify_constraint(config.policy)  # a server that ignores the constraint: a one-line error, before the flow
     with _hold_db(config.db), prefect_api():
         result = run_generate(config)
     _print_generation(result)

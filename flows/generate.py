@@ -7,6 +7,7 @@ finished trajectories are skipped, and unfinished ones replay their journaled ca
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -15,7 +16,7 @@ from tqdm.auto import tqdm
 
 from flows.runtime import database_slot, task_runner
 from swirl_core.config import GenerateConfig
-from swirl_core.generation import default_workers, make_shards, plan_generation, run_summary
+from swirl_core.generation import default_workers, make_shards, plan_generation, run_summary, verify_constraint
 from swirl_core.records import Trajectory
 from swirl_core.store import Store
 from tasks.artifacts import publish_markdown, publish_tables
@@ -38,6 +39,12 @@ def generate_on_cluster(config: GenerateConfig = GenerateConfig()) -> dict[str, 
 def generate(config: GenerateConfig = GenerateConfig()) -> dict[str, Any]:
     logger = get_run_logger()
     plan = plan_generation(config)  # validates every seed before anything is paid for
+    policy, probe = verify_constraint(config.policy)  # one request: does the server enforce the constraint?
+    if probe is not None:
+        logger.info("constraint probe of %s (%s): %s in %.2fs", probe.endpoint, probe.kind,
+                    "enforced" if probe.enforced else "NOT enforced, continuing unconstrained", probe.latency_s)
+        config = config.model_copy(update={"policy": policy})
+        plan = plan_generation(config)
     work_dir = config.resolved_work_dir
     journal_dir = work_dir / "journal"
     with database_slot(config.db), Store(config.db) as store:
@@ -45,7 +52,8 @@ def generate(config: GenerateConfig = GenerateConfig()) -> dict[str, Any]:
             store.ingest_journals(journal_dir)
         stored_config = config.model_dump(mode="json") | {"resolved_policy": {
             "max_steps": plan.policy.max_steps, "few_shot": plan.policy.few_shot, "constraint": plan.policy.constraint,
-            "max_tokens": plan.policy.max_tokens, "corpus": plan.corpus_path, "fingerprint": plan.policy.fingerprint}}
+            "max_tokens": plan.policy.max_tokens, "corpus": plan.corpus_path, "fingerprint": plan.policy.fingerprint,
+            "constraint_probe": asdict(probe) if probe else None}}
         attempt = store.start_run(
             plan.run_id, "generate" if config.purpose == "train" else "eval-generate", stored_config, dataset=config.dataset,
             model=config.policy.model, prompt_version=plan.policy.prompt_version,

@@ -113,8 +113,11 @@ CREATE TABLE IF NOT EXISTS judgments (
     reasoning       VARCHAR,
     attempts        INTEGER,
     call_keys       VARCHAR[],                -- → llm_calls.call_key
-    created_at      TIMESTAMPTZ DEFAULT current_timestamp
+    created_at      TIMESTAMPTZ DEFAULT current_timestamp,
+    p_good          DOUBLE                    -- P(GOOD): in-process judges, served ones from verdict-token logprobs
 );
+-- Databases made before p_good existed gain it (NULL for their judgments: no probability was recorded).
+ALTER TABLE judgments ADD COLUMN IF NOT EXISTS p_good DOUBLE;
 
 -- The judge whose verdicts a generation run's curated sets and judge analytics read: set by its latest
 -- curation (`swirl curate`, or `swirl curate --judge-id` to go back to an earlier judge).

@@ -11,11 +11,11 @@ import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from swirl_core.constraints import ServerKind, action_fields
 from swirl_core.hashing import content_hash
 from swirl_core.llm.base import ChatRequest, LLMError
 from swirl_core.llm.client import LLMClient
 from swirl_core.protocol import (
-    action_regex,
     action_tags,
     invalid_action_feedback,
     observation_message,
@@ -35,7 +35,8 @@ class PolicySpec:
     task: TaskKind
     max_steps: int
     few_shot: bool = False
-    constraint: str | None = None  # None, "grammar" (in-process) or "regex" (guided decoding)
+    constraint: str | None = None  # None, "grammar" (in-process) or "regex" (served, verified by a probe)
+    server_kind: ServerKind | None = None  # how a served "regex" constraint is sent
     temperature: float = 0.7
     top_p: float | None = None
     max_tokens: int = 256
@@ -53,9 +54,10 @@ class PolicySpec:
 
     @functools.cached_property
     def fingerprint(self) -> str:
+        later = [self.server_kind] if self.server_kind else []  # set only under a served constraint
         return content_hash(
             "policy", self.model, self.task, self.max_steps, self.few_shot, self.constraint,
-            self.temperature, self.top_p, self.max_tokens, self.prompt_version, self.tools_fingerprint,
+            self.temperature, self.top_p, self.max_tokens, self.prompt_version, self.tools_fingerprint, *later,
         )
 
     def request(self, messages: list[dict[str, str]], sample_index: int) -> ChatRequest:
@@ -63,7 +65,9 @@ class PolicySpec:
         if self.constraint == "grammar":
             constraint = "grammar:" + "|".join(action_tags(self.task, self.tools))
         elif self.constraint == "regex":
-            constraint, extra = "regex", {"guided_regex": action_regex(self.task, self.tools)}
+            if self.server_kind is None:
+                raise ValueError("a served constraint needs the server kind its probe verified")
+            constraint, extra = "regex", action_fields(self.server_kind, self.task, self.tools)
         return ChatRequest(
             model=self.model, messages=messages, temperature=self.temperature, top_p=self.top_p,
             max_tokens=self.max_tokens, sample_index=sample_index, seed=sample_index,

@@ -10,11 +10,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from swirl_core.llm.local_models import DEFAULT_LOCAL_MODEL, is_local_model
+from swirl_core.constraints import ServerKind
+from swirl_core.llm.local_models import DEFAULT_LOCAL_MODEL, is_local_model, model_identity
 from swirl_core.training.trainers import TrainSettings
 
-# litellm providers that speak the OpenAI protocol: with an api_base they take the fast path.
-OPENAI_COMPATIBLE_PROVIDERS = ("openai", "hosted_vllm", "vllm", "openai_compat", "llamacpp", "lm_studio")
+# litellm providers that speak the OpenAI protocol: with an api_base (Ollama: by default) they take the fast path.
+OLLAMA_PROVIDERS = ("ollama", "ollama_chat")
+OPENAI_COMPATIBLE_PROVIDERS = ("openai", "hosted_vllm", "vllm", "openai_compat", "llamacpp", "lm_studio", *OLLAMA_PROVIDERS)
+OLLAMA_DEFAULT_BASE = "http://localhost:11434"  # litellm's default; Ollama's OpenAI API is under /v1 of it
 
 
 class ModelConfig(BaseModel):
@@ -24,6 +27,8 @@ class ModelConfig(BaseModel):
     api_base: str | None = Field(None, description="endpoint of an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
     api_key_env: str | None = Field(None, description="NAME of the environment variable holding the key (default: the provider's usual one); the key itself is never stored")
     api_key_secret: str | None = Field(None, description="NAME of a Prefect Secret block holding the key, read by the process that makes the calls (instead of api_key_env)")
+    identity: str | None = Field(None, min_length=1, description="the name its calls, trajectories and results are stored under; "
+                                 "default MODEL@API_BASE, so two endpoints are two models: give one model served on several hosts one identity")
     backend: Literal["auto", "openai_compat", "litellm", "transformers"] = "auto"
     concurrency: int = Field(32, ge=1, le=4096, description="max requests in flight per process")
     requests_per_minute: float | None = Field(None, gt=0)
@@ -37,8 +42,14 @@ class ModelConfig(BaseModel):
     output_price_per_mtok: float | None = Field(None, ge=0)
     few_shot: bool | None = Field(None, description="demonstrations as chat turns; default on for in-process models")
     constraint: Literal["auto", "none", "grammar", "regex"] = Field(
-        "auto", description="decoding constraint: grammar (in-process), regex (vLLM guided decoding); auto = grammar in-process, none otherwise"
+        "auto", description="decoding constraint: grammar (in-process), regex (served: verified by a probe first); "
+                            "auto = grammar in-process, none otherwise"
     )
+    server_kind: Literal["auto"] | ServerKind = Field(
+        "auto", description="how a served constraint is sent: vLLM structured_outputs, SGLang regex, llama.cpp GBNF "
+                            "grammar, TGI regex response_format; auto = what the server's /models says, else openai (none)")
+    allow_unconstrained: bool = Field(False, description="when the probe finds the server ignores the constraint, "
+                                                         "continue without it (steps record constraint NULL) instead of stopping")
     local_batch_size: int = Field(16, ge=1)
 
     @property
@@ -47,10 +58,33 @@ class ModelConfig(BaseModel):
             return self.backend
         if is_local_model(self.model):
             return "transformers"
-        provider = self.model.split("/", 1)[0] if "/" in self.model else ""
-        if self.api_base and provider in OPENAI_COMPATIBLE_PROVIDERS:
-            return "openai_compat"
-        return "litellm"
+        return "openai_compat" if self.served_endpoint else "litellm"
+
+    @property
+    def provider(self) -> str:
+        return self.model.split("/", 1)[0] if "/" in self.model else ""
+
+    @property
+    def served_endpoint(self) -> str | None:
+        """The OpenAI-compatible base URL of a served model (OpenAI-protocol providers only), without a trailing
+        slash; Ollama's is /v1 of the address litellm names, so `ollama/NAME` with litellm's api_base works."""
+        if self.provider in OLLAMA_PROVIDERS:
+            base = (self.api_base or OLLAMA_DEFAULT_BASE).rstrip("/")
+            return base if base.endswith("/v1") else base + "/v1"
+        if self.api_base and self.provider in OPENAI_COMPATIBLE_PROVIDERS:
+            return self.api_base.rstrip("/")
+        return None
+
+    @property
+    def resolved_identity(self) -> str:
+        """The model as calls are cached and results stored: a checkpoint with its weights hash, a served
+        model with its endpoint (a model without one keeps its bare name, as journals written before have it)."""
+        if self.is_local:
+            return model_identity(self.model)
+        if self.identity:
+            return self.identity
+        endpoint = self.served_endpoint or (self.api_base.rstrip("/") if self.api_base else None)
+        return f"{self.model}@{endpoint}" if endpoint else self.model
 
     @property
     def is_local(self) -> bool:
@@ -84,6 +118,8 @@ class ModelConfig(BaseModel):
             raise ValueError("constraint 'grammar' needs an in-process model; use 'regex' for a served model")
         if self.constraint == "regex" and self.is_local:
             raise ValueError("constraint 'regex' is for served models; in-process models use 'grammar'")
+        if self.identity and self.is_local:
+            raise ValueError("identity is for served models; an in-process checkpoint is known by its weights hash")
         if self.api_key_env and self.api_key_secret:
             raise ValueError("name the API key's environment variable or its Secret block, not both")
         return self

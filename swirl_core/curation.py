@@ -42,7 +42,10 @@ def judge_spec(config: CurateConfig) -> JudgeSpec:
 
 
 def judge_fingerprint(spec: JudgeSpec) -> str:
-    return content_hash("judge", spec.model_dump(), JUDGE_PROMPT_VERSION)[:16]
+    """Records how the judge is asked, P(GOOD) from served logprobs included; a judge that does not read
+    them keeps the fingerprint it had before they were recorded (its judgments stay its own)."""
+    asked = spec.model_dump(exclude=None if spec.served_probabilities else {"served_probabilities"})
+    return content_hash("judge", asked, JUDGE_PROMPT_VERSION)[:16]
 
 
 class JudgeShard(BaseModel):
@@ -166,13 +169,14 @@ def judgment_rows(judgments: list[Judgment], run_id: str, fingerprint: str) -> p
          "run_id": run_id, "trajectory_id": j.trajectory_id, "step_index": j.step_index,
          "sample_index": j.sample_index, "judge_model": j.judge_model, "judge_fingerprint": fingerprint,
          "prompt_version": j.prompt_version, "verdict": j.verdict, "reasoning": j.reasoning,
-         "attempts": j.attempts, "call_keys": j.call_keys}
+         "attempts": j.attempts, "call_keys": j.call_keys, "p_good": j.p_good}
         for j in judgments
     ], schema=pa.schema([
         ("judgment_id", pa.string()), ("run_id", pa.string()), ("trajectory_id", pa.string()),
         ("step_index", pa.int32()), ("sample_index", pa.int32()), ("judge_model", pa.string()),
         ("judge_fingerprint", pa.string()), ("prompt_version", pa.string()), ("verdict", pa.string()),
         ("reasoning", pa.string()), ("attempts", pa.int32()), ("call_keys", pa.list_(pa.string())),
+        ("p_good", pa.float64()),
     ]))
 
 
@@ -265,7 +269,7 @@ def run_grade_shard(shard: GradeShard) -> list[LLMGrade]:
     cfg = shard.grader
 
     def work(client):
-        grader = OutcomeGrader(client, cfg.model, shard.max_reasks, max_tokens=cfg.resolved_max_tokens,
+        grader = OutcomeGrader(client, cfg.resolved_identity, shard.max_reasks, max_tokens=cfg.resolved_max_tokens,
                                constraint=GRADE_CONSTRAINT if cfg.is_local else None)
         return grader.grade_many(shard.items)
 

@@ -6,6 +6,7 @@ shards only read seeds they are handed, call models and tools, and journal every
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,9 +17,9 @@ from pydantic import BaseModel
 
 from swirl_core.agent import Agent, PolicySpec
 from swirl_core.config import GenerateConfig, ModelConfig
+from swirl_core.constraints import ProbeResult, probe_constraint
 from swirl_core.hashing import content_hash
-from swirl_core.llm.factory import run_with_client
-from swirl_core.llm.local_models import model_identity
+from swirl_core.llm.factory import run_with_client, served_key
 from swirl_core.records import InvalidRow, Question, TaskKind, Trajectory
 from swirl_core.seeds import DATASETS, corpus_from_questions, load_seeds
 from swirl_core.store import query_dicts
@@ -57,11 +58,31 @@ class GenerationPlan:
 
 
 def policy_spec(cfg: ModelConfig, task: TaskKind, max_steps: int, tools_fingerprint: str, tools: bool = True) -> PolicySpec:
+    served = cfg.resolved_constraint == "regex" and cfg.server_kind != "auto"
     return PolicySpec(
-        model=model_identity(cfg.model), task=task, max_steps=max_steps, few_shot=cfg.resolved_few_shot,
+        model=cfg.resolved_identity, task=task, max_steps=max_steps, few_shot=cfg.resolved_few_shot,
         constraint=cfg.resolved_constraint, temperature=cfg.temperature, top_p=cfg.top_p,
         max_tokens=cfg.resolved_max_tokens, tools_fingerprint=tools_fingerprint, tools=tools,
+        server_kind=cfg.server_kind if served else None,
     )
+
+
+def verify_constraint(cfg: ModelConfig) -> tuple[ModelConfig, ProbeResult | None]:
+    """Probe a served model's constraint before anything is paid for: the policy with its server kind
+    resolved, or (with `allow_unconstrained`) without the constraint it would not enforce; the probe's
+    result, None when there was nothing to probe. Raises ValueError naming the server when it refuses."""
+    if cfg.resolved_constraint != "regex":
+        return cfg, None
+    endpoint = cfg.served_endpoint
+    if endpoint is None or cfg.resolved_backend != "openai_compat":
+        raise ValueError(f"--constraint regex needs a model on an OpenAI-compatible endpoint, not {cfg.model}")
+    result = asyncio.run(probe_constraint(endpoint, cfg.model.partition("/")[2], cfg.server_kind,
+                                          api_key=served_key(cfg), timeout_s=cfg.timeout_s))
+    if result.enforced:
+        return cfg.model_copy(update={"server_kind": result.kind}), result
+    if not cfg.allow_unconstrained:
+        raise ValueError(result.refusal("--constraint regex"))
+    return cfg.model_copy(update={"constraint": "none"}), result
 
 
 def resolve_corpus(config: GenerateConfig, task: TaskKind, questions: list[Question]) -> str | None:

@@ -24,18 +24,18 @@ from pydantic import BaseModel, Field, model_validator
 from swirl_core.config import ModelConfig
 from swirl_core.llm.base import ChatRequest, LLMError
 from swirl_core.llm.client import LLMClient
-from swirl_core.llm.local_models import model_identity
 from swirl_core.protocol import ARROW
 from swirl_core.records import LLMResponse, TaskKind, Trajectory
 
 Verdict = Literal["GOOD", "BAD"]
+VERDICTS: tuple[Verdict, ...] = ("GOOD", "BAD")
 StepVerdict = Literal["GOOD", "BAD", "UNKNOWN"]
 
 # Bump a version whenever its text changes: every stored judgment records the version that made it.
 JUDGE_PROMPT_VERSION: dict[TaskKind, str] = {"qa": "judge-search-v1", "math": "judge-math-v1"}
 GRADER_PROMPT_VERSION = "grader-v1"
 # Small in-process judges answer with the verdict alone (a decoding constraint, recorded per call).
-VERDICT_CONSTRAINT = "choice:GOOD|BAD"
+VERDICT_CONSTRAINT = "choice:" + "|".join(VERDICTS)
 GRADE_CONSTRAINT = "choice:YES|NO"
 
 # Calibration for judges that report choice probabilities (in-process ones). A small model leans to one
@@ -300,6 +300,8 @@ async def _ask(
         asked.text = response.text
         if (value := parse(response.text)) is not None:
             asked.value = value
+            if response.choice_probs:  # a served judge's P(GOOD) at its verdict token
+                asked.p_good = response.choice_probs.get("GOOD")
             return asked
     return asked
 
@@ -315,6 +317,8 @@ class JudgeSpec(BaseModel):
     reask_temperature: float = Field(0.7, ge=0, le=2)
     max_tokens: int = Field(256, ge=1)
     constraint: str | None = None
+    # Served judges: read P(GOOD) from the verdict token's logprobs; the RL reward is then P(GOOD), not the vote.
+    served_probabilities: bool = False
     calibration: Literal["none", "median", "labelled"] = Field(
         "none", description="GOOD when P(GOOD) reaches a threshold (needs choice probabilities: in-process judges): "
                             "median: its median over a sample of the curated steps; labelled: the one with the best "
@@ -336,21 +340,23 @@ class JudgeSpec(BaseModel):
     def for_model(cls, cfg: ModelConfig, samples: int = 1, max_reasks: int = 2) -> JudgeSpec:
         """The judge a `ModelConfig` names; curation and the RL reward share it so their verdicts agree."""
         return cls(
-            model=model_identity(cfg.model), samples=samples, max_reasks=max_reasks,
+            model=cfg.resolved_identity, samples=samples, max_reasks=max_reasks,
             temperature=cfg.temperature if samples == 1 else max(cfg.temperature, 0.7),
             max_tokens=cfg.resolved_max_tokens, constraint=VERDICT_CONSTRAINT if cfg.is_local else None,
             calibration="median" if cfg.is_local else "none",
+            served_probabilities=cfg.resolved_backend == "openai_compat",
         )
 
 
 def _request(model: str, messages: list[dict[str, str]], *, index: int, attempt: int, temperature: float,
-             reask_temperature: float, max_tokens: int, prompt_version: str, constraint: str | None) -> ChatRequest:
+             reask_temperature: float, max_tokens: int, prompt_version: str, constraint: str | None,
+             logprob_choices: tuple[str, ...] | None = None) -> ChatRequest:
     shifted = index + REASK_STRIDE * attempt
     return ChatRequest(
         model=model, messages=messages,
         temperature=temperature if attempt == 0 else max(temperature, reask_temperature),
         max_tokens=max_tokens, sample_index=shifted, seed=shifted,
-        prompt_version=prompt_version, constraint=constraint,
+        prompt_version=prompt_version, constraint=constraint, logprob_choices=logprob_choices,
     )
 
 
@@ -377,7 +383,8 @@ class StepJudge:
         def make(attempt: int) -> ChatRequest:
             return _request(spec.model, messages, index=j, attempt=attempt, temperature=spec.temperature,
                             reask_temperature=spec.reask_temperature, max_tokens=spec.max_tokens,
-                            prompt_version=version, constraint=spec.constraint)
+                            prompt_version=version, constraint=spec.constraint,
+                            logprob_choices=VERDICTS if spec.served_probabilities else None)
 
         if spec.calibration != "none":
             asked = await self._calibrated(item.task, make(0))

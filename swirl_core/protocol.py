@@ -198,17 +198,7 @@ def parse_action(text: str, task: TaskKind, tools: bool = True) -> Parsed:
     return Parsed(Action(kind=kind, reasoning=reasoning, content=content, truncated=truncated), message)
 
 
-REGEX_REASONING_CHARS, REGEX_CONTENT_CHARS = 400, 300  # the guided step: brief reasoning, then a tag's content
-# Tokens a guided step may need (about 4 characters a token, and the tags): a sampling budget below it cuts steps.
-REGEX_STEP_TOKENS = (REGEX_REASONING_CHARS + REGEX_CONTENT_CHARS) // 4 + 16
-
-
-def action_regex(task: TaskKind, tools: bool = True) -> str:
-    """A regex for guided decoding on served models (vLLM `guided_regex`): brief reasoning, then one tag."""
-    forms = "|".join(f"<{TAGS[k]}>[^<]{{1,{REGEX_CONTENT_CHARS}}}</{TAGS[k]}>" for k in actions(task, tools))
-    return rf"[^<]{{0,{REGEX_REASONING_CHARS}}}({forms})"
-
 
 def action_tags(task: TaskKind, tools: bool = True) -> tuple[str, ...]:
-    """The tags a step of this task may use (the in-process grammar's alphabet of actions)."""
+    """The tags a step of this task may use (the action grammar's alphabet)."""
     return tuple(TAGS[k] for k in actions(task, tools))

@@ -121,7 +121,8 @@ class LLMResponse(BaseModel):
     latency_s: float = 0.0
     model: str
     # Under a `choice:` constraint (in-process): the probability of each choice at the first generated
-    # token, renormalised over the choices. A judge calibrates on these instead of the argmax.
+    # token; served with `logprob_choices`: at the token where the reply's last choice word starts.
+    # Renormalised over the choices. A judge calibrates on these instead of the argmax.
     choice_probs: dict[str, float] | None = None
     cached: bool = False
     key: str = ""

@@ -2,6 +2,9 @@
 
 It plays a policy model (step scripts) and a judge model (regex rules), injects faults per distinct
 request body, and counts what it answered, so tests can drive the real LLM client over real HTTP.
+Given `alternatives(body, token)` (a token's top alternatives as (token, probability) pairs, or None for
+the token alone at p=1), it is a server that returns `logprobs` when asked: one token per word, with its
+leading whitespace. Without it, it ignores the request for logprobs, as some servers do.
 
     with ScriptedServer(scripts={"capital of France": ["<search>France</search>", "<answer>Paris</answer>"]}) as srv:
         client = openai.OpenAI(base_url=srv.base_url, api_key="test")
@@ -26,6 +29,7 @@ import collections
 import hashlib
 import itertools
 import json
+import math
 import os
 import queue
 import random
@@ -49,7 +53,10 @@ from typing import Any
 CLIENT_GONE = 499  # nginx's "client closed request": after a sleep the client had hung up, so nothing was sent
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 429: "Too Many Requests", 500: "Internal Server Error"}
 _MALFORMED = b'{"id": "chatcmpl-broken", "object": "chat.completion", "choices": [{"index": 0, "mess'
-_MODELS = json.dumps({"object": "list", "data": [{"id": "scripted", "object": "model", "created": 0, "owned_by": "tests"}]}).encode()
+
+
+def _models(owned_by: str) -> bytes:  # vLLM, SGLang and llama.cpp name themselves in `owned_by`
+    return json.dumps({"object": "list", "data": [{"id": "scripted", "object": "model", "created": 0, "owned_by": owned_by}]}).encode()
 
 
 @dataclass
@@ -149,7 +156,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         route = self._route()
         if route == "/models":
-            self._send(200, _MODELS)
+            self._send(200, _models(self.server.owner.owned_by))
         elif route == "/_stats":
             self._send(200, json.dumps(self.server.owner.stats()).encode())
         elif route == "/_attempts":
@@ -177,11 +184,13 @@ class ScriptedServer:
 
     def __init__(self, *, scripts: dict[str, list[str]] | None = None, rules: list[tuple[str, str]] | None = None,
                  default: str = "<answer>unknown</answer>", faults: Faults | None = None, port: int = 0,
-                 responder: Callable[[dict], str] | None = None, stamp_replies: bool = False) -> None:
+                 responder: Callable[[dict], str] | None = None, stamp_replies: bool = False,
+                 alternatives: Callable[[dict, str], list[tuple[str, float]] | None] | None = None,
+                 owned_by: str = "tests") -> None:
         self.scripts = dict(scripts or {})
         self._keys = list(self.scripts)
         self._rules = [(re.compile(rx, re.DOTALL), reply) for rx, reply in (rules or [])]
-        self.default, self.responder = default, responder
+        self.default, self.responder, self.alternatives, self.owned_by = default, responder, alternatives, owned_by
         # Prefix every reply with "[req:<16 hex of the body's sha256>]": a stored reply then names the request
         # that paid for it (replies stay deterministic per body, so a replayed conversation is unchanged).
         self.stamp_replies = stamp_replies
@@ -377,7 +386,8 @@ class ScriptedServer:
         payload = json.dumps({
             "id": f"chatcmpl-{next(self._ids):012d}", "object": "chat.completion", "created": int(time.time()),
             "model": body.get("model", "scripted"),
-            "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            "choices": [{"index": i, "message": {"role": "assistant", "content": text},
+                         "logprobs": self._logprobs(body, text) if body.get("logprobs") and self.alternatives else None,
                          "finish_reason": "stop"} for i in range(n)],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens},
@@ -387,6 +397,18 @@ class ScriptedServer:
         with self._lock:
             entry["completed"] = True
         return self._count(200, digest), payload, "", None
+
+
+    def _logprobs(self, body: dict, text: str) -> dict:
+        """OpenAI's logprobs object: one token per word, top alternatives from `alternatives` (at most top_logprobs)."""
+        top = body.get("top_logprobs") or 0
+        content = []
+        for token in re.findall(r"\s*\S+", text):
+            alts = self.alternatives(body, token) or [(token, 1.0)]
+            lp = dict((t, math.log(p)) for t, p in alts)
+            content.append({"token": token, "logprob": lp.get(token, math.log(1e-6)),
+                            "top_logprobs": [{"token": t, "logprob": v} for t, v in list(lp.items())[:top]]})
+        return {"content": content}
 
 
 # -- separate-process mode (the server must not share a benchmark client's GIL) ------------------------

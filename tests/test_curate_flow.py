@@ -236,7 +236,7 @@ def test_curate_measures_its_judge_and_refuses_a_bad_one(prefect_api, tmp_path):
     coin = lambda body: random.Random(body["messages"][-1]["content"]).choice(["GOOD", "BAD"])  # noqa: E731
     with ScriptedServer(responder=coin) as srv, pytest.raises(ValueError, match="min-judge-f1"):
         run_curate(CurateConfig(judge=ModelConfig(model="openai/coin", api_base=srv.base_url), min_judge_f1=0.9, **common))
-    assert _q(db, "SELECT count(*) FROM judgments WHERE judge_model = 'openai/coin'") == [(0,)]
+    assert _q(db, "SELECT count(*) FROM judgments WHERE judge_model LIKE 'openai/coin@%'") == [(0,)]
 
     # Re-curating with another judge: the sets read its verdicts only; --judge-id brings the first one back.
     everything_good = lambda body: "Fine.\nGOOD"  # noqa: E731

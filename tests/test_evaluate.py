@@ -124,7 +124,7 @@ def test_two_models_over_http_give_known_accuracies_cis_and_a_significant_paired
         con.close()
 
     report = open(result["report"]).read()
-    assert "| strong | `openai/strong` | 20 | 20 | 0 | 1.000 [1.000, 1.000]" in report
+    assert f"| strong | `openai/strong@{server.base_url}` | 20 | 20 | 0 | 1.000 [1.000, 1.000]" in report
     assert "3 of 20 evaluated questions overlap" in report and "0 / 10" in report
     assert open(result["plot"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -283,3 +283,58 @@ def test_cli_takes_several_datasets_each_with_its_files(tmp_path):
     qa = EvalConfig(judge=ModelConfig(), also=[{"dataset": "hotpotqa"}])
     assert (qa.grader_for({"qa"}), qa.grader_for({"math"}), EvalConfig().grader_for({"qa"})) == ("llm", "rule", "rule")
     assert [c.dataset for c in qa.per_dataset()] == ["demo-math", "hotpotqa"] and qa.per_dataset()[1].data_files is None
+
+
+def _graded_responder(right: set[str]):
+    """A policy server under the one name `scripted`: answers the questions in `right` correctly, the rest wrong."""
+    def respond(body: dict) -> str:
+        question = _question_of(body["messages"])
+        return f"<answer>{GOLD[question] if question in right else '-1'}</answer>"
+    return respond
+
+
+def test_two_endpoints_serving_one_model_name_are_two_models(prefect_api, tmp_path, capsys):
+    from flows.cli import main
+
+    good_right, weak_right = set(QUESTIONS[:14]), set(QUESTIONS[:8])  # 70% and 40% of the 20 questions
+    db = tmp_path / "endpoints.duckdb"
+    with ScriptedServer(responder=_graded_responder(good_right)) as a, \
+            ScriptedServer(responder=_graded_responder(weak_right)) as b:
+        argv = ["evaluate", "--db", str(db), "--dataset", "gsm8k", "--data-files", str(GSM8K), "--split", "test",
+                "--model", f"good=openai/scripted@{a.base_url}", "--model", f"weak=openai/scripted@{b.base_url}",
+                "--workers", "1", "--no-progress"]
+        assert main(argv) == 0
+        assert a.stats()["completed"] == b.stats()["completed"] == 20  # neither replayed the other's replies
+        con = duckdb.connect(str(db), read_only=True)
+        try:
+            scores = dict(con.execute("SELECT label, avg(exact_match::INT) FROM eval_results GROUP BY label").fetchall())
+            models = dict(con.execute("SELECT DISTINCT label, model FROM eval_results").fetchall())
+            shared = con.execute("SELECT count(*) FROM eval_results g JOIN eval_results w USING (trajectory_id) "
+                                 "WHERE g.label = 'good' AND w.label = 'weak'").fetchone()[0]
+        finally:
+            con.close()
+        assert scores == {"good": pytest.approx(0.7), "weak": pytest.approx(0.4)}
+        assert models == {"good": f"openai/scripted@{a.base_url}", "weak": f"openai/scripted@{b.base_url}"}
+        assert shared == 0
+
+
+
+def test_identity_of_a_model_without_endpoint_is_unchanged():
+    # Journals and databases written before endpoints were part of identity keep their keys.
+    from swirl_core.agent import PolicySpec
+    from swirl_core.generation import policy_spec
+
+    bare = ModelConfig(model="openai/gpt-4o-mini")
+    assert bare.resolved_identity == "openai/gpt-4o-mini"
+    spec = policy_spec(bare, "math", 3, "tools")
+    assert spec == PolicySpec(model="openai/gpt-4o-mini", task="math", max_steps=3, few_shot=False, constraint=None,
+                              temperature=0.7, max_tokens=256, tools_fingerprint="tools")
+    served = ModelConfig(model="openai/x", api_base="http://h:1/v1/")
+    assert served.resolved_identity == "openai/x@http://h:1/v1"
+    # Two hosts said to serve one model share calls (one key) and trajectories (one fingerprint).
+    a, b = (policy_spec(ModelConfig(model="openai/x", api_base=f"http://h{n}:1/v1", identity="x-v1"), "math", 3, "t")
+            for n in (1, 2))
+    assert a.fingerprint == b.fingerprint and a.request([], 0).key() == b.request([], 0).key()
+    assert a.fingerprint != policy_spec(served, "math", 3, "t").fingerprint
+    with pytest.raises(ValueError, match="identity is for served models"):
+        ModelConfig(model="smollm2", identity="x")

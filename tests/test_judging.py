@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 
@@ -390,3 +391,91 @@ async def test_local_judge_decides_at_the_median_of_a_sample_and_rewards_with_it
         assert j.attempts == 1 and abs(p_good - j.p_good) < 1e-4 and abs(threshold - thresholds["math"]) < 1e-4
         assert j.verdict == ("GOOD" if j.p_good >= thresholds["math"] else "BAD")
     assert sum(j.verdict == "GOOD" for j in judgments) == 3
+
+
+# -- P(GOOD) from served logprobs ----------------------------------------------------------------------
+
+
+def test_choice_probs_read_the_token_where_the_last_verdict_starts():
+    from swirl_core.llm.openai_compat import choice_probs
+
+    def tok(token, *alts):
+        return {"token": token, "logprob": math.log(dict(alts).get(token, 1.0)),
+                "top_logprobs": [{"token": t, "logprob": math.log(p)} for t, p in alts]}
+
+    verdicts = ("GOOD", "BAD")
+    # A verdict split over tokens ("GO" "OD"): its first token's alternatives decide, renormalised.
+    split = {"content": [tok("Bad"), tok(" start"), tok("."), tok("\nGO", ("\nGO", 0.6), ("\nBAD", 0.2), ("\nMaybe", 0.2)),
+                         tok("OD")]}
+    assert choice_probs(split, verdicts) == pytest.approx({"GOOD": 0.75, "BAD": 0.25})
+    # Trailing words that only start like a verdict ("Badly", "Because") are not the verdict.
+    trailing = {"content": [tok(" GOOD", (" GOOD", 0.9), (" BAD", 0.1)), tok(" Because"), tok(" badly")]}
+    assert choice_probs(trailing, verdicts) == pytest.approx({"GOOD": 0.9, "BAD": 0.1})
+    assert choice_probs(None, verdicts) is None
+    assert choice_probs({"content": [tok(" unsure")]}, verdicts) is None
+
+
+async def test_served_judge_records_p_good_from_logprobs_into_judgments_and_the_reward(tmp_path):
+    from swirl_core.curation import judge_fingerprint, judgment_rows
+    from swirl_core.store import Store
+    from swirl_core.training.rewards import JudgeReward
+
+    def alternatives(body: dict, token: str):
+        if token.strip() not in ("GOOD", "BAD"):
+            return None
+        p = 0.8 if GOOD_QUERY in _last_content(body) else 0.3  # the judge's confidence differs per step
+        return [(token, p if token.strip() == "GOOD" else 1 - p), (" BAD" if "GOOD" in token else " GOOD",
+                                                                   1 - p if token.strip() == "GOOD" else p)]
+
+    judge = lambda body: "Plausible.\nGOOD"  # noqa: E731 — the same verdict text; only the probabilities differ
+    with ScriptedServer(responder=judge, alternatives=alternatives) as srv:
+        cfg = ModelConfig(model="openai/judge", api_base=srv.base_url, temperature=0.0)
+        spec = JudgeSpec.for_model(cfg)
+        assert spec.served_probabilities
+        client = build_client(cfg, tmp_path)
+        items = [_item(f"<search_query>{GOOD_QUERY}</search_query>", trajectory_id="sure"),
+                 _item("<search_query>opera houses</search_query>", trajectory_id="unsure")]
+        judgments = await StepJudge(client, spec).judge_many(items)
+        await client.aclose()
+        body = srv.requests[0]
+        assert body["logprobs"] is True and body["top_logprobs"] == 5
+        assert {j.trajectory_id: (j.verdict, j.p_good) for j in judgments} == {
+            "sure": ("GOOD", pytest.approx(0.8)), "unsure": ("GOOD", pytest.approx(0.3))}
+
+        with Store(str(tmp_path / "j.duckdb")) as store:
+            store.upsert("judgments", judgment_rows(judgments, "run", judge_fingerprint(spec)))
+            stored = dict(store.query("SELECT trajectory_id, p_good FROM judgments"))
+        assert stored == {"sure": pytest.approx(0.8), "unsure": pytest.approx(0.3)}
+
+        # The RL reward is P(GOOD) itself, not the (identical) votes; it replays the calls just made.
+        reward = JudgeReward(cfg, tmp_path, run_id="rl")
+        sampled = [items[0].action_message, items[1].action_message]
+        rewards = reward([""] * 2, [[{"role": "assistant", "content": t}] for t in sampled], task=["qa"] * 2,
+                         question=[QUESTION] * 2, history=[json.dumps(_turns())] * 2, trajectory_id=["sure", "unsure"],
+                         step_index=[1, 1])
+        assert rewards == [pytest.approx(0.8), pytest.approx(0.3)] and reward.cache_hits == 2
+    # A judge asked for no probabilities keeps its old fingerprint; one that reads them has its own.
+    plain = spec.model_copy(update={"served_probabilities": False})
+    assert judge_fingerprint(plain) != judge_fingerprint(spec)
+    from swirl_core.hashing import content_hash
+    from swirl_core.judging import JUDGE_PROMPT_VERSION
+
+    legacy = {k: v for k, v in plain.model_dump().items() if k != "served_probabilities"}
+    assert judge_fingerprint(plain) == content_hash("judge", legacy, JUDGE_PROMPT_VERSION)[:16]
+
+
+def test_databases_made_before_p_good_gain_the_column(tmp_path):
+    import duckdb
+
+    from swirl_core.store import Store
+
+    db = str(tmp_path / "old.duckdb")
+    con = duckdb.connect(db)
+    con.execute("CREATE TABLE judgments (judgment_id VARCHAR PRIMARY KEY, run_id VARCHAR, trajectory_id VARCHAR NOT NULL, "
+                "step_index INTEGER NOT NULL, sample_index INTEGER NOT NULL, judge_model VARCHAR NOT NULL, "
+                "judge_fingerprint VARCHAR NOT NULL, prompt_version VARCHAR NOT NULL, verdict VARCHAR NOT NULL, "
+                "reasoning VARCHAR, attempts INTEGER, call_keys VARCHAR[], created_at TIMESTAMPTZ DEFAULT current_timestamp)")
+    con.execute("INSERT INTO judgments VALUES ('j', 'r', 't', 0, 0, 'm', 'f', 'v', 'GOOD', '', 1, [], now())")
+    con.close()
+    with Store(db) as store:
+        assert store.query("SELECT verdict, p_good FROM judgments") == [("GOOD", None)]

@@ -148,13 +148,38 @@ async def test_litellm_backend_over_real_http(tmp_path, monkeypatch):
     assert "sk-test-secret-123" not in "".join(p.read_text() for p in tmp_path.glob("*.jsonl"))
 
 
-async def test_guided_regex_and_seed_reach_a_served_model(tmp_path):
+async def test_structured_outputs_and_seed_reach_a_served_model(tmp_path):
     from swirl_core.agent import PolicySpec
 
-    spec = PolicySpec(model="hosted_vllm/m", task="math", max_steps=3, constraint="regex")
+    spec = PolicySpec(model="hosted_vllm/m", task="math", max_steps=3, constraint="regex", server_kind="vllm")
     with ScriptedServer(default="<answer>4</answer>") as srv:
         client = _client(srv, tmp_path, model="hosted_vllm/m")
         await client.complete(spec.request(MESSAGES, sample_index=3))
         await client.aclose()
         body = srv.requests[-1]
-        assert body["model"] == "m" and body["seed"] == 3 and "<math_exp>" in body["guided_regex"]
+        assert body["model"] == "m" and body["seed"] == 3 and "<math_exp>" in body["structured_outputs"]["regex"]
+
+
+@pytest.mark.parametrize("name", ["openai/scripted", "hosted_vllm/scripted", "ollama/scripted", "ollama_chat/scripted"])
+async def test_local_server_names_send_the_same_request_on_both_paths(name):
+    with ScriptedServer(default="<answer>4</answer>") as srv:
+        # Ollama is named by its root address (litellm's habit); its OpenAI API is under /v1.
+        api_base = srv.base_url.removesuffix("/v1") if name.startswith("ollama") else srv.base_url
+        bodies = {}
+        for backend in ("auto", "litellm"):
+            cfg = ModelConfig(model=name, api_base=api_base, backend=backend)
+            assert cfg.resolved_identity == f"{name}@{srv.base_url}"
+            client = build_client(cfg, None)
+            assert client.backend.name == ("openai_compat" if backend == "auto" else "litellm")
+            response = await client.complete(_request(model=name, seed=1))
+            await client.aclose()
+            assert response.text == "<answer>4</answer>"
+            bodies[backend] = {k: srv.requests[-1][k] for k in ("model", "messages", "temperature", "max_tokens", "seed")}
+        assert bodies["auto"] == bodies["litellm"] and bodies["auto"]["model"] == "scripted"
+
+
+def test_ollama_defaults_to_its_local_openai_endpoint():
+    cfg = ModelConfig(model="ollama/llama3.2")
+    assert cfg.resolved_backend == "openai_compat" and cfg.served_endpoint == "http://localhost:11434/v1"
+    assert ModelConfig(model="openai/gpt-4o-mini").resolved_backend == "litellm"  # OpenAI itself: litellm
+    assert ModelConfig(model="anthropic/claude", api_base="http://h/v1").served_endpoint is None  # not OpenAI's protocol

@@ -4,7 +4,6 @@ import pytest
 
 from swirl_core.protocol import (
     TWO_ACTIONS,
-    action_regex,
     instructions,
     observation_message,
     parse_action,
@@ -86,6 +85,8 @@ def test_observation_format_and_guided_regex():
     assert observation_message("2+2", "4") == "2+2 → 4"
     import re
 
-    pattern = re.compile(action_regex("math"))
+    from swirl_core.constraints import ActionGrammar
+
+    pattern = re.compile(ActionGrammar.for_task("math").regex())
     assert pattern.fullmatch("Add them. <math_exp>2+2</math_exp>")
     assert not pattern.fullmatch("<search_query>x</search_query>")

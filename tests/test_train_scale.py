@@ -18,7 +18,7 @@ from helpers import build_labeled_db
 from scripted_server import Faults, ScriptedServer
 
 from swirl_core.config import ModelConfig
-from swirl_core.protocol import action_regex
+from swirl_core.constraints import ActionGrammar
 from swirl_core.training.run import RUN_FILE, TrainConfig, claim_output, hub_base_model, write_model_card
 from swirl_core.training.trainers import SUMMARY_FILE, TrainSettings, grpo_config, last_checkpoint
 
@@ -162,7 +162,7 @@ def test_vllm_settings_build_a_grpo_config_on_cpu(tmp_path):
     base = {"method": "swirl", "output_dir": str(tmp_path), "use_vllm": True, "max_completion_length": 256}
     colocate = grpo_config(TrainSettings(**base, vllm_gpu_memory_utilization=0.5), sampling_task="qa")
     assert (colocate.use_vllm, colocate.vllm_mode, colocate.vllm_gpu_memory_utilization) == (True, "colocate", 0.5)
-    assert colocate.vllm_structured_outputs_regex == action_regex("qa")  # generation's guided decoding, for RL too
+    assert colocate.vllm_structured_outputs_regex == ActionGrammar.for_task("qa").regex()  # generation's guided decoding, for RL too
     free = grpo_config(TrainSettings(**base, constraint="none"), sampling_task="qa")
     assert free.vllm_structured_outputs_regex is None
     # A budget too short for a guided step with its reasoning would cut every sample before its tag closes.

@@ -26,11 +26,16 @@ class ChatRequest(BaseModel):
     # Decoding constraint for small models ("tag-start" in-process, "regex" via guided decoding).
     constraint: str | None = None
     extra_body: dict[str, Any] = Field(default_factory=dict)
+    # Served models: ask for token logprobs and report each word's probability at the reply's final choice
+    # (`LLMResponse.choice_probs`), e.g. ("GOOD", "BAD") for a judge's verdict.
+    logprob_choices: tuple[str, ...] | None = None
 
     def key(self) -> str:
+        # Fields added later join the key only when set, so journal entries written before keep their keys.
+        later = [self.logprob_choices] if self.logprob_choices else []
         return content_hash(
             "chat", self.model, self.messages, self.temperature, self.top_p, self.max_tokens,
-            self.stop, self.sample_index, self.seed, self.prompt_version, self.constraint, self.extra_body,
+            self.stop, self.sample_index, self.seed, self.prompt_version, self.constraint, self.extra_body, *later,
         )
 
 

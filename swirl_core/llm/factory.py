@@ -38,6 +38,12 @@ def _api_key(cfg: ModelConfig) -> str | None:
 
 
 T = TypeVar("T")
+NO_KEY = "no-key"  # sent to a served model that needs none, where a client insists on one
+
+
+def served_key(cfg: ModelConfig) -> str | None:
+    """The key of an OpenAI-protocol server: the configured one; OpenAI's own usual variable only for openai/."""
+    return _api_key(cfg) or (os.environ.get("OPENAI_API_KEY") if cfg.provider == "openai" else None)
 
 
 def tune_gc() -> None:
@@ -73,10 +79,20 @@ def build_client(cfg: ModelConfig, journal_dir: str | Path | None, *, fsync: boo
     elif backend_name == "openai_compat":
         from swirl_core.llm.openai_compat import OpenAICompatBackend
 
-        provider, _, name = cfg.model.partition("/")
-        key = _api_key(cfg) or (os.environ.get("OPENAI_API_KEY") if provider == "openai" else None)
-        backend = OpenAICompatBackend(cfg.api_base, model_name=name, api_key=key, concurrency=cfg.concurrency)
+        endpoint = cfg.served_endpoint or cfg.api_base
+        if endpoint is None:
+            raise ValueError(f"{cfg.model}: backend openai_compat needs an api_base")
+        backend = OpenAICompatBackend(endpoint, model_name=cfg.model.partition("/")[2], api_key=served_key(cfg),
+                                      concurrency=cfg.concurrency)
         prices = prices or price_per_token(cfg.model)
+    elif cfg.served_endpoint:
+        from swirl_core.llm.litellm_backend import LiteLLMBackend
+
+        # The same request to the same URL as the fast path: litellm's OpenAI client, whatever the provider
+        # prefix (its own Ollama client would speak Ollama's native API instead). It insists on a key, and
+        # must not fall back to OPENAI_API_KEY for a server that is not OpenAI's.
+        backend = LiteLLMBackend("openai/" + cfg.model.partition("/")[2], api_base=cfg.served_endpoint,
+                                 api_key=served_key(cfg) or NO_KEY)
     else:
         from swirl_core.llm.litellm_backend import LiteLLMBackend
 

@@ -7,6 +7,8 @@ throughput at zero latency and the openai SDK's httpx transport is slower still 
 from __future__ import annotations
 
 import functools
+import math
+import re
 import time
 from typing import Any
 
@@ -16,6 +18,9 @@ import orjson
 from swirl_core.llm.base import ChatRequest, LLMError, RetryableError
 from swirl_core.llm.limits import parse_retry_after
 from swirl_core.records import LLMResponse
+
+TOP_LOGPROBS = 5  # alternatives per token asked for with `logprob_choices`: both verdicts' first tokens fit
+_LEADING_WORD = re.compile(r"[^A-Za-z]*([A-Za-z]*)")
 
 
 class OpenAICompatBackend:
@@ -49,6 +54,8 @@ class OpenAICompatBackend:
             body["stop"] = request.stop
         if request.seed is not None:
             body["seed"] = request.seed
+        if request.logprob_choices:
+            body["logprobs"], body["top_logprobs"] = True, TOP_LOGPROBS
         body.update(request.extra_body)
         return body
 
@@ -66,9 +73,9 @@ class OpenAICompatBackend:
         except aiohttp.ClientError as exc:
             raise RetryableError(f"connection error: {exc.__class__.__name__}") from exc
         if status == 429 or status >= 500:
-            raise RetryableError(f"HTTP {status}: {_error_text(raw)}", retry_after)
+            raise RetryableError(f"HTTP {status}: {error_text(raw)}", retry_after)
         if status != 200:
-            raise LLMError(f"HTTP {status}: {_error_text(raw)}")
+            raise LLMError(f"HTTP {status}: {error_text(raw)}")
         try:
             data = orjson.loads(raw)
             choice = data["choices"][0]
@@ -82,6 +89,7 @@ class OpenAICompatBackend:
             prompt_tokens=usage.get("prompt_tokens"),
             completion_tokens=usage.get("completion_tokens"),
             latency_s=time.perf_counter() - started,
+            choice_probs=choice_probs(choice.get("logprobs"), request.logprob_choices) if request.logprob_choices else None,
             model=request.model,
         )
 
@@ -91,14 +99,38 @@ class OpenAICompatBackend:
             self._session = None
 
 
+def choice_probs(logprobs: dict[str, Any] | None, choices: tuple[str, ...]) -> dict[str, float] | None:
+    """Each choice's probability, renormalised over the choices, at the token where the reply's last choice
+    word starts (a whole word, possibly split over tokens): read from that token's top alternatives. None
+    when the server sent no logprobs or the reply states no choice."""
+    tokens = (logprobs or {}).get("content") or []
+    upper = [c.upper() for c in choices]
+    for i in range(len(tokens) - 1, -1, -1):
+        word = _LEADING_WORD.match(tokens[i].get("token") or "").group(1).upper()
+        rest = "".join(t.get("token") or "" for t in tokens[i:]).lstrip()
+        rest = re.sub(r"^[^A-Za-z]*", "", rest).upper()
+        if not word or not any(rest.startswith(c) and not rest[len(c):len(c) + 1].isalpha() for c in upper):
+            continue
+        mass = dict.fromkeys(choices, 0.0)
+        for alt in tokens[i].get("top_logprobs") or [tokens[i]]:
+            alt_word = _LEADING_WORD.match(alt.get("token") or "").group(1).upper()
+            for choice, c in zip(choices, upper, strict=True):
+                if alt_word and c.startswith(alt_word):
+                    mass[choice] += math.exp(alt["logprob"])
+        total = sum(mass.values())
+        return {c: m / total for c, m in mass.items()} if total > 0 else None
+    return None
+
+
 @functools.lru_cache(maxsize=16)
 def _timeout(seconds: float) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=seconds)
 
 
-def _error_text(raw: bytes) -> str:
+def error_text(raw: bytes) -> str:
     try:
-        err = orjson.loads(raw).get("error")
+        body = orjson.loads(raw)
+        err = body.get("error") or body.get("detail")  # FastAPI servers (transformers serve) say `detail`
         return str(err.get("message") if isinstance(err, dict) else err)[:300]
     except (orjson.JSONDecodeError, AttributeError):
         return raw[:300].decode("utf-8", "replace")

@@ -18,8 +18,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from swirl_core.constraints import STEP_TOKENS, ActionGrammar
 from swirl_core.llm.local_models import DEFAULT_LOCAL_MODEL, is_local_model, resolve_local_model
-from swirl_core.protocol import REGEX_STEP_TOKENS, action_regex, action_tags
+from swirl_core.protocol import action_tags
 from swirl_core.records import TaskKind
 
 SUMMARY_FILE = "swirl_training.json"
@@ -93,9 +94,9 @@ class TrainSettings(BaseModel):
             raise ValueError("use_vllm samples SWiRL's RL groups; SFT samples nothing")
         if self.vllm_server_base_url and self.vllm_mode != "server":
             raise ValueError("vllm_server_base_url is for vllm_mode 'server'")
-        if self.use_vllm and self.constraint == "auto" and self.max_completion_length < REGEX_STEP_TOKENS:
+        if self.use_vllm and self.constraint == "auto" and self.max_completion_length < STEP_TOKENS:
             raise ValueError(f"max_completion_length {self.max_completion_length} cannot hold a step with its reasoning "
-                             f"under the action regex (up to about {REGEX_STEP_TOKENS} tokens): raise it")
+                             f"under the action regex (up to about {STEP_TOKENS} tokens): raise it")
         if self.method == "swirl":
             if self.beta <= 0:
                 raise ValueError("SWiRL RL needs a KL penalty to the initial policy: beta must be > 0")
@@ -274,7 +275,7 @@ def grpo_config(settings: TrainSettings, *, progress_bar: bool = False, reward_w
         constrained = settings.constraint == "auto" and sampling_task is not None
         vllm = {"use_vllm": True, "vllm_mode": settings.vllm_mode,
                 "vllm_gpu_memory_utilization": settings.vllm_gpu_memory_utilization,
-                "vllm_structured_outputs_regex": action_regex(sampling_task) if constrained else None}
+                "vllm_structured_outputs_regex": ActionGrammar.for_task(sampling_task).regex() if constrained else None}
         if settings.vllm_server_base_url:
             vllm["vllm_server_base_url"] = settings.vllm_server_base_url
     return GRPOConfig(

@@ -1,0 +1,125 @@
+"""Decoding constraints for served models: the action grammar compiled for each server kind, and the probe
+that checks, before a run pays for anything, that the server enforces it.
+
+Servers ignore request fields they do not know (vLLM dropped `guided_*` in v0.12, hosted APIs never had
+them), so a constraint is only recorded on a step once a probe has seen it applied.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import aiohttp
+import orjson
+
+from swirl_core.llm.openai_compat import error_text
+from swirl_core.protocol import action_tags
+from swirl_core.records import TaskKind
+
+ServerKind = Literal["vllm", "sglang", "llamacpp", "tgi", "openai"]
+SERVER_KINDS: tuple[ServerKind, ...] = ("vllm", "sglang", "llamacpp", "tgi", "openai")
+# GET /models `owned_by` of servers that say what they are.
+_OWNERS: dict[str, ServerKind] = {"vllm": "vllm", "sglang": "sglang", "llamacpp": "llamacpp"}
+REASONING_MAX, CONTENT_MAX = 400, 300  # characters before the tag, and inside it
+# Tokens a constrained step may need (about 4 characters a token, and the tags): a sampling budget below it cuts steps.
+STEP_TOKENS = (REASONING_MAX + CONTENT_MAX) // 4 + 16
+
+
+@dataclass(frozen=True)
+class ActionGrammar:
+    """A message: up to REASONING_MAX characters of reasoning (no '<'), then exactly one `<tag>content</tag>`."""
+
+    tags: tuple[str, ...]
+
+    @classmethod
+    def for_task(cls, task: TaskKind, tools: bool = True) -> ActionGrammar:
+        return cls(action_tags(task, tools))
+
+    def regex(self) -> str:
+        forms = "|".join(f"<{t}>[^<]{{1,{CONTENT_MAX}}}</{t}>" for t in self.tags)
+        return rf"[^<]{{0,{REASONING_MAX}}}({forms})"
+
+    def gbnf(self) -> str:
+        forms = " | ".join(f'"<{t}>" [^<]{{1,{CONTENT_MAX}}} "</{t}>"' for t in self.tags)
+        return f"root ::= [^<]{{0,{REASONING_MAX}}} ({forms})"
+
+
+def request_fields(kind: ServerKind, *, regex: str, gbnf: str) -> dict[str, Any]:
+    """The body fields that carry a constraint to a server of this kind; {} where it has none."""
+    if kind == "vllm":
+        return {"structured_outputs": {"regex": regex}}
+    if kind == "sglang":
+        return {"regex": regex}
+    if kind == "llamacpp":
+        return {"grammar": gbnf}
+    if kind == "tgi":
+        return {"response_format": {"type": "regex", "value": regex}}
+    return {}
+
+
+def action_fields(kind: ServerKind, task: TaskKind, tools: bool = True) -> dict[str, Any]:
+    grammar = ActionGrammar.for_task(task, tools)
+    return request_fields(kind, regex=grammar.regex(), gbnf=grammar.gbnf())
+
+
+# The probe forces a reply the prompt asks against: only an enforcing server can give it.
+PROBE_REPLY = "<answer>swirl-probe-7319</answer>"
+PROBE_PROMPT = "Reply with one word: hello."
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    endpoint: str
+    kind: ServerKind
+    enforced: bool
+    reply: str
+    latency_s: float
+    completion_tokens: int | None
+
+    def refusal(self, option: str) -> str:
+        return (f"{self.endpoint} ({self.kind}) does not enforce decoding constraints: forced to reply "
+                f"{PROBE_REPLY!r}, it said {self.reply[:60]!r}; drop {option}, or pass --allow-unconstrained "
+                "to continue unconstrained (steps record constraint NULL)")
+
+
+def probe_fields(kind: ServerKind) -> dict[str, Any]:
+    literal = re.escape(PROBE_REPLY)
+    return request_fields(kind, regex=literal, gbnf=f'root ::= "{PROBE_REPLY}"')
+
+
+async def detect_kind(session: aiohttp.ClientSession, endpoint: str, timeout_s: float) -> ServerKind:
+    """What the server says it is (`owned_by` of GET /models), else plain OpenAI (no known constraint field)."""
+    try:
+        async with session.get(endpoint + "/models", timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+            data = await resp.json(content_type=None) if resp.status == 200 else {}
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return "openai"
+    owners = {str(m.get("owned_by", "")).lower() for m in (data.get("data") or []) if isinstance(m, dict)}
+    return next((_OWNERS[o] for o in owners if o in _OWNERS), "openai")
+
+
+async def probe_constraint(endpoint: str, model_name: str, kind: ServerKind | Literal["auto"], *,
+                           api_key: str | None, timeout_s: float) -> ProbeResult:
+    """One greedy request under a constraint that allows exactly PROBE_REPLY; enforced when that came back."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    async with aiohttp.ClientSession(headers=headers) as session:
+        resolved: ServerKind = await detect_kind(session, endpoint, timeout_s) if kind == "auto" else kind
+        body = {"model": model_name, "messages": [{"role": "user", "content": PROBE_PROMPT}], "temperature": 0.0,
+                "max_tokens": 32, **probe_fields(resolved)}
+        started = time.perf_counter()
+        async with session.post(endpoint + "/chat/completions", json=body,
+                                timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+            raw, status = await resp.read(), resp.status
+        latency = time.perf_counter() - started
+    if status != 200:  # e.g. a server that rejects fields it does not know
+        return ProbeResult(endpoint, resolved, False, f"HTTP {status}: {error_text(raw)}", latency, None)
+    try:
+        data = orjson.loads(raw)
+        reply = data["choices"][0]["message"]["content"] or ""
+    except (ValueError, KeyError, IndexError, TypeError):
+        return ProbeResult(endpoint, resolved, False, f"malformed reply: {raw[:200]!r}", latency, None)
+    return ProbeResult(endpoint, resolved, reply.strip() == PROBE_REPLY, reply, latency,
+                       (data.get("usage") or {}).get("completion_tokens"))
