@@ -450,9 +450,10 @@ async def test_served_judge_records_p_good_from_logprobs_into_judgments_and_the_
         # The RL reward is P(GOOD) itself, not the (identical) votes; it replays the calls just made.
         reward = JudgeReward(cfg, tmp_path, run_id="rl")
         sampled = [items[0].action_message, items[1].action_message]
-        rewards = reward([""] * 2, [[{"role": "assistant", "content": t}] for t in sampled], task=["qa"] * 2,
-                         question=[QUESTION] * 2, history=[json.dumps(_turns())] * 2, trajectory_id=["sure", "unsure"],
-                         step_index=[1, 1])
+        rewards = await reward([""] * 2, [[{"role": "assistant", "content": t}] for t in sampled], task=["qa"] * 2,
+                               question=[QUESTION] * 2, history=[json.dumps(_turns())] * 2, trajectory_id=["sure", "unsure"],
+                               step_index=[1, 1])
+        await reward.aclose()
         assert rewards == [pytest.approx(0.8), pytest.approx(0.3)] and reward.cache_hits == 2
     # A judge asked for no probabilities keeps its old fingerprint; one that reads them has its own.
     plain = spec.model_copy(update={"served_probabilities": False})
