@@ -137,6 +137,7 @@ def crash_phase(name: str, args: list[str], db: Path, gate: FreezeGate, server_u
     landed; then one clean run. Checks the database and the server after every kill."""
     events, kills, runs = [], 0, 0
     time_high = TIME_KILL_RANGE_S[1]
+    kill_lag = 0.0  # from a kill point to the kill itself (drain and journal grace): the run goes on meanwhile
     while kills < kills_wanted:
         assert runs < kills_wanted + 6, f"{name}: only {kills} kills landed in {runs} runs: {events}"
         before = fetch_stats(server_url)["completed"]
@@ -169,12 +170,14 @@ def crash_phase(name: str, args: list[str], db: Path, gate: FreezeGate, server_u
         if proc.returncode == -signal.SIGKILL:
             kills += 1
             event.update(outcome="killed", killed_at_s=round(killed_at[0], 2))
+            if mode == "time":
+                kill_lag = max(kill_lag, killed_at[0] - point)
         else:  # it finished before its kill point: it must have finished well
             assert proc.returncode == 0, f"{name} run {runs} exited {proc.returncode}:\n{tail(log)}"
             duration = time.monotonic() - started
             event.update(outcome="finished first", wall_s=round(duration, 2))
-            # Little work is left: draw later time kills from the span such a run actually lasts.
-            time_high = max(TIME_KILL_RANGE_S[0] + 0.5, min(time_high, 0.8 * duration))
+            # Little work is left: draw later time kills from the span such a run actually lasts, less the lag.
+            time_high = max(TIME_KILL_RANGE_S[0] + 0.5, min(time_high, 0.8 * duration - max(kill_lag, JOURNAL_GRACE_S)))
         assert survivors == [], f"{name} run {runs}: processes outlived the SIGKILL of their group: {survivors}"
         state = db_state(db)
         assert state.get("duplicates", 0) == 0, f"{name} after run {runs}: duplicate rows {state}"

@@ -51,13 +51,12 @@ def _swirl_config(db: Path, tiny: Path, out: Path, judge_url: str, **settings) -
                                num_generations=2, max_completion_length=8, learning_rate=1e-3, **settings))
 
 
-def _start(config: TrainConfig, tmp_path: Path) -> subprocess.Popen:
+def _command(config: TrainConfig, tmp_path: Path) -> list[str]:
     spec = tmp_path / f"config-{time.monotonic_ns()}.json"
     spec.write_text(config.model_dump_json())
     script = tmp_path / "train_script.py"
     script.write_text(_TRAIN_SCRIPT)
-    return subprocess.Popen([sys.executable, str(script), str(spec)], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return [sys.executable, str(script), str(spec)]
 
 
 def _parse(output: str) -> tuple[list[dict], dict]:
@@ -74,7 +73,8 @@ def test_a_sigkilled_run_resumes_from_its_last_checkpoint(labeled_db, tiny_model
     out = tmp_path / "rl"
     with ScriptedServer(default="Plausible. GOOD", faults=Faults(latency_s=0.3)) as srv:  # ≥ 0.3 s a step: time to kill it
         config = _swirl_config(labeled_db, tiny_model_dir, out, srv.base_url, max_steps=6, save_steps=2)
-        proc = _start(config, tmp_path)
+        proc = subprocess.Popen(_command(config, tmp_path), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + 300
         while last_checkpoint(out) is None:
             assert proc.poll() is None, proc.stdout.read()[-4000:]
@@ -86,7 +86,8 @@ def test_a_sigkilled_run_resumes_from_its_last_checkpoint(labeled_db, tiny_model
         assert 2 <= killed_at < 6 and not (out / SUMMARY_FILE).exists()
         assert {"optimizer.pt", "scheduler.pt", "trainer_state.json"} <= {p.name for p in last_checkpoint(out).iterdir()}
 
-        again = subprocess.run(_start(config, tmp_path).args, cwd=ROOT, env=_env(), capture_output=True, text=True,
+        # One run at a time: two on one output folder would race on its exported data.
+        again = subprocess.run(_command(config, tmp_path), cwd=ROOT, env=_env(), capture_output=True, text=True,
                                timeout=600)
         events, result = _parse(again.stdout + again.stderr)
         assert again.returncode == 0
