@@ -125,6 +125,15 @@ class ModelConfig(BaseModel):
         return self
 
 
+class Workspace(BaseModel):
+    """A config that names a database (`db`) and may name its work folder (`work_dir`)."""
+
+    @property
+    def resolved_work_dir(self) -> Path:
+        """Journals and shards: `work_dir`, else `<db>.work` beside the database."""
+        return Path(self.work_dir) if self.work_dir else Path(self.db).with_suffix(".work")
+
+
 class ClusterConfig(BaseModel):
     """Where shards run: a local Dask cluster by default, or an existing scheduler."""
 
@@ -134,7 +143,7 @@ class ClusterConfig(BaseModel):
     n_workers: int | None = Field(None, ge=1, description="local workers; default 2 (1 for in-process models)")
 
 
-class GenerateConfig(BaseModel):
+class GenerateConfig(Workspace):
     """Parameters of the `generate` flow."""
 
     dataset: str = Field("demo-math", description="gsm8k, hotpotqa, musique, beerqa, cofca, generic, demo-math, demo-qa")
@@ -163,12 +172,8 @@ class GenerateConfig(BaseModel):
     def _listify(cls, v: Any) -> Any:
         return [v] if isinstance(v, (str, Path)) else v
 
-    @property
-    def resolved_work_dir(self) -> Path:
-        return Path(self.work_dir) if self.work_dir else Path(self.db).with_suffix(".work")
 
-
-class CurateConfig(BaseModel):
+class CurateConfig(Workspace):
     """Parameters of the `curate` flow: process judge, outcome grading, curated views."""
 
     db: str = "swirl.duckdb"
@@ -191,12 +196,8 @@ class CurateConfig(BaseModel):
     fsync: bool = False
     progress: bool = True
 
-    @property
-    def resolved_work_dir(self) -> Path:
-        return Path(self.work_dir) if self.work_dir else Path(self.db).with_suffix(".work")
 
-
-class JudgeEvalConfig(BaseModel):
+class JudgeEvalConfig(Workspace):
     """Parameters of the `judge-eval` flow: a judge measured on labelled steps built from gold solutions."""
 
     db: str = "swirl.duckdb"
@@ -219,10 +220,6 @@ class JudgeEvalConfig(BaseModel):
     @classmethod
     def _listify(cls, v: Any) -> Any:
         return [v] if isinstance(v, (str, Path)) else v
-
-    @property
-    def resolved_work_dir(self) -> Path:
-        return Path(self.work_dir) if self.work_dir else Path(self.db).with_suffix(".work")
 
 
 class PublishConfig(BaseModel):
@@ -296,7 +293,7 @@ class EvalDataset(BaseModel):
         return [v] if isinstance(v, (str, Path)) else v
 
 
-class EvalConfig(BaseModel):
+class EvalConfig(Workspace):
     """Parameters of the `evaluate` flow: the same agent loop and step caps for every model, on one dataset or a
     grid of several (`also`)."""
 
@@ -358,10 +355,6 @@ class EvalConfig(BaseModel):
             return self.grader
         return "llm" if self.judge is not None and "qa" in tasks else "rule"
 
-    @property
-    def resolved_work_dir(self) -> Path:
-        return Path(self.work_dir) if self.work_dir else Path(self.db).with_suffix(".work")
-
     def generate_config(self, model: EvalModel) -> GenerateConfig:
         """One greedy trajectory per question, through the generation flow (same loop, caps, journal)."""
         return GenerateConfig(
@@ -372,7 +365,7 @@ class EvalConfig(BaseModel):
         )
 
 
-class PipelineConfig(BaseModel):
+class PipelineConfig(Workspace):
     """Parameters of the `pipeline` flow: generate → curate → train (SFT, SWiRL) → evaluate → publish.
 
     `db`, `work_dir`, `cluster` and `progress` are set once here and hold for every stage; a stage that
@@ -419,7 +412,3 @@ class PipelineConfig(BaseModel):
                 setattr(self, method, settings.model_copy(
                     update={"output_dir": str(self.resolved_work_dir / "models" / method)}))
         return self
-
-    @property
-    def resolved_work_dir(self) -> Path:
-        return Path(self.work_dir) if self.work_dir else Path(self.db).with_suffix(".work")

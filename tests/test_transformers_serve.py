@@ -12,8 +12,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-import duckdb
 import pytest
+from helpers import query
 
 from swirl_core.config import ModelConfig
 from swirl_core.constraints import PROBE_REPLY, SERVER_KINDS
@@ -58,14 +58,6 @@ def served_smollm2(tmp_path_factory):
         log.close()
 
 
-def _q(db: Path, sql: str) -> list[tuple]:
-    con = duckdb.connect(str(db), read_only=True)
-    try:
-        return con.execute(sql).fetchall()
-    finally:
-        con.close()
-
-
 def test_generate_curate_and_judge_eval_against_transformers_serve(prefect_api, served_smollm2, tmp_path, capsys):
     from flows.cli import main
     from swirl_core.llm.local_models import smollm2_path
@@ -82,13 +74,13 @@ def test_generate_curate_and_judge_eval_against_transformers_serve(prefect_api, 
     assert served_smollm2 in err and "does not enforce" in err and not db.exists()
     # With the opt-in the run goes on unconstrained, and its steps say so.
     assert main([*gen, "--allow-unconstrained"]) == 0
-    (config,) = _q(db, "SELECT config FROM runs WHERE kind = 'generate'")[0]
+    (config,) = query(db, "SELECT config FROM runs WHERE kind = 'generate'")[0]
     probe = json.loads(config)["resolved_policy"]["constraint_probe"]
     # It names no kind (`owned_by: local`), so it was probed as plain OpenAI, unconstrained: it chatted.
     assert probe["enforced"] is False and probe["kind"] == "openai" and probe["reply"] != PROBE_REPLY
-    assert _q(db, 'SELECT count(*), count("constraint") FROM steps')[0][1] == 0
-    assert _q(db, "SELECT count(*) FROM trajectories WHERE status = 'error'") == [(0,)]
-    assert _q(db, "SELECT DISTINCT model FROM trajectories") == [(f"{served}@{served_smollm2}",)]
+    assert query(db, 'SELECT count(*), count("constraint") FROM steps')[0][1] == 0
+    assert query(db, "SELECT count(*) FROM trajectories WHERE status = 'error'") == [(0,)]
+    assert query(db, "SELECT DISTINCT model FROM trajectories") == [(f"{served}@{served_smollm2}",)]
 
     # What it makes of each kind's constraint field: vLLM's, SGLang's and llama.cpp's it rejects as unknown
     # fields; TGI's (a regex `response_format`) it accepts and ignores. Either way nothing is enforced.
@@ -99,12 +91,12 @@ def test_generate_curate_and_judge_eval_against_transformers_serve(prefect_api, 
 
     judge = ["--judge", served, "--judge-api-base", served_smollm2, "--max-tokens", "24", "--concurrency", "2"]
     assert main(["curate", "--db", str(db), *judge, "--probe-limit", "1", "--workers", "1", "--no-progress"]) == 0
-    judged, unknown, with_p = _q(db, "SELECT count(*), count(*) FILTER (WHERE verdict = 'UNKNOWN'), count(p_good) "
+    judged, unknown, with_p = query(db, "SELECT count(*), count(*) FILTER (WHERE verdict = 'UNKNOWN'), count(p_good) "
                                      "FROM judgments")[0]
-    steps = _q(db, "SELECT count(*) FROM steps")[0][0]
+    steps = query(db, "SELECT count(*) FROM steps")[0][0]
     assert judged >= steps > 0
     # It accepts logprobs/top_logprobs but returns none: no P(GOOD), so the reward would be the vote.
     assert with_p == 0
     assert main(["judge-eval", "--db", str(db), "--limit", "1", *judge]) == 0
-    assert _q(db, "SELECT count(*) FROM judge_probe_results")[0][0] > 0
+    assert query(db, "SELECT count(*) FROM judge_probe_results")[0][0] > 0
     print(f"served run: {steps} steps, {judged} judgments ({unknown} UNKNOWN)", file=sys.stderr)
