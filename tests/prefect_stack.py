@@ -178,7 +178,12 @@ class PrefectStack:
 
         auth = self.auth if auth is None else auth
         headers = {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()} if auth else {}
-        return httpx.request(method, self.api_url + path, json=body, headers=headers, timeout=30)
+        for _ in range(5):  # a 5xx is the server busy (its database locked right after a kill): ask again
+            response = httpx.request(method, self.api_url + path, json=body, headers=headers, timeout=30)
+            if response.status_code < 500:
+                break
+            time.sleep(1)
+        return response
 
     def get(self, path: str) -> Any:
         r = self.request("GET", path)
