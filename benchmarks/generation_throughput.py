@@ -90,6 +90,7 @@ from swirl_core.tools.calculator import Calculator  # noqa: E402
 
 MODEL = "openai/bench"
 STEPS = 3
+TURNS = STEPS + 1  # calls per trajectory: the prompt allows STEPS tool calls and one more message for the answer
 REPLY = "<math_exp>2+2</math_exp>"  # a calculator step: the loop never answers, so each trajectory hits the cap
 RAW_BODY = json.dumps({
     "model": "bench", "messages": [{"role": "user", "content": "What is 2+2?"}], "temperature": 0.7, "max_tokens": 64,
@@ -261,7 +262,7 @@ def forget_journal(journal_dir: Path) -> None:
 
 async def factory_run(base_url: str, questions: list[Question], concurrency: int, journal_dir: Path,
                       server_pid: int | None, *, replay: bool = False, verify: bool = True) -> Run:
-    n_expected = STEPS * len(questions)
+    n_expected = TURNS * len(questions)
     work = [(q, 0) for q in questions]
     if verify:
         reset_server(base_url)
@@ -277,9 +278,9 @@ async def factory_run(base_url: str, questions: list[Question], concurrency: int
     journal = client.journal
     assert journal is not None
     extra: dict = {"journal_load_s": load_s, **m.extra()}
-    bad = [t for t in trajectories if t.status != "step_cap" or len(t.steps) != STEPS or t.error]
+    bad = [t for t in trajectories if t.status != "step_cap" or len(t.steps) != TURNS or t.error]
     if bad:
-        raise AssertionError(f"{len(bad)} trajectories did not make {STEPS} calculator steps, e.g. {bad[0]!r:.500}")
+        raise AssertionError(f"{len(bad)} trajectories did not make {TURNS} steps, e.g. {bad[0]!r:.500}")
     sent, hits = client.stats["sent"], client.stats["cache_hits"]
     if client.stats["retries"] or client.stats["failures"]:
         raise AssertionError(f"factory client retried or failed: {client.stats}")
@@ -341,10 +342,10 @@ def matched_body(question: Question) -> bytes:
 
 
 async def run_scenario(sc: Scenario, calls: int, repeats: int, tmp: Path, log, raw_body: str = "small") -> Result:
-    calls = max(STEPS, calls - calls % STEPS)
-    questions = make_questions(calls // STEPS)
+    calls = max(TURNS, calls - calls % TURNS)
+    questions = make_questions(calls // TURNS)
     body = RAW_BODY if raw_body == "small" else matched_body(questions[len(questions) // 2])
-    warm_questions = make_questions(max(1, 2 * sc.concurrency // STEPS + 1))
+    warm_questions = make_questions(max(1, 2 * sc.concurrency // TURNS + 1))
     proc, base_url = start_subprocess(latency=sc.latency_s, default=REPLY)
     pid = proc.pid
     raws: list[Run] = []
@@ -375,7 +376,7 @@ async def run_scenario(sc: Scenario, calls: int, repeats: int, tmp: Path, log, r
 # -- profiling --------------------------------------------------------------------------------------
 async def profile_factory(calls: int, concurrency: int, tmp: Path) -> str:
     """cProfile one factory run at zero latency (server in its own process, so only the client is profiled)."""
-    questions = make_questions(max(1, calls // STEPS))
+    questions = make_questions(max(1, calls // TURNS))
     proc, base_url = start_subprocess(latency=0.0, default=REPLY)
     try:
         await factory_run(base_url, make_questions(30), concurrency, tmp / "prof-warm", proc.pid)
