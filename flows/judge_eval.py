@@ -18,7 +18,7 @@ from prefect import flow, get_run_logger
 
 from flows.runtime import database_slot
 from swirl_core.config import JudgeEvalConfig
-from swirl_core.curation import FAILED_PREFIX, JudgeShard, judge_fingerprint
+from swirl_core.curation import JudgeShard, judge_fingerprint
 from swirl_core.hashing import content_hash
 from swirl_core.judge_probe import (
     PROBE_VERSION,
@@ -60,7 +60,7 @@ _ROW_SCHEMA = pa.schema([
     ("label", pa.string()), ("verdict", pa.string()), ("p_good", pa.float64()), ("threshold", pa.float64()),
     ("fold", pa.string()), ("scored", pa.bool_()), ("good_votes", pa.int32()), ("bad_votes", pa.int32()),
     ("votes", pa.int32()), ("message", pa.string()), ("state", pa.string()), ("reasoning", pa.string()),
-    ("call_keys", pa.list_(pa.string())),
+    ("error", pa.string()), ("call_keys", pa.list_(pa.string())),
 ])
 
 
@@ -69,9 +69,9 @@ def _judged(step: LabelledStep, judgments: list[Judgment]) -> dict[str, Any]:
     probs = [j.p_good for j in judgments if j.p_good is not None]
     return {"verdict": majority(judgments), "p_good": sum(probs) / len(probs) if len(probs) == len(judgments) else None,
             "good_votes": votes["GOOD"], "bad_votes": votes["BAD"], "votes": len(judgments),
+            "reasoning": judgments[0].reasoning[:2000],
             # a failed call's error, if any sample failed: the step is then judged again by the next run
-            "reasoning": next((j.reasoning for j in judgments if j.reasoning.startswith(FAILED_PREFIX)),
-                              judgments[0].reasoning)[:2000],
+            "error": next((j.error for j in judgments if j.error is not None), None),
             "call_keys": [k for j in judgments for k in j.call_keys]}
 
 
@@ -87,7 +87,7 @@ def run_probe(store: Store, config: JudgeEvalConfig, logger) -> dict[str, Any]:
     ids = [s.probe_step_id for s in steps]
     known = {r["probe_step_id"]: r for r in query_dicts(
         store.con, "SELECT * FROM judge_probe_results WHERE judge_fingerprint = ? AND probe_step_id IN "
-                   f"(SELECT unnest(?::VARCHAR[])) AND NOT starts_with(coalesce(reasoning, ''), '{FAILED_PREFIX}')",
+                   "(SELECT unnest(?::VARCHAR[])) AND error IS NULL",
         [fingerprint, ids])}
     todo = [s for s in steps if s.probe_step_id not in known]
     judged: dict[str, dict[str, Any]] = {i: r for i, r in known.items()}
@@ -126,7 +126,7 @@ def run_probe(store: Store, config: JudgeEvalConfig, logger) -> dict[str, Any]:
                      "threshold": threshold, "fold": s.fold, "scored": not calibrated or s.fold == "evaluation",
                      "good_votes": r["good_votes"], "bad_votes": r["bad_votes"], "votes": r["votes"],
                      "message": s.action_message, "state": json.dumps(s.turns, ensure_ascii=False),
-                     "reasoning": r["reasoning"], "call_keys": list(r["call_keys"])})
+                     "reasoning": r["reasoning"], "error": r["error"], "call_keys": list(r["call_keys"])})
     store.upsert("judge_probe_results", pa.Table.from_pylist(rows, schema=_ROW_SCHEMA))
 
     scored = [r for r in rows if r["scored"]]

@@ -33,9 +33,6 @@ from swirl_core.llm.factory import run_with_client
 from swirl_core.seeds import DATASETS
 from swirl_core.store import query_dicts
 
-# How `_ask` (judging.py) words a judgment or grade whose call failed for good (retries exhausted, bad request).
-FAILED_PREFIX = "LLMError"
-
 
 def judge_spec(config: CurateConfig) -> JudgeSpec:
     return JudgeSpec.for_model(config.judge, config.judge_samples, config.max_reasks)
@@ -100,9 +97,8 @@ def _steps(con, config: CurateConfig, condition: str, params: list, tail: str) -
 
 def pending_steps(con, config: CurateConfig, fingerprint: str) -> pa.Table:
     """Sub-trajectories this judge has not judged yet, or whose judging failed (one Arrow table, one query)."""
-    return _steps(con, config, f"""NOT EXISTS (SELECT 1 FROM judgments j WHERE j.trajectory_id = s.trajectory_id
-                  AND j.step_index = s.step_index AND j.judge_fingerprint = ?
-                  AND NOT starts_with(coalesce(j.reasoning, ''), '{FAILED_PREFIX}'))""", [fingerprint],
+    return _steps(con, config, """NOT EXISTS (SELECT 1 FROM judgments j WHERE j.trajectory_id = s.trajectory_id
+                  AND j.step_index = s.step_index AND j.judge_fingerprint = ? AND j.error IS NULL)""", [fingerprint],
                   "ORDER BY s.question_id, s.trajectory_id, s.step_index")
 
 
@@ -161,22 +157,22 @@ def run_calibration_shard(shard: JudgeShard) -> dict[str, float]:
 
 
 def judgment_rows(judgments: list[Judgment], run_id: str, fingerprint: str) -> pa.Table:
-    """Rows for `judgments`. A failed call (not an unparseable verdict) is stored too, as UNKNOWN with the
-    error as its reasoning, so the failure and its reason are on record; `pending_steps` hands its step to
-    the next run, whose judgment replaces the row (same `judgment_id`)."""
+    """Rows for `judgments`. A failed call (not an unparseable verdict) is stored too, as UNKNOWN with its
+    `error`, so the failure and its reason are on record; `pending_steps` hands its step to the next run,
+    whose judgment replaces the row (same `judgment_id`)."""
     return pa.Table.from_pylist([
         {"judgment_id": content_hash(j.trajectory_id, j.step_index, fingerprint, j.sample_index),
          "run_id": run_id, "trajectory_id": j.trajectory_id, "step_index": j.step_index,
          "sample_index": j.sample_index, "judge_model": j.judge_model, "judge_fingerprint": fingerprint,
          "prompt_version": j.prompt_version, "verdict": j.verdict, "reasoning": j.reasoning,
-         "attempts": j.attempts, "call_keys": j.call_keys, "p_good": j.p_good}
+         "attempts": j.attempts, "call_keys": j.call_keys, "p_good": j.p_good, "error": j.error}
         for j in judgments
     ], schema=pa.schema([
         ("judgment_id", pa.string()), ("run_id", pa.string()), ("trajectory_id", pa.string()),
         ("step_index", pa.int32()), ("sample_index", pa.int32()), ("judge_model", pa.string()),
         ("judge_fingerprint", pa.string()), ("prompt_version", pa.string()), ("verdict", pa.string()),
         ("reasoning", pa.string()), ("attempts", pa.int32()), ("call_keys", pa.list_(pa.string())),
-        ("p_good", pa.float64()),
+        ("p_good", pa.float64()), ("error", pa.string()),
     ]))
 
 
@@ -291,7 +287,7 @@ def llm_grade_rows(grades: list[LLMGrade], run_id: str) -> pa.Table:
          "score": None if g.correct is None else float(g.correct), "detail": g.reasoning[:2000],
          "grader_model": g.grader_model, "prompt_version": g.prompt_version or GRADER_PROMPT_VERSION,
          "call_key": g.call_key, "run_id": run_id}
-        for g in grades if not g.reasoning.startswith("LLMError")
+        for g in grades if g.error is None
     ], schema=GRADE_SCHEMA)
 
 
