@@ -13,7 +13,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 from prefect import flow, get_run_logger
 
 from flows.runtime import database_slot
@@ -32,6 +31,7 @@ from swirl_core.judge_probe import (
 )
 from swirl_core.judging import JudgeSpec, Judgment, majority
 from swirl_core.plots import bar_chart_png
+from swirl_core.records import ProbeMetricRow, ProbeResultRow
 from swirl_core.seeds import load_seeds
 from swirl_core.store import Store, query_dicts
 from tasks.artifacts import png_markdown, publish_markdown, publish_tables
@@ -51,17 +51,6 @@ def build_steps(config: JudgeEvalConfig) -> list[LabelledStep]:
         raise ValueError(f"no labelled steps can be built from {config.dataset!r} ({len(questions)} questions): the probe "
                          "needs GSM8K-style <<expr=value>> solutions or HotpotQA-style supporting paragraphs")
     return steps
-
-
-_ROW_SCHEMA = pa.schema([
-    ("probe_step_id", pa.string()), ("judge_fingerprint", pa.string()), ("probe_run_id", pa.string()),
-    ("judge_model", pa.string()), ("probe_version", pa.string()), ("dataset", pa.string()), ("split", pa.string()),
-    ("question_id", pa.string()), ("task", pa.string()), ("action_kind", pa.string()), ("corruption", pa.string()),
-    ("label", pa.string()), ("verdict", pa.string()), ("p_good", pa.float64()), ("threshold", pa.float64()),
-    ("fold", pa.string()), ("scored", pa.bool_()), ("good_votes", pa.int32()), ("bad_votes", pa.int32()),
-    ("votes", pa.int32()), ("message", pa.string()), ("state", pa.string()), ("reasoning", pa.string()),
-    ("error", pa.string()), ("call_keys", pa.list_(pa.string())),
-])
 
 
 def _judged(step: LabelledStep, judgments: list[Judgment]) -> dict[str, Any]:
@@ -127,7 +116,7 @@ def run_probe(store: Store, config: JudgeEvalConfig, logger) -> dict[str, Any]:
                      "good_votes": r["good_votes"], "bad_votes": r["bad_votes"], "votes": r["votes"],
                      "message": s.action_message, "state": json.dumps(s.turns, ensure_ascii=False),
                      "reasoning": r["reasoning"], "error": r["error"], "call_keys": list(r["call_keys"])})
-    store.upsert("judge_probe_results", pa.Table.from_pylist(rows, schema=_ROW_SCHEMA))
+    store.write(ProbeResultRow, rows)
 
     scored = [r for r in rows if r["scored"]]
     metrics = probe_metrics(scored, n_resamples=config.n_resamples, confidence=config.confidence, seed=config.seed)
@@ -142,12 +131,9 @@ def run_probe(store: Store, config: JudgeEvalConfig, logger) -> dict[str, Any]:
         extra |= {"calls_per_s": calls / elapsed, "seconds_per_1000_steps": elapsed * 1000 / len(todo)}
     metrics += [{"grp": "all", "metric": k, "n": len(rows), "value": v, "ci_low": None, "ci_high": None}
                 for k, v in extra.items()]
-    store.upsert("judge_probe_metrics", pa.Table.from_pylist([
+    store.write(ProbeMetricRow, [
         {"judge_fingerprint": fingerprint, "dataset": config.dataset, "split": config.split, "probe_run_id": run_id, **m}
-        for m in metrics], schema=pa.schema([
-            ("judge_fingerprint", pa.string()), ("dataset", pa.string()), ("split", pa.string()),
-            ("probe_run_id", pa.string()), ("grp", pa.string()), ("metric", pa.string()), ("n", pa.int32()),
-            ("value", pa.float64()), ("ci_low", pa.float64()), ("ci_high", pa.float64())])))
+        for m in metrics])
     store.finish_run(run_id, "completed", n_questions=len({s.question_id for s in steps}), n_trajectories=len(rows))
     summary = query_dicts(store.con, "SELECT * FROM judge_probe_summary WHERE judge_fingerprint = ? AND dataset = ? "
                                      "AND split = ?", [fingerprint, config.dataset, config.split])

@@ -190,6 +190,8 @@ class TableRow(BaseModel):
     @classmethod
     @cache
     def arrow_schema(cls) -> pa.Schema:
+        import pyarrow as pa
+
         hints = get_type_hints(cls)
         return pa.schema([(name, _arrow_type(hints[name])) for name in cls.model_fields])
 
@@ -321,6 +323,20 @@ class ProbeResultRow(TableRow):
     reasoning: str
     error: str | None  # a sample's call failed for good: the next probe run judges the step again
     call_keys: list[str]
+
+
+class ProbeMetricRow(TableRow):
+    TABLE: ClassVar[str] = "judge_probe_metrics"
+    judge_fingerprint: str
+    dataset: str
+    split: str
+    grp: str
+    metric: str
+    n: int | None
+    value: float | None
+    ci_low: float | None
+    ci_high: float | None
+    probe_run_id: str
 
 
 class LLMCallRow(TableRow):
