@@ -165,6 +165,7 @@ class CuratedFilter(StrEnum):
 # Table rows
 # --------------------------------------------------------------------------------------------------
 
+
 def _arrow_type(annotation: Any) -> pa.DataType:
     import pyarrow as pa  # here, not at import: the CLI reads the records' names without paying for Arrow
 
