@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from flows.runtime import apply_quiet_env
+from swirl_core.records import CuratedFilter
 
 EXAMPLES = """\
 examples:
@@ -179,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--db", default="swirl.duckdb", help="DuckDB file with curated data (read-only)")
     tr.add_argument("--method", choices=["sft", "swirl"], required=True)
     tr.add_argument("--base-model", default="smollm2", help="'smollm2', a checkpoint folder, or a Hub name")
-    tr.add_argument("--filter", choices=["none", "process", "outcome", "process_outcome"],
+    tr.add_argument("--filter", choices=[str(f) for f in CuratedFilter],
                     help="curated set (default: process_outcome for sft, process for swirl)")
     tr.add_argument("--output", required=True, help="checkpoint folder")
     tr.add_argument("--max-steps", type=int, default=100)
@@ -421,7 +422,7 @@ def cmd_curate(args: argparse.Namespace) -> int:
     _print_rows(f"curation run {result['run_id']}: {result['status']}", result["report"]["retention"])
     _print_rows("process judge vs outcome", result["report"]["agreement"])
     db = result["db"]
-    print(f"curated sets are views in {db}: curated_none, curated_process, curated_outcome, curated_process_outcome\n"
+    print(f"curated sets are views in {db}: {', '.join(f.view for f in CuratedFilter)}\n"
           f"  swirl sql --db {db} \"SELECT * FROM curation_retention\"\n"
           f"  swirl sql --db {db} \"SELECT * FROM good_rate_by_step\"")
     for failure in result["shard_failures"]:

@@ -13,12 +13,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 from prefect import flow, get_run_logger
 
 from flows.runtime import database_slot
 from swirl_core.config import JudgeEvalConfig
-from swirl_core.curation import FAILED_PREFIX, JudgeShard, judge_fingerprint
+from swirl_core.curation import JudgeShard, judge_fingerprint
 from swirl_core.hashing import content_hash
 from swirl_core.judge_probe import (
     PROBE_VERSION,
@@ -32,6 +31,7 @@ from swirl_core.judge_probe import (
 )
 from swirl_core.judging import JudgeSpec, Judgment, majority
 from swirl_core.plots import bar_chart_png
+from swirl_core.records import ProbeMetricRow, ProbeResultRow
 from swirl_core.seeds import load_seeds
 from swirl_core.store import Store, query_dicts
 from tasks.artifacts import png_markdown, publish_markdown, publish_tables
@@ -53,25 +53,14 @@ def build_steps(config: JudgeEvalConfig) -> list[LabelledStep]:
     return steps
 
 
-_ROW_SCHEMA = pa.schema([
-    ("probe_step_id", pa.string()), ("judge_fingerprint", pa.string()), ("probe_run_id", pa.string()),
-    ("judge_model", pa.string()), ("probe_version", pa.string()), ("dataset", pa.string()), ("split", pa.string()),
-    ("question_id", pa.string()), ("task", pa.string()), ("action_kind", pa.string()), ("corruption", pa.string()),
-    ("label", pa.string()), ("verdict", pa.string()), ("p_good", pa.float64()), ("threshold", pa.float64()),
-    ("fold", pa.string()), ("scored", pa.bool_()), ("good_votes", pa.int32()), ("bad_votes", pa.int32()),
-    ("votes", pa.int32()), ("message", pa.string()), ("state", pa.string()), ("reasoning", pa.string()),
-    ("call_keys", pa.list_(pa.string())),
-])
-
-
 def _judged(step: LabelledStep, judgments: list[Judgment]) -> dict[str, Any]:
     votes = Counter(j.verdict for j in judgments)
     probs = [j.p_good for j in judgments if j.p_good is not None]
     return {"verdict": majority(judgments), "p_good": sum(probs) / len(probs) if len(probs) == len(judgments) else None,
             "good_votes": votes["GOOD"], "bad_votes": votes["BAD"], "votes": len(judgments),
+            "reasoning": judgments[0].reasoning[:2000],
             # a failed call's error, if any sample failed: the step is then judged again by the next run
-            "reasoning": next((j.reasoning for j in judgments if j.reasoning.startswith(FAILED_PREFIX)),
-                              judgments[0].reasoning)[:2000],
+            "error": next((j.error for j in judgments if j.error is not None), None),
             "call_keys": [k for j in judgments for k in j.call_keys]}
 
 
@@ -87,7 +76,7 @@ def run_probe(store: Store, config: JudgeEvalConfig, logger) -> dict[str, Any]:
     ids = [s.probe_step_id for s in steps]
     known = {r["probe_step_id"]: r for r in query_dicts(
         store.con, "SELECT * FROM judge_probe_results WHERE judge_fingerprint = ? AND probe_step_id IN "
-                   f"(SELECT unnest(?::VARCHAR[])) AND NOT starts_with(coalesce(reasoning, ''), '{FAILED_PREFIX}')",
+                   "(SELECT unnest(?::VARCHAR[])) AND error IS NULL",
         [fingerprint, ids])}
     todo = [s for s in steps if s.probe_step_id not in known]
     judged: dict[str, dict[str, Any]] = {i: r for i, r in known.items()}
@@ -126,8 +115,8 @@ def run_probe(store: Store, config: JudgeEvalConfig, logger) -> dict[str, Any]:
                      "threshold": threshold, "fold": s.fold, "scored": not calibrated or s.fold == "evaluation",
                      "good_votes": r["good_votes"], "bad_votes": r["bad_votes"], "votes": r["votes"],
                      "message": s.action_message, "state": json.dumps(s.turns, ensure_ascii=False),
-                     "reasoning": r["reasoning"], "call_keys": list(r["call_keys"])})
-    store.upsert("judge_probe_results", pa.Table.from_pylist(rows, schema=_ROW_SCHEMA))
+                     "reasoning": r["reasoning"], "error": r["error"], "call_keys": list(r["call_keys"])})
+    store.write(ProbeResultRow, rows)
 
     scored = [r for r in rows if r["scored"]]
     metrics = probe_metrics(scored, n_resamples=config.n_resamples, confidence=config.confidence, seed=config.seed)
@@ -142,12 +131,9 @@ def run_probe(store: Store, config: JudgeEvalConfig, logger) -> dict[str, Any]:
         extra |= {"calls_per_s": calls / elapsed, "seconds_per_1000_steps": elapsed * 1000 / len(todo)}
     metrics += [{"grp": "all", "metric": k, "n": len(rows), "value": v, "ci_low": None, "ci_high": None}
                 for k, v in extra.items()]
-    store.upsert("judge_probe_metrics", pa.Table.from_pylist([
+    store.write(ProbeMetricRow, [
         {"judge_fingerprint": fingerprint, "dataset": config.dataset, "split": config.split, "probe_run_id": run_id, **m}
-        for m in metrics], schema=pa.schema([
-            ("judge_fingerprint", pa.string()), ("dataset", pa.string()), ("split", pa.string()),
-            ("probe_run_id", pa.string()), ("grp", pa.string()), ("metric", pa.string()), ("n", pa.int32()),
-            ("value", pa.float64()), ("ci_low", pa.float64()), ("ci_high", pa.float64())])))
+        for m in metrics])
     store.finish_run(run_id, "completed", n_questions=len({s.question_id for s in steps}), n_trajectories=len(rows))
     summary = query_dicts(store.con, "SELECT * FROM judge_probe_summary WHERE judge_fingerprint = ? AND dataset = ? "
                                      "AND split = ?", [fingerprint, config.dataset, config.split])

@@ -1,5 +1,14 @@
 -- The system of record. Keys are content hashes, so every write is an idempotent upsert.
 -- No API key or secret is ever stored: configs are stored with key *names* only.
+-- The tables as of the latest schema version: a new database gets them as they are here; an older one is brought
+-- here by sql/migrations/ (the store applies them on open). Change a table here AND in a new migration.
+
+-- One row per schema version the database reached (the highest is its version), and the swirl that took it there.
+CREATE TABLE IF NOT EXISTS schema_version (
+    version         INTEGER PRIMARY KEY,
+    swirl_version   VARCHAR,
+    applied_at      TIMESTAMPTZ
+);
 
 CREATE TABLE IF NOT EXISTS runs (
     run_id          VARCHAR PRIMARY KEY,   -- hash of the run's content-relevant config: a rerun resumes it
@@ -114,10 +123,9 @@ CREATE TABLE IF NOT EXISTS judgments (
     attempts        INTEGER,
     call_keys       VARCHAR[],                -- → llm_calls.call_key
     created_at      TIMESTAMPTZ DEFAULT current_timestamp,
-    p_good          DOUBLE                    -- P(GOOD): in-process judges, served ones from verdict-token logprobs
+    p_good          DOUBLE,                   -- P(GOOD): in-process judges, served ones from verdict-token logprobs
+    error           VARCHAR                   -- the call failed for good (verdict UNKNOWN): the next curation re-judges
 );
--- Databases made before p_good existed gain it (NULL for their judgments: no probability was recorded).
-ALTER TABLE judgments ADD COLUMN IF NOT EXISTS p_good DOUBLE;
 
 -- The judge whose verdicts a generation run's curated sets and judge analytics read: set by its latest
 -- curation (`swirl curate`, or `swirl curate --judge-id` to go back to an earlier judge).
@@ -167,6 +175,7 @@ CREATE TABLE IF NOT EXISTS judge_probe_results (
     reasoning         VARCHAR,
     call_keys         VARCHAR[],
     created_at        TIMESTAMPTZ DEFAULT current_timestamp,
+    error             VARCHAR,                -- a sample's call failed for good: the next probe run re-judges the step
     PRIMARY KEY (probe_step_id, judge_fingerprint)
 );
 
@@ -199,7 +208,7 @@ CREATE TABLE IF NOT EXISTS grades (
     PRIMARY KEY (trajectory_id, method)
 );
 
--- One row per evaluated question × model of an evaluation run (DESIGN.md §3, evaluation).
+-- One row per evaluated question × model of an evaluation run (docs/architecture.md, "Evaluation").
 -- The trajectory itself lives in `trajectories`/`steps` like generation's, from an eval-generate run.
 CREATE TABLE IF NOT EXISTS eval_results (
     eval_run_id     VARCHAR NOT NULL,

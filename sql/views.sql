@@ -30,27 +30,31 @@ GROUP BY ALL;
 
 -- ---------------------------------------------------------------- curation (SWiRL stage 1)
 
--- Step-wise decomposition: a trajectory with K actions gives K (state, action) pairs. The state
--- s_k is the prompt plus every earlier action and tool result. Each trajectory's full conversation
--- is built once (prompt parsed once, turns aggregated unordered then put in step order) and every
--- s_k is a slice of it: measured 1.7-1.9x faster than a window over growing frames
--- (benchmarks/curation_throughput.py).
-CREATE OR REPLACE VIEW sub_trajectories AS
+-- Each trajectory's conversation, built once: the policy's prompt, then per step (in step order) its assistant
+-- message and the observation it got (a user message; content NULL for a step that got none: an answer). The
+-- prompt is parsed once and the turns aggregated unordered, then put in step order (list_select by
+-- list_grade_up); `ord` is that order, for the per-step lists. Read by `sub_trajectories` and the Hub export.
+CREATE OR REPLACE VIEW conversations AS
 WITH agg AS (
     SELECT trajectory_id, list(step_index) AS idx,
            list([{'role': 'assistant', 'content': message}, {'role': 'user', 'content': observation}]) AS pairs,
            list(message) AS msg, list(action_kind) AS kinds, list(prompt_version) AS pv
     FROM steps GROUP BY trajectory_id
-), per_trajectory AS (
-    SELECT a.trajectory_id, t.question_id, t.num_steps, t.model, len(t.prompt) AS np,
-           list_grade_up(a.idx) AS ord,
-           list_concat(t.prompt, flatten(list_select(a.pairs, list_grade_up(a.idx)))) AS conversation,
-           a.msg, a.kinds, a.pv
-    FROM agg a
-    JOIN (SELECT trajectory_id, question_id, num_steps, model,
-                 from_json(prompt_messages, '[{"role":"VARCHAR","content":"VARCHAR"}]') AS prompt
-          FROM trajectories WHERE status <> 'error') t USING (trajectory_id)
-), expanded AS (SELECT *, unnest(range(len(ord))) AS k FROM per_trajectory)
+)
+SELECT a.trajectory_id, t.question_id, t.status, t.num_steps, t.model, len(t.prompt) AS np,
+       list_grade_up(a.idx) AS ord,
+       list_concat(t.prompt, flatten(list_select(a.pairs, list_grade_up(a.idx)))) AS conversation,
+       a.msg, a.kinds, a.pv
+FROM agg a
+JOIN (SELECT trajectory_id, question_id, status, num_steps, model,
+             from_json(prompt_messages, '[{"role":"VARCHAR","content":"VARCHAR"}]') AS prompt
+      FROM trajectories) t USING (trajectory_id);
+
+-- Step-wise decomposition: a trajectory with K actions gives K (state, action) pairs. The state s_k is the
+-- prompt plus every earlier action and tool result: a slice of the trajectory's conversation. Measured 1.7-1.9x
+-- faster than a window over growing frames (benchmarks/curation_throughput.py).
+CREATE OR REPLACE VIEW sub_trajectories AS
+WITH expanded AS (SELECT *, unnest(range(len(ord))) AS k FROM conversations WHERE status <> 'error')
 SELECT trajectory_id, question_id, k::INTEGER AS step_index,
        list_slice(conversation, 1, np + 2 * k) AS state,
        list_slice(conversation, np + 1, np + 2 * k) AS history,
@@ -110,32 +114,9 @@ WHERE t.status <> 'error' AND t.num_steps > 0
   -- evaluation runs' trajectories are judged and graded, but never become training data
   AND t.run_id NOT IN (SELECT run_id FROM runs WHERE kind = 'eval-generate');
 
--- The four curated sets of the paper, as sub-trajectories (SFT: state → action; RL: states).
-CREATE OR REPLACE VIEW curated_none AS
-SELECT l.dataset, s.* FROM sub_trajectories s JOIN trajectory_labels l USING (trajectory_id, question_id);
-
-CREATE OR REPLACE VIEW curated_process AS
-SELECT l.dataset, s.* FROM sub_trajectories s JOIN trajectory_labels l USING (trajectory_id, question_id)
-WHERE l.process_pass;
-
-CREATE OR REPLACE VIEW curated_outcome AS
-SELECT l.dataset, s.* FROM sub_trajectories s JOIN trajectory_labels l USING (trajectory_id, question_id)
-WHERE l.outcome_pass;
-
-CREATE OR REPLACE VIEW curated_process_outcome AS
-SELECT l.dataset, s.* FROM sub_trajectories s JOIN trajectory_labels l USING (trajectory_id, question_id)
-WHERE l.process_pass AND l.outcome_pass;
-
--- Retention of each filter per dataset, in trajectories and sub-trajectories.
-CREATE OR REPLACE VIEW curation_retention AS
-SELECT dataset, f.name AS filter,
-       count(*) FILTER (WHERE f.keep) AS trajectories,
-       coalesce(sum(num_steps) FILTER (WHERE f.keep), 0) AS sub_trajectories,
-       round(count(*) FILTER (WHERE f.keep) / count(*), 4) AS retention
-FROM trajectory_labels,
-     LATERAL (VALUES ('none', true), ('process', process_pass), ('outcome', outcome_pass),
-                     ('process_outcome', process_pass AND outcome_pass)) AS f(name, keep)
-GROUP BY ALL ORDER BY dataset, filter;
+-- The four curated sets of the paper, as sub-trajectories (SFT: state → action; RL: states): the views
+-- curated_none, curated_process, curated_outcome, curated_process_outcome and `curation_retention` (each filter's
+-- retention per dataset) are made by the store from `CuratedFilter` (swirl_core/records.py), their one home.
 
 -- ---------------------------------------------------------------- judge-quality analytics
 

@@ -30,11 +30,9 @@ from swirl_core.judging import (
     calibrate_thresholds,
 )
 from swirl_core.llm.factory import run_with_client
+from swirl_core.records import GradeRow, JudgmentRow
 from swirl_core.seeds import DATASETS
 from swirl_core.store import query_dicts
-
-# How `_ask` (judging.py) words a judgment or grade whose call failed for good (retries exhausted, bad request).
-FAILED_PREFIX = "LLMError"
 
 
 def judge_spec(config: CurateConfig) -> JudgeSpec:
@@ -100,9 +98,8 @@ def _steps(con, config: CurateConfig, condition: str, params: list, tail: str) -
 
 def pending_steps(con, config: CurateConfig, fingerprint: str) -> pa.Table:
     """Sub-trajectories this judge has not judged yet, or whose judging failed (one Arrow table, one query)."""
-    return _steps(con, config, f"""NOT EXISTS (SELECT 1 FROM judgments j WHERE j.trajectory_id = s.trajectory_id
-                  AND j.step_index = s.step_index AND j.judge_fingerprint = ?
-                  AND NOT starts_with(coalesce(j.reasoning, ''), '{FAILED_PREFIX}'))""", [fingerprint],
+    return _steps(con, config, """NOT EXISTS (SELECT 1 FROM judgments j WHERE j.trajectory_id = s.trajectory_id
+                  AND j.step_index = s.step_index AND j.judge_fingerprint = ? AND j.error IS NULL)""", [fingerprint],
                   "ORDER BY s.question_id, s.trajectory_id, s.step_index")
 
 
@@ -161,23 +158,17 @@ def run_calibration_shard(shard: JudgeShard) -> dict[str, float]:
 
 
 def judgment_rows(judgments: list[Judgment], run_id: str, fingerprint: str) -> pa.Table:
-    """Rows for `judgments`. A failed call (not an unparseable verdict) is stored too, as UNKNOWN with the
-    error as its reasoning, so the failure and its reason are on record; `pending_steps` hands its step to
-    the next run, whose judgment replaces the row (same `judgment_id`)."""
-    return pa.Table.from_pylist([
+    """Rows for `judgments`. A failed call (not an unparseable verdict) is stored too, as UNKNOWN with its
+    `error`, so the failure and its reason are on record; `pending_steps` hands its step to the next run,
+    whose judgment replaces the row (same `judgment_id`)."""
+    return JudgmentRow.arrow_table([
         {"judgment_id": content_hash(j.trajectory_id, j.step_index, fingerprint, j.sample_index),
          "run_id": run_id, "trajectory_id": j.trajectory_id, "step_index": j.step_index,
          "sample_index": j.sample_index, "judge_model": j.judge_model, "judge_fingerprint": fingerprint,
          "prompt_version": j.prompt_version, "verdict": j.verdict, "reasoning": j.reasoning,
-         "attempts": j.attempts, "call_keys": j.call_keys, "p_good": j.p_good}
+         "attempts": j.attempts, "call_keys": j.call_keys, "p_good": j.p_good, "error": j.error}
         for j in judgments
-    ], schema=pa.schema([
-        ("judgment_id", pa.string()), ("run_id", pa.string()), ("trajectory_id", pa.string()),
-        ("step_index", pa.int32()), ("sample_index", pa.int32()), ("judge_model", pa.string()),
-        ("judge_fingerprint", pa.string()), ("prompt_version", pa.string()), ("verdict", pa.string()),
-        ("reasoning", pa.string()), ("attempts", pa.int32()), ("call_keys", pa.list_(pa.string())),
-        ("p_good", pa.float64()),
-    ]))
+    ])
 
 
 def select_judge(con, config: CurateConfig, fingerprint: str, run_id: str) -> list[str]:
@@ -251,7 +242,7 @@ def rule_grade_rows(con, config: CurateConfig, run_id: str) -> pa.Table:
         rows.append({"trajectory_id": r["trajectory_id"], "method": g.method, "correct": g.correct,
                      "score": g.score, "detail": g.detail, "grader_model": None, "prompt_version": None,
                      "call_key": None, "run_id": run_id})
-    return pa.Table.from_pylist(rows, schema=GRADE_SCHEMA)
+    return GradeRow.arrow_table(rows)
 
 
 def grade_shards(con, config: CurateConfig, run_id: str) -> Iterator[GradeShard]:
@@ -277,22 +268,15 @@ def run_grade_shard(shard: GradeShard) -> list[LLMGrade]:
                            tags={"run_id": shard.run_id, "purpose": "grader"})
 
 
-GRADE_SCHEMA = pa.schema([
-    ("trajectory_id", pa.string()), ("method", pa.string()), ("correct", pa.bool_()), ("score", pa.float64()),
-    ("detail", pa.string()), ("grader_model", pa.string()), ("prompt_version", pa.string()),
-    ("call_key", pa.string()), ("run_id", pa.string()),
-])
-
-
 def llm_grade_rows(grades: list[LLMGrade], run_id: str) -> pa.Table:
     """Rows for `grades`; failed calls are left out so a rerun retries them."""
-    return pa.Table.from_pylist([
+    return GradeRow.arrow_table([
         {"trajectory_id": g.trajectory_id, "method": "llm", "correct": g.correct,
          "score": None if g.correct is None else float(g.correct), "detail": g.reasoning[:2000],
          "grader_model": g.grader_model, "prompt_version": g.prompt_version or GRADER_PROMPT_VERSION,
          "call_key": g.call_key, "run_id": run_id}
-        for g in grades if not g.reasoning.startswith("LLMError")
-    ], schema=GRADE_SCHEMA)
+        for g in grades if g.error is None
+    ])
 
 
 def curation_report(con) -> dict[str, list[dict]]:

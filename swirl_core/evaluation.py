@@ -61,12 +61,9 @@ def write_results(con, run_id: str, config: EvalConfig, plans: Mapping[str, Gene
         con.execute(
             """
             INSERT INTO eval_results
-            WITH votes AS (  -- majority of this judge's samples per step; UNKNOWN counts as not GOOD
-                SELECT trajectory_id, step_index,
-                       count(*) FILTER (WHERE verdict = 'GOOD') > count(*) FILTER (WHERE verdict = 'BAD') AS good
-                FROM judgments WHERE judge_fingerprint = ? GROUP BY ALL
-            ), scores AS (
-                SELECT trajectory_id, avg(good::INT) AS step_score, count(*) AS judged_steps FROM votes GROUP BY ALL
+            WITH scores AS (  -- this judge's majority verdict per step; UNKNOWN counts as not GOOD
+                SELECT trajectory_id, avg((verdict = 'GOOD')::INT) AS step_score, count(*) AS judged_steps
+                FROM step_verdicts_by_judge WHERE judge_fingerprint = ? GROUP BY ALL
             )
             SELECT ?, p.label, t.model, t.question_id, q.dataset, q.split, ?, t.trajectory_id, t.status,
                    t.final_answer, t.num_steps, llm.correct, rule.correct, rule.score,

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from swirl_core.contamination import NGRAM, overlaps
+from swirl_core.records import CuratedFilter
 from swirl_core.store import query_dicts
 
-FILTERS = ("none", "process", "outcome", "process_outcome")
 LICENCES = {  # of the seed datasets; the generated text inherits them
     "gsm8k": "mit", "hotpotqa": "cc-by-sa-4.0", "musique": "cc-by-4.0", "beerqa": "cc-by-sa-4.0",
     "demo-math": "apache-2.0", "demo-qa": "cc-by-sa-4.0",
@@ -29,18 +29,15 @@ CITATION = """@article{goldie2025swirl,
   year    = {2025}
 }"""
 
+# The conversation is the one `sub_trajectories` slices (the `conversations` view), less the observations a step
+# never got (content NULL: the answer's).
 _TRAJECTORY_SQL = """
 SELECT t.trajectory_id, t.question_id, q.dataset, q.split, q.question, q.answer, q.answer_aliases,
        t.final_answer, t.status, t.num_steps, l.process_pass, l.outcome_pass,
-       list_concat(from_json(t.prompt_messages, '[{{"role":"VARCHAR","content":"VARCHAR"}}]'),
-                   (SELECT flatten(list(CASE WHEN s.observation IS NULL
-                                             THEN [{{'role': 'assistant', 'content': s.message}}]
-                                             ELSE [{{'role': 'assistant', 'content': s.message}},
-                                                   {{'role': 'user', 'content': s.observation}}] END
-                                        ORDER BY s.step_index))
-                    FROM steps s WHERE s.trajectory_id = t.trajectory_id)) AS messages,
+       list_filter(c.conversation, lambda m: m.content IS NOT NULL) AS messages,
        t.model, t.prompt_version, t.run_id
 FROM trajectories t JOIN trajectory_labels l USING (trajectory_id) JOIN questions q ON q.question_id = t.question_id
+JOIN conversations c ON c.trajectory_id = t.trajectory_id
 WHERE {where} AND q.split = ?
 ORDER BY t.question_id, t.sample_index, t.trajectory_id
 """
@@ -69,10 +66,6 @@ LEFT JOIN judge_probe_summary p ON p.judge_fingerprint = j.probe_fingerprint
 ORDER BY ALL
 """
 
-_WHERE = {"none": "true", "process": "l.process_pass", "outcome": "l.outcome_pass",
-          "process_outcome": "l.process_pass AND l.outcome_pass"}
-
-
 @dataclass
 class ExportSummary:
     folder: Path
@@ -93,7 +86,7 @@ def export_folder(con, folder: str | Path, *, max_file_bytes: str = "256MB") -> 
     summary = ExportSummary(folder)
     splits = [r[0] for r in con.execute(
         "SELECT DISTINCT q.split FROM trajectory_labels l JOIN questions q USING (question_id) ORDER BY 1").fetchall()]
-    queries = {name: _TRAJECTORY_SQL.format(where=_WHERE[name]) for name in FILTERS} | {"steps": _STEPS_SQL}
+    queries = {str(f): _TRAJECTORY_SQL.format(where=f.keeps) for f in CuratedFilter} | {"steps": _STEPS_SQL}
     for config, sql in queries.items():
         for split in splits:
             target = data / config
@@ -169,11 +162,11 @@ def dataset_card(con, summary: ExportSummary, repo_id: str, contamination_report
     example = query_dicts(con, "SELECT trajectory_id, step_index, action_kind, action FROM sub_trajectories "
                          "ORDER BY trajectory_id, step_index LIMIT 3")
     configs_yaml = []
-    for config in (*FILTERS, "steps"):
+    for config in (*CuratedFilter, "steps"):
         if config not in summary.files:
             continue
         configs_yaml.append(f"- config_name: {config}")
-        if config == "process":
+        if config == CuratedFilter.PROCESS:
             configs_yaml.append("  default: true")
         configs_yaml.append("  data_files:")
         for split in sorted(summary.files[config]):

@@ -1,4 +1,4 @@
-"""Process judging and outcome grading (arXiv 2504.04736, DESIGN.md §3).
+"""Process judging and outcome grading (arXiv 2504.04736; docs/architecture.md, "Curation").
 
 The process judge rates one step — the last message of a sub-trajectory — GOOD or BAD from the
 question and the conversation so far, never from the gold answer. The outcome grader asks "am I
@@ -6,7 +6,7 @@ correct?" of a final answer against the answer key. Both write their reasoning f
 verdict last; the parsers below read the verdict back from messy real output, and an
 unparseable reply is re-asked with a new sample index and seed (the call cache would otherwise
 replay the same bad text) before it is recorded as UNKNOWN. Judging never raises on a failed
-call: a row with verdict UNKNOWN says what went wrong, and the rest of the batch goes on.
+call: the record's typed `error` says what went wrong (verdict UNKNOWN), and the rest of the batch goes on.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from swirl_core.config import ModelConfig
 from swirl_core.llm.base import ChatRequest, LLMError
 from swirl_core.llm.client import LLMClient
 from swirl_core.protocol import ARROW
-from swirl_core.records import LLMResponse, TaskKind, Trajectory
+from swirl_core.records import LLMResponse, TaskKind
 
 Verdict = Literal["GOOD", "BAD"]
 VERDICTS: tuple[Verdict, ...] = ("GOOD", "BAD")
@@ -230,12 +230,13 @@ class Judgment(BaseModel):
     step_index: int
     sample_index: int  # which of the k judge samples (re-asks keep the sample's index)
     verdict: StepVerdict
-    reasoning: str  # the judge's last reply, or the error when the call failed
+    reasoning: str  # the judge's last reply ("" when no reply came back)
     attempts: int  # requests made for this sample, re-asks included
     call_keys: list[str]  # cache keys of every reply received, in order
     judge_model: str
     prompt_version: str
     p_good: float | None = None  # P(GOOD), from judges that report choice probabilities
+    error: str | None = None  # why the call failed for good (retries exhausted, bad request); None: a reply came
 
 
 class TrajectoryToGrade(BaseModel):
@@ -254,20 +255,7 @@ class LLMGrade(BaseModel):
     call_key: str | None  # the last reply's cache key; None when no reply came back
     grader_model: str
     prompt_version: str
-
-
-def steps_to_judge(trajectory: Trajectory, task: TaskKind, question: str) -> list[StepToJudge]:
-    """Decompose a trajectory into its K sub-trajectories, one per step (DESIGN.md §3)."""
-    items, turns = [], []
-    for step in trajectory.steps:
-        items.append(StepToJudge(
-            trajectory_id=trajectory.trajectory_id, step_index=step.step_index, task=task,
-            question=question, turns=list(turns), action_message=step.message,
-        ))
-        turns.append({"role": "assistant", "content": step.message})
-        if step.observation is not None:
-            turns.append({"role": "user", "content": step.observation})
-    return items
+    error: str | None = None  # why the call failed for good; such a grade is not stored, so a rerun retries it
 
 
 # --------------------------------------------------------------------------------------------------
@@ -278,10 +266,11 @@ def steps_to_judge(trajectory: Trajectory, task: TaskKind, question: str) -> lis
 @dataclass
 class _Asked:
     value: Any  # the parsed verdict, None if never parseable or the call failed
-    text: str  # the last reply, or the error
+    text: str  # the last reply
     attempts: int = 0
     keys: list[str] = field(default_factory=list)
     p_good: float | None = None  # a calibrated judge's P(GOOD)
+    error: str | None = None  # the call failed for good
 
 
 async def _ask(
@@ -294,7 +283,7 @@ async def _ask(
         try:
             response = await client.complete(make_request(attempt))
         except LLMError as exc:  # retries already exhausted inside the client: re-asking won't help
-            asked.text = f"LLMError: {exc}"
+            asked.error = str(exc)
             return asked
         asked.keys.append(response.key)
         asked.text = response.text
@@ -394,6 +383,7 @@ class StepJudge:
             trajectory_id=item.trajectory_id, step_index=item.step_index, sample_index=j,
             verdict=asked.value or "UNKNOWN", reasoning=asked.text, attempts=asked.attempts,
             call_keys=asked.keys, judge_model=spec.model, prompt_version=version, p_good=asked.p_good,
+            error=asked.error,
         )
 
 
@@ -404,7 +394,7 @@ class StepJudge:
         try:
             response = await self.client.complete(request)
         except LLMError as exc:
-            asked.text = f"LLMError: {exc}"
+            asked.error = str(exc)
             return asked
         asked.keys.append(response.key)
         asked.p_good = _p_good(response, self.spec.model)
@@ -424,7 +414,7 @@ async def calibrate_thresholds(client: LLMClient, spec: JudgeSpec, sample: Seque
     scores: dict[str, list[float]] = {}
     for item, judgment in zip(sample, judgments, strict=True):
         if judgment.p_good is None:
-            raise LLMError(f"judge calibration failed: {judgment.reasoning}")
+            raise LLMError(f"judge calibration failed: {judgment.error or judgment.reasoning}")
         scores.setdefault(item.task, []).append(judgment.p_good)
     return {task: statistics.median(values) for task, values in sorted(scores.items())}
 
@@ -436,21 +426,14 @@ def _p_good(response: LLMResponse, model: str) -> float:
 
 
 def majority(judgments: Iterable[Judgment]) -> StepVerdict:
-    """The majority of the known votes; a tie or no known vote is UNKNOWN."""
+    """The majority of the known votes; a tie or no known vote is UNKNOWN. For the judge probe's labelled steps,
+    which are not in `judgments`; curated steps are voted by the SQL view `step_verdicts_by_judge`, same rule."""
     votes = Counter(j.verdict for j in judgments if j.verdict != "UNKNOWN")
     if votes["GOOD"] > votes["BAD"]:
         return "GOOD"
     if votes["BAD"] > votes["GOOD"]:
         return "BAD"
     return "UNKNOWN"
-
-
-def step_verdicts(judgments: Iterable[Judgment]) -> dict[tuple[str, int], StepVerdict]:
-    """The majority verdict of every judged step, keyed by (trajectory_id, step_index)."""
-    by_step: dict[tuple[str, int], list[Judgment]] = {}
-    for j in judgments:
-        by_step.setdefault((j.trajectory_id, j.step_index), []).append(j)
-    return {key: majority(js) for key, js in by_step.items()}
 
 
 class OutcomeGrader:
@@ -482,7 +465,7 @@ class OutcomeGrader:
         return LLMGrade(
             trajectory_id=item.trajectory_id, correct=asked.value, reasoning=asked.text,
             call_key=asked.keys[-1] if asked.keys else None, grader_model=self.model,
-            prompt_version=GRADER_PROMPT_VERSION,
+            prompt_version=GRADER_PROMPT_VERSION, error=asked.error,
         )
 
     async def grade_many(self, items: Iterable[TrajectoryToGrade]) -> list[LLMGrade]:

@@ -1,12 +1,20 @@
-"""Typed records at the library's boundaries: seeds, steps, trajectories, LLM calls."""
+"""Typed records at the library's boundaries: seeds, steps, trajectories, LLM calls; the rows of the database's
+tables (`TableRow`: each defines its Arrow schema, and the store writes any of them); the curated filters."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import types
+from datetime import datetime
+from enum import StrEnum
+from functools import cache
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Union, get_args, get_origin, get_type_hints
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from swirl_core.hashing import content_hash
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 TaskKind = Literal["qa", "math"]
 ActionKind = Literal["search", "math", "answer", "invalid"]
@@ -126,3 +134,231 @@ class LLMResponse(BaseModel):
     choice_probs: dict[str, float] | None = None
     cached: bool = False
     key: str = ""
+
+
+# --------------------------------------------------------------------------------------------------
+# The curated filters
+# --------------------------------------------------------------------------------------------------
+
+
+class CuratedFilter(StrEnum):
+    """The paper's four curated sets. The store makes each one's view `curated_<value>` and the
+    `curation_retention` view from this enum, so the names and rules live here only."""
+
+    NONE = "none"
+    PROCESS = "process"
+    OUTCOME = "outcome"
+    PROCESS_OUTCOME = "process_outcome"
+
+    @property
+    def view(self) -> str:
+        return f"curated_{self.value}"
+
+    @property
+    def keeps(self) -> str:
+        """The SQL condition, over the `trajectory_labels` view, of a trajectory this set keeps."""
+        return {"none": "true", "process": "process_pass", "outcome": "outcome_pass",
+                "process_outcome": "process_pass AND outcome_pass"}[self.value]
+
+
+# --------------------------------------------------------------------------------------------------
+# Table rows
+# --------------------------------------------------------------------------------------------------
+
+
+def _arrow_type(annotation: Any) -> pa.DataType:
+    import pyarrow as pa  # here, not at import: the CLI reads the records' names without paying for Arrow
+
+    origin = get_origin(annotation)
+    if origin in (Union, types.UnionType):  # X | None: nullable X
+        (inner,) = [a for a in get_args(annotation) if a is not type(None)]
+        return _arrow_type(inner)
+    if origin is Literal:
+        return _arrow_type(type(get_args(annotation)[0]))
+    if origin is list:
+        return pa.list_(_arrow_type(get_args(annotation)[0]))
+    return {str: pa.string(), int: pa.int64(), float: pa.float64(), bool: pa.bool_(),
+            datetime: pa.timestamp("us", tz="UTC")}[annotation]
+
+
+class TableRow(BaseModel):
+    """One row of the table `TABLE`: the fields are its columns (a subset: defaults such as `created_at` fill the
+    rest), so its Arrow schema follows from the class and `Store.write` writes any row type. JSON columns are
+    `str` fields holding JSON text. tests/test_store.py checks every row type against sql/schema.sql."""
+
+    TABLE: ClassVar[str]
+
+    @classmethod
+    @cache
+    def arrow_schema(cls) -> pa.Schema:
+        import pyarrow as pa
+
+        hints = get_type_hints(cls)
+        return pa.schema([(name, _arrow_type(hints[name])) for name in cls.model_fields])
+
+    @classmethod
+    def arrow_table(cls, rows: list[dict[str, Any]]) -> pa.Table:
+        """Rows given as dicts (a batch of thousands skips building a model per row); Arrow checks each value's type."""
+        import pyarrow as pa
+
+        return pa.Table.from_pylist(rows, schema=cls.arrow_schema())
+
+
+class QuestionRow(TableRow):
+    TABLE: ClassVar[str] = "questions"
+    question_id: str
+    dataset: str
+    split: str
+    source_id: str
+    task: TaskKind
+    question: str
+    answer: str
+    answer_aliases: list[str]
+    metadata: str  # JSON
+    source: str
+    first_run_id: str
+
+
+class SeedErrorRow(TableRow):
+    TABLE: ClassVar[str] = "seed_errors"
+    run_id: str
+    source: str
+    error: str
+
+
+class TrajectoryRow(TableRow):
+    TABLE: ClassVar[str] = "trajectories"
+    trajectory_id: str
+    run_id: str
+    question_id: str
+    sample_index: int
+    model: str
+    prompt_version: str
+    policy_fingerprint: str
+    status: TrajectoryStatus
+    final_answer: str | None
+    num_steps: int
+    num_invalid_steps: int
+    prompt_tokens: int
+    completion_tokens: int
+    error: str | None
+    prompt_messages: str  # JSON
+
+
+class StepRow(TableRow):
+    TABLE: ClassVar[str] = "steps"
+    trajectory_id: str
+    step_index: int
+    message: str
+    reasoning: str
+    action_kind: ActionKind
+    action_input: str
+    parse_error: str | None
+    truncated: bool
+    observation: str | None
+    tool_error: bool
+    call_key: str | None
+    model: str
+    prompt_version: str
+    constraint: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    latency_s: float | None
+
+
+class JudgmentRow(TableRow):
+    TABLE: ClassVar[str] = "judgments"
+    judgment_id: str
+    run_id: str
+    trajectory_id: str
+    step_index: int
+    sample_index: int
+    judge_model: str
+    judge_fingerprint: str
+    prompt_version: str
+    verdict: str
+    reasoning: str
+    attempts: int
+    call_keys: list[str]
+    p_good: float | None
+    error: str | None  # the call failed for good: the next curation judges the step again
+
+
+class GradeRow(TableRow):
+    TABLE: ClassVar[str] = "grades"
+    trajectory_id: str
+    method: str
+    correct: bool | None
+    score: float | None
+    detail: str | None
+    grader_model: str | None
+    prompt_version: str | None
+    call_key: str | None
+    run_id: str
+
+
+class ProbeResultRow(TableRow):
+    TABLE: ClassVar[str] = "judge_probe_results"
+    probe_step_id: str
+    judge_fingerprint: str
+    probe_run_id: str
+    judge_model: str
+    probe_version: str
+    dataset: str
+    split: str
+    question_id: str
+    task: TaskKind
+    action_kind: str
+    corruption: str | None
+    label: str
+    verdict: str
+    p_good: float | None
+    threshold: float | None
+    fold: str
+    scored: bool
+    good_votes: int
+    bad_votes: int
+    votes: int
+    message: str
+    state: str  # JSON
+    reasoning: str
+    error: str | None  # a sample's call failed for good: the next probe run judges the step again
+    call_keys: list[str]
+
+
+class ProbeMetricRow(TableRow):
+    TABLE: ClassVar[str] = "judge_probe_metrics"
+    judge_fingerprint: str
+    dataset: str
+    split: str
+    grp: str
+    metric: str
+    n: int | None
+    value: float | None
+    ci_low: float | None
+    ci_high: float | None
+    probe_run_id: str
+
+
+class LLMCallRow(TableRow):
+    """One paid call, as the client journals it (`swirl_core/llm/client.py`) and `Store.ingest_journals` copies it."""
+
+    TABLE: ClassVar[str] = "llm_calls"
+    call_key: str
+    run_id: str | None
+    purpose: str | None
+    model: str
+    backend: str | None
+    prompt_version: str | None
+    sample_index: int | None
+    temperature: float | None
+    max_tokens: int | None
+    constraint: str | None
+    response_text: str | None
+    finish_reason: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    cost_usd: float | None
+    latency_s: float | None
+    attempts: int | None
+    created_at: datetime | None

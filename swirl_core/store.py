@@ -18,9 +18,21 @@ import pyarrow as pa
 
 from swirl_core import __version__
 from swirl_core.llm.cache import JOURNAL_GLOB
-from swirl_core.records import InvalidRow, Question, Trajectory
+from swirl_core.records import (
+    CuratedFilter,
+    InvalidRow,
+    LLMCallRow,
+    Question,
+    QuestionRow,
+    SeedErrorRow,
+    StepRow,
+    TableRow,
+    Trajectory,
+    TrajectoryRow,
+)
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+MIGRATIONS_DIR = SQL_DIR / "migrations"
 SECRET_WORDS = ("api_key", "token", "secret", "password")
 
 
@@ -41,6 +53,12 @@ def query_dicts(con, sql: str, params: Sequence[Any] | None = None) -> list[dict
     cur = con.execute(sql, params or [])
     cols = [d[0] for d in cur.description]
     return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+
+# `llm_calls` columns the call journal names otherwise (journals outlive releases: their names stay).
+_JOURNAL_NAMES = {"call_key": "key", "response_text": "text"}
+_DUCKDB_TYPES = {pa.string(): "VARCHAR", pa.int64(): "BIGINT", pa.float64(): "DOUBLE", pa.bool_(): "BOOLEAN",
+                 pa.timestamp("us", tz="UTC"): "TIMESTAMPTZ"}
 
 
 class DatabaseOpenError(RuntimeError):
@@ -69,20 +87,86 @@ def connect(path: str | Path, *, read_only: bool = False) -> duckdb.DuckDBPyConn
         ) from exc
 
 
+class SchemaVersionError(DatabaseOpenError):
+    """The database was written by a newer swirl, whose schema this one does not know."""
+
+
+def migrations() -> dict[int, Path]:
+    """sql/migrations/NNNN-what.sql by version: migration N takes a database of version N-1 to N."""
+    return {int(p.name.split("-", 1)[0]): p for p in sorted(MIGRATIONS_DIR.glob("[0-9][0-9][0-9][0-9]-*.sql"))}
+
+
+SCHEMA_VERSION = max(migrations(), default=0)  # what sql/schema.sql creates
+
+
+def schema_version(con) -> int | None:
+    """The database's schema version: None for an empty file, 0 for one with tables but no recorded version (made
+    before versions were recorded, by swirl 0.1.0 or earlier)."""
+    tables = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main'").fetchall()}
+    if "schema_version" in tables:
+        return con.execute("SELECT max(version) FROM schema_version").fetchone()[0] or 0
+    return 0 if tables else None
+
+
+def _curated_views_sql() -> str:
+    """The curated sets' views and their retention, from `CuratedFilter` (their one home)."""
+    views = [f"""CREATE OR REPLACE VIEW {f.view} AS
+                 SELECT l.dataset, s.* FROM sub_trajectories s JOIN trajectory_labels l USING (trajectory_id, question_id)
+                 WHERE {f.keeps};""" for f in CuratedFilter]
+    keeps = ", ".join(f"('{f.value}', {f.keeps})" for f in CuratedFilter)
+    retention = f"""CREATE OR REPLACE VIEW curation_retention AS
+        SELECT dataset, f.name AS filter,
+               count(*) FILTER (WHERE f.keep) AS trajectories,
+               coalesce(sum(num_steps) FILTER (WHERE f.keep), 0) AS sub_trajectories,
+               round(count(*) FILTER (WHERE f.keep) / count(*), 4) AS retention
+        FROM trajectory_labels, LATERAL (VALUES {keeps}) AS f(name, keep)
+        GROUP BY ALL ORDER BY dataset, filter;"""
+    return "\n".join([*views, retention])
+
+
 class Store:
     def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
         self.path = Path(path)
-        if not read_only:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.con = connect(self.path, read_only=read_only)
-        if not read_only:
-            self.apply_sql("schema.sql", "views.sql")
+        if read_only:
+            self.con = connect(self.path, read_only=True)
+            version = schema_version(self.con)
+            self._check_version(version)
+            if version is not None and version < SCHEMA_VERSION:  # migrate once, then read as asked
+                self.con.close()
+                Store(self.path).close()
+                self.con = connect(self.path, read_only=True)
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.con = connect(self.path)
+        self._open_schema()
 
-    def apply_sql(self, *names: str) -> None:
-        for name in names:
-            path = SQL_DIR / name
-            if path.exists():
-                self.con.execute(path.read_text(encoding="utf-8"))
+    def _check_version(self, version: int | None) -> None:
+        if version is not None and version > SCHEMA_VERSION:
+            self.con.close()
+            raise SchemaVersionError(
+                f"database {self.path} has schema version {version}, newer than this swirl {__version__} knows "
+                f"({SCHEMA_VERSION}): upgrade swirl to open it")
+
+    def _open_schema(self) -> None:
+        """Create the tables of a new database, or migrate an older one to `SCHEMA_VERSION`; then (re)make the views.
+        One transaction: a migration that fails leaves the database as it was."""
+        version = schema_version(self.con)
+        self._check_version(version)
+        self.con.execute("BEGIN TRANSACTION")
+        try:
+            self.con.execute((SQL_DIR / "schema.sql").read_text(encoding="utf-8"))  # tables a database lacks
+            steps = migrations()
+            reached = [SCHEMA_VERSION] if version is None else [n for n in steps if n > version]  # new: born current
+            for n in reached:
+                if version is not None:
+                    self.con.execute(steps[n].read_text(encoding="utf-8"))
+                self.con.execute("INSERT INTO schema_version VALUES (?, ?, current_timestamp)", [n, __version__])
+            self.con.execute((SQL_DIR / "views.sql").read_text(encoding="utf-8"))
+            self.con.execute(_curated_views_sql())
+            self.con.execute("COMMIT")
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         self.con.close()
@@ -99,6 +183,10 @@ class Store:
     def upsert(self, table: str, rows: pa.Table) -> None:
         """Insert or replace rows (matched on the table's primary key) from an Arrow table."""
         self._insert(table, rows)
+
+    def write(self, row_type: type[TableRow], rows: Sequence[dict[str, Any]], mode: str = "OR REPLACE") -> None:
+        """Write rows of `row_type`'s table, typed by its Arrow schema."""
+        self._insert(row_type.TABLE, row_type.arrow_table(list(rows)), mode)
 
     def _insert(self, table: str, rows: pa.Table, mode: str = "OR REPLACE") -> None:
         if rows.num_rows == 0:
@@ -138,23 +226,17 @@ class Store:
 
     # ---------------------------------------------------------------- seeds
     def upsert_questions(self, questions: Sequence[Question], run_id: str) -> None:
-        rows = pa.Table.from_pylist([
+        self.write(QuestionRow, [
             {
                 "question_id": q.question_id, "dataset": q.dataset, "split": q.split, "source_id": q.source_id,
                 "task": q.task, "question": q.question, "answer": q.answer, "answer_aliases": list(q.answer_aliases),
                 "metadata": json.dumps(q.metadata, default=str), "source": q.source, "first_run_id": run_id,
             }
             for q in questions
-        ], schema=pa.schema([
-            ("question_id", pa.string()), ("dataset", pa.string()), ("split", pa.string()), ("source_id", pa.string()),
-            ("task", pa.string()), ("question", pa.string()), ("answer", pa.string()), ("answer_aliases", pa.list_(pa.string())),
-            ("metadata", pa.string()), ("source", pa.string()), ("first_run_id", pa.string()),
-        ]))
-        self._insert("questions", rows, "OR IGNORE")
+        ], "OR IGNORE")
 
     def record_seed_errors(self, invalid: Sequence[InvalidRow], run_id: str) -> None:
-        rows = pa.Table.from_pylist([{"run_id": run_id, "source": r.source, "error": r.error} for r in invalid])
-        self._insert("seed_errors", rows)
+        self.write(SeedErrorRow, [{"run_id": run_id, "source": r.source, "error": r.error} for r in invalid])
 
     # ---------------------------------------------------------------- trajectories
     def completed_trajectory_ids(self, ids: Iterable[str]) -> set[str]:
@@ -199,9 +281,8 @@ class Store:
             self.con.register("_ids", ids)
             self.con.execute("DELETE FROM steps WHERE trajectory_id IN (SELECT trajectory_id FROM _ids)")
             self.con.unregister("_ids")
-            self._insert("trajectories", pa.Table.from_pylist(traj_rows))
-            if step_rows:
-                self._insert("steps", pa.Table.from_pylist(step_rows))
+            self.write(TrajectoryRow, traj_rows)
+            self.write(StepRow, step_rows)
             self.con.execute("COMMIT")
         except BaseException:
             self.con.execute("ROLLBACK")
@@ -214,19 +295,14 @@ class Store:
         if not files:
             return 0
         before = self.query("SELECT count(*) FROM llm_calls")[0][0]
-        columns = {
-            "key": "VARCHAR", "run_id": "VARCHAR", "purpose": "VARCHAR", "model": "VARCHAR", "backend": "VARCHAR",
-            "prompt_version": "VARCHAR", "sample_index": "INTEGER", "temperature": "DOUBLE", "max_tokens": "INTEGER",
-            "constraint": "VARCHAR", "text": "VARCHAR", "finish_reason": "VARCHAR", "prompt_tokens": "INTEGER",
-            "completion_tokens": "INTEGER", "cost_usd": "DOUBLE", "latency_s": "DOUBLE", "attempts": "INTEGER",
-            "created_at": "TIMESTAMPTZ",
-        }
+        fields = LLMCallRow.arrow_schema()
+        columns = {_JOURNAL_NAMES.get(f.name, f.name): _DUCKDB_TYPES[f.type] for f in fields}
+        select = ", ".join(f'"{_JOURNAL_NAMES[f.name]}" AS "{f.name}"' if f.name in _JOURNAL_NAMES else f'"{f.name}"'
+                           for f in fields)
         self.con.execute(
             f"""
             INSERT OR IGNORE INTO llm_calls BY NAME
-            SELECT DISTINCT ON (key) key AS call_key, run_id, purpose, model, backend, prompt_version, sample_index,
-                   temperature, max_tokens, "constraint", text AS response_text, finish_reason, prompt_tokens,
-                   completion_tokens, cost_usd, latency_s, attempts, created_at
+            SELECT DISTINCT ON (key) {select}
             FROM read_json(?, format = 'newline_delimited', ignore_errors = true, columns = {columns!r})
             WHERE key IS NOT NULL
             """,

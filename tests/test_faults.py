@@ -228,11 +228,11 @@ def test_flows_under_the_fault_matrix_record_every_failure_and_lose_nothing(pref
             result = run_curate(cur)
             assert result["status"] == "completed" and result["shard_failures"] == []
             assert result["judged_steps"] == pending_before  # only what was missing or had failed
-            judged = query(db, "SELECT verdict, reasoning FROM judgments")
+            judged = query(db, "SELECT verdict, error FROM judgments")
             assert len(judged) == steps_total  # one per step, nothing lost
-            failed = [r for v, r in judged if r.startswith("LLMError")]
-            assert all(f"gave up after {MAX_RETRIES + 1} attempts" in r for r in failed), failed
-            assert query(db, "SELECT count(*) FROM judgments WHERE starts_with(reasoning, 'LLMError') AND verdict <> 'UNKNOWN'") == [(0,)]
+            failed = [e for v, e in judged if e is not None]
+            assert all(f"gave up after {MAX_RETRIES + 1} attempts" in e for e in failed), failed
+            assert query(db, "SELECT count(*) FROM judgments WHERE error IS NOT NULL AND verdict <> 'UNKNOWN'") == [(0,)]
             graded = query(db, "SELECT count(*) FROM grades WHERE method = 'llm'")[0][0]
             cur_runs.append({"judged": result["judged_steps"], "failed_judgments": len(failed), "llm_grades": graded})
             assert srv.completed_twice() == []

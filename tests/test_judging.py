@@ -25,12 +25,9 @@ from swirl_core.judging import (
     majority,
     parse_verdict,
     parse_yes_no,
-    step_verdicts,
-    steps_to_judge,
 )
 from swirl_core.llm.factory import build_client
 from swirl_core.protocol import observation_message, policy_messages
-from swirl_core.records import Action, Step, Trajectory
 
 QUESTION = "In which village was the composer of the opera Rusalka born?"
 GOLD = "Nelahozeves"
@@ -158,7 +155,7 @@ def test_parse_yes_no(text, expected):
     assert parse_yes_no(text) == expected
 
 
-def test_majority_and_step_verdicts():
+def test_majority():
     def j(verdict: str, step: int = 0, sample: int = 0) -> Judgment:
         return Judgment(trajectory_id="t", step_index=step, sample_index=sample, verdict=verdict, reasoning="",
                         attempts=1, call_keys=[], judge_model="m", prompt_version="v")
@@ -167,8 +164,6 @@ def test_majority_and_step_verdicts():
     assert majority([j("BAD"), j("UNKNOWN"), j("UNKNOWN")]) == "BAD"
     assert majority([j("GOOD"), j("BAD"), j("UNKNOWN")]) == "UNKNOWN"  # tie
     assert majority([j("UNKNOWN")]) == majority([]) == "UNKNOWN"
-    verdicts = step_verdicts([j("GOOD", 0), j("BAD", 1, 0), j("BAD", 1, 1), j("GOOD", 1, 2)])
-    assert verdicts == {("t", 0): "GOOD", ("t", 1): "BAD"}
 
 
 def test_judge_spec_temperature_defaults():
@@ -176,22 +171,6 @@ def test_judge_spec_temperature_defaults():
     assert JudgeSpec(model="m", samples=3).temperature == 0.7  # k greedy samples would be one vote
     assert JudgeSpec(model="m", samples=3, temperature=0.0).temperature == 0.0
     assert JudgeSpec(model="m", temperature=None).temperature == 0.0
-
-
-def test_steps_to_judge_decomposes_a_trajectory():
-    def step(k: int, message: str, kind: str, observation: str | None) -> Step:
-        return Step(step_index=k, message=message, action=Action(kind=kind, content="x"), observation=observation,
-                    model="p", prompt_version="policy-qa-v1")
-
-    trajectory = Trajectory(
-        trajectory_id="t9", question_id="q", sample_index=0, model="p", prompt_version="policy-qa-v1",
-        prompt_messages=policy_messages("qa", QUESTION, 5), status="answered", final_answer="Nelahozeves",
-        steps=[step(0, Q1, "search", OBS1), step(1, "<answer>Nelahozeves</answer>", "answer", None)],
-    )
-    items = steps_to_judge(trajectory, "qa", QUESTION)
-    assert [(i.step_index, len(i.turns), i.action_message) for i in items] == [
-        (0, 0, Q1), (1, 2, "<answer>Nelahozeves</answer>")]
-    assert items[1].turns == [{"role": "assistant", "content": Q1}, {"role": "user", "content": OBS1}]
 
 
 # -- over HTTP -----------------------------------------------------------------------------------------
@@ -258,7 +237,7 @@ async def test_failed_call_is_unknown_and_does_not_raise(tmp_path):
         client = _client(srv, tmp_path, max_retries=0)
         [judgment] = await StepJudge(client, JudgeSpec(model="openai/judge")).judge(_item("<answer>Prague</answer>"))
         await client.aclose()
-        assert judgment.verdict == "UNKNOWN" and judgment.reasoning.startswith("LLMError:")
+        assert judgment.verdict == "UNKNOWN" and "gave up after 1 attempts" in judgment.error and judgment.reasoning == ""
         assert judgment.attempts == 1 and judgment.call_keys == []
 
 
@@ -463,20 +442,3 @@ async def test_served_judge_records_p_good_from_logprobs_into_judgments_and_the_
 
     legacy = {k: v for k, v in plain.model_dump().items() if k != "served_probabilities"}
     assert judge_fingerprint(plain) == content_hash("judge", legacy, JUDGE_PROMPT_VERSION)[:16]
-
-
-def test_databases_made_before_p_good_gain_the_column(tmp_path):
-    import duckdb
-
-    from swirl_core.store import Store
-
-    db = str(tmp_path / "old.duckdb")
-    con = duckdb.connect(db)
-    con.execute("CREATE TABLE judgments (judgment_id VARCHAR PRIMARY KEY, run_id VARCHAR, trajectory_id VARCHAR NOT NULL, "
-                "step_index INTEGER NOT NULL, sample_index INTEGER NOT NULL, judge_model VARCHAR NOT NULL, "
-                "judge_fingerprint VARCHAR NOT NULL, prompt_version VARCHAR NOT NULL, verdict VARCHAR NOT NULL, "
-                "reasoning VARCHAR, attempts INTEGER, call_keys VARCHAR[], created_at TIMESTAMPTZ DEFAULT current_timestamp)")
-    con.execute("INSERT INTO judgments VALUES ('j', 'r', 't', 0, 0, 'm', 'f', 'v', 'GOOD', '', 1, [], now())")
-    con.close()
-    with Store(db) as store:
-        assert store.query("SELECT verdict, p_good FROM judgments") == [("GOOD", None)]

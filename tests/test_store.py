@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from swirl_core.records import Action, Question, Step, Trajectory
+from swirl_core.records import Action, GradeRow, Question, Step, TableRow, Trajectory
 from swirl_core.store import Store, scrub
 
 
@@ -76,3 +76,32 @@ def test_second_writer_gets_a_clear_error(tmp_path):
 def test_network_guard_blocks_non_loopback_addresses():
     with pytest.raises(RuntimeError, match="reach the network"):
         socket.create_connection(("93.184.216.34", 80), timeout=1)
+
+
+_COMPATIBLE = {"string": {"VARCHAR", "JSON"}, "int64": {"INTEGER", "BIGINT"}, "double": {"DOUBLE"}, "bool": {"BOOLEAN"},
+               "timestamp[us, tz=UTC]": {"TIMESTAMP WITH TIME ZONE"}, "list<item: string>": {"VARCHAR[]"}}
+
+
+@pytest.mark.parametrize("row_type", TableRow.__subclasses__(), ids=lambda t: t.TABLE)
+def test_every_row_type_is_its_table(tmp_path, row_type):
+    """A row type's fields are columns of its table in a type DuckDB stores losslessly, and it leaves out no column
+    that must be given (NOT NULL without a default)."""
+    with Store(tmp_path / "s.duckdb") as store:
+        columns = {name: (kind, nullable, default) for name, kind, nullable, default in store.query(
+            "SELECT column_name, data_type, is_nullable, column_default FROM duckdb_columns() WHERE table_name = ?",
+            [row_type.TABLE])}
+    fields = {f.name: str(f.type) for f in row_type.arrow_schema()}
+    assert {name: columns[name][0] in _COMPATIBLE[kind] for name, kind in fields.items()} == dict.fromkeys(fields, True)
+    required = {name for name, (_, nullable, default) in columns.items() if not nullable and default is None}
+    assert required <= set(fields)
+
+
+def test_store_writes_any_row_type(tmp_path):
+    with Store(tmp_path / "s.duckdb") as store:
+        row = {"trajectory_id": "t", "method": "llm", "correct": True, "score": 1.0, "run_id": "r"}
+        store.write(GradeRow, [row, row | {"method": "numeric", "correct": None}])
+        store.write(GradeRow, [row | {"correct": False}])  # replaced on its primary key
+        assert store.query("SELECT method, correct, detail FROM grades ORDER BY 1") == [("llm", False, None),
+                                                                                       ("numeric", None, None)]
+        with pytest.raises(Exception, match="int|bool"):  # Arrow refuses a value of the wrong type
+            store.write(GradeRow, [row | {"correct": "yes"}])

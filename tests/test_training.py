@@ -13,7 +13,7 @@ from helpers import build_labeled_db
 from scripted_server import ScriptedServer
 
 from swirl_core.config import ModelConfig
-from swirl_core.training.data import CURATED_VIEWS, rl_dataset, sft_dataset
+from swirl_core.training.data import rl_dataset, sft_dataset
 from swirl_core.training.rewards import JudgeReward, format_reward
 from swirl_core.training.trainers import TrainSettings, fit_max_length, sft_trainer, train_sft, train_swirl
 
@@ -53,7 +53,6 @@ def test_sft_export_matches_duckdb(con, tmp_path):
         assert row["prompt"] == [dict(m) for m in state]
         assert row["completion"] == [{"role": "assistant", "content": action}]
     assert [len(r["prompt"]) for r in ds] == [1, 3, 1, 3]  # s_1 = prompt + action 0 + its observation
-    assert set(CURATED_VIEWS) == {"none", "process", "outcome", "process_outcome"}
     assert sft_dataset(con, "none", out_dir=tmp_path / "none").rows == 8
     assert sft_dataset(con, "process", out_dir=tmp_path / "empty", dataset="gsm8k").rows == 0
     with pytest.raises(ValueError, match="curation filter"):

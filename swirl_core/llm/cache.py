@@ -1,4 +1,4 @@
-"""The call cache: a per-process append-only journal of paid responses (DESIGN.md §5).
+"""The call cache: a per-process append-only journal of paid responses (docs/architecture.md, "The call journal").
 
 Why a journal of files rather than DuckDB or litellm's cache: Dask workers must never open the
 DuckDB file (one writer), and a plain directory works from any process — or any machine, when the

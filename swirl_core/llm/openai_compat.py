@@ -1,7 +1,7 @@
 """Fast path for OpenAI-compatible endpoints (vLLM, llama.cpp, Ollama, OpenAI itself).
 
 Plain aiohttp with one pooled session: measured here, litellm's per-call overhead halves
-throughput at zero latency and the openai SDK's httpx transport is slower still (NOTES-stack.md).
+throughput at zero latency and the openai SDK's httpx transport is slower still.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ into one left-padded `generate` call, so K samples × many questions become a fe
 
 The `grammar` constraint makes a small model's message exactly one action tag with well-formed
 content (see `ActionGrammar`). Measured on SmolLM2-135M: unconstrained it almost never emits a tag
-(NOTES-stack.md: 0/8 first steps); constrained, every message parses.
+(0 of 8 first steps); constrained, every message parses.
 """
 
 from __future__ import annotations

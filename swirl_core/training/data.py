@@ -1,4 +1,4 @@
-"""Training data from the curated views: SFT pairs (state → action) and RL states (DESIGN.md §3).
+"""Training data from the curated views: SFT pairs (state → action) and RL states (the paper's stage 2).
 
 Rows stream from DuckDB as Arrow record batches into a Parquet file, which `datasets` then
 memory-maps: no Python object is built per row, so a 50,000-trajectory run exports in seconds
@@ -11,17 +11,12 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pyarrow.parquet as pq
 
-CurationFilter = Literal["none", "process", "outcome", "process_outcome"]
-CURATED_VIEWS: dict[str, str] = {
-    "none": "curated_none",
-    "process": "curated_process",
-    "outcome": "curated_outcome",
-    "process_outcome": "curated_process_outcome",
-}
+from swirl_core.records import CuratedFilter
+
 BATCH_ROWS = 10_000
 
 # Conversational prompt/completion columns, as TRL's SFTTrainer expects them; the ids stay for lineage.
@@ -55,13 +50,13 @@ class ExportedData:
                 "datasets": self.datasets, "files": self.files}
 
 
-def sft_dataset(con, filter: CurationFilter = "process_outcome", *, out_dir: str | Path | None = None,
+def sft_dataset(con, filter: CuratedFilter | str = CuratedFilter.PROCESS_OUTCOME, *, out_dir: str | Path | None = None,
                 dataset: str | None = None, run_ids: list[str] | None = None, limit: int | None = None) -> ExportedData:
     """(state, action) pairs of one curated set. The paper's SFT does best on process+outcome."""
     return _export(con, _SFT_SELECT, filter, "sft", out_dir, dataset, run_ids, limit)
 
 
-def rl_dataset(con, filter: CurationFilter = "process", *, out_dir: str | Path | None = None,
+def rl_dataset(con, filter: CuratedFilter | str = CuratedFilter.PROCESS, *, out_dir: str | Path | None = None,
                dataset: str | None = None, run_ids: list[str] | None = None, limit: int | None = None) -> ExportedData:
     """States of one curated set, with what the judge reward needs. The paper's RL does best on process-only."""
     return _export(con, _RL_SELECT, filter, "rl", out_dir, dataset, run_ids, limit)
@@ -84,8 +79,8 @@ def _connection(con):
 
 def _export(con, select: str, filter: str, kind: str, out_dir: str | Path | None, dataset: str | None,
             run_ids: list[str] | None, limit: int | None) -> ExportedData:
-    if filter not in CURATED_VIEWS:
-        raise ValueError(f"unknown curation filter {filter!r}; expected one of {sorted(CURATED_VIEWS)}")
+    if filter not in set(CuratedFilter):
+        raise ValueError(f"unknown curation filter {filter!r}; expected one of {[str(f) for f in CuratedFilter]}")
     con = _connection(con)
     clauses, params = [], []
     if dataset:
@@ -94,7 +89,7 @@ def _export(con, select: str, filter: str, kind: str, out_dir: str | Path | None
     if run_ids:
         clauses.append("c.trajectory_id IN (SELECT trajectory_id FROM trajectories WHERE run_id IN (SELECT unnest(?::VARCHAR[])))")
         params.append(list(run_ids))
-    sql = select.replace("__VIEW__", CURATED_VIEWS[filter])
+    sql = select.replace("__VIEW__", CuratedFilter(filter).view)
     if clauses:
         sql += " WHERE " + " AND ".join(clauses)
     sql += " ORDER BY c.trajectory_id, c.step_index"  # deterministic files: same data, same dataset fingerprint

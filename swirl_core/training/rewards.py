@@ -1,7 +1,7 @@
 """Reward functions for SWiRL RL, in the form TRL's GRPOTrainer calls them.
 
 R(a|s) is the process judge's verdict on a *freshly sampled* action a at a stored state s
-(DESIGN.md §3): the judge reads the question, the turns so far and the sampled message, and the
+(the paper's step-wise reward): the judge reads the question, the turns so far and the sampled message, and the
 action is never executed — no tool runs during RL. `format_reward` is an optional cheap shaping
 term for the tag protocol, computed locally.
 """
@@ -132,7 +132,7 @@ class JudgeReward:
         return rewards
 
     def _account(self, judgments: list[Judgment], stats: dict[str, int], n: int, waited: float) -> None:
-        failed = sum(j.reasoning.startswith("LLMError") for j in judgments)
+        failed = sum(j.error is not None for j in judgments)
         if failed:
             # A judge outage flattens rewards to 0.0; say so rather than train on it silently.
             log.warning("judge reward: %d of %d judge samples failed; they score 0.0", failed, len(judgments))

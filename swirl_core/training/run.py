@@ -9,13 +9,13 @@ import logging
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, Field
 
 from swirl_core.config import ModelConfig
 from swirl_core.llm.local_models import SMOLLM2_HUB_ID, is_smollm2
-from swirl_core.records import TaskKind
+from swirl_core.records import CuratedFilter, TaskKind
 from swirl_core.store import Store
 from swirl_core.training.data import load_exported, rl_dataset, sft_dataset
 from swirl_core.training.progress import ProgressSink, progress_callback
@@ -40,7 +40,7 @@ class TrainConfig(BaseModel):
     """Parameters of the `train` flow."""
 
     db: str = "swirl.duckdb"
-    filter: Literal["none", "process", "outcome", "process_outcome"] | None = Field(
+    filter: CuratedFilter | None = Field(
         None, description="curated set; default: process_outcome for SFT, process for SWiRL (the paper's best)")
     settings: TrainSettings
     judge: ModelConfig | None = Field(None, description="SWiRL's generative reward model; default: the offline model")
@@ -56,8 +56,8 @@ class TrainConfig(BaseModel):
     dataset_repo_id: str | None = Field(None, description="Hub dataset holding the curated set (the card's `datasets`)")
 
     @property
-    def resolved_filter(self) -> str:
-        return self.filter or ("process_outcome" if self.settings.method == "sft" else "process")
+    def resolved_filter(self) -> CuratedFilter:
+        return self.filter or (CuratedFilter.PROCESS_OUTCOME if self.settings.method == "sft" else CuratedFilter.PROCESS)
 
     @property
     def journal_dir(self) -> Path:
