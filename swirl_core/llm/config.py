@@ -83,7 +83,10 @@ class ModelConfig(LimitsConfig, SamplingConfig, EndpointConfig):
     @model_validator(mode="before")
     @classmethod
     def _spec(cls, data: Any) -> Any:
-        """A bare string is a `MODEL[@API_BASE]` spec; so is a `model` carrying its endpoint."""
+        """A bare string is a `MODEL[@API_BASE]` spec; so is a `model` carrying its endpoint. Another kind of
+        model config (a plain one where a greedy one is expected) is taken as it is, every field included."""
+        if isinstance(data, ModelConfig) and not isinstance(data, cls):
+            return data.model_dump()
         if isinstance(data, str):
             data = {"model": data}
         if isinstance(data, dict) and isinstance(data.get("model"), str):
