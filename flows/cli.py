@@ -13,6 +13,7 @@ environment variables; the command line overrides the environment, which overrid
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from collections.abc import Sequence
@@ -128,7 +129,7 @@ EvalOptions = options(EvalConfig, {
                                            help="repeatable; SPEC is MODEL[@API_BASE], 'smollm2' or a checkpoint folder "
                                                 "(default: base=smollm2)")),
     "judge": (str | None, Parameter(metavar=SPEC, help="LLM grader and process judge (mean step score); none: rule metrics only")),
-    "also": (list[str] | None, Parameter(show=False, negative=())),  # the grid: written by `evaluate_grid`
+    "also": (list[dict[str, Any]] | None, Parameter(show=False)),  # the grid: written by `evaluate_grid`
     "n_resamples": Parameter(name="--n-resamples", alias="--resamples"),
 })
 TrainOptions = options(TrainConfig, {
@@ -185,13 +186,12 @@ app = App(
 
 
 # -- commands ---------------------------------------------------------------------------------------------
-@app.command
-def run(*, config: ConfigFile = None, db: str | None = None, work_dir: str | None = None, dataset: str | None = None,
+def pipeline_config(*, config: ConfigFile = None, db: str | None = None, work_dir: str | None = None, dataset: str | None = None,
         data_files: Annotated[list[str] | None, FILES] = None, limit: int | None = None, samples: int | None = None,
         policy: Annotated[str | None, Parameter(metavar=SPEC)] = None, judge: Annotated[str | None, Parameter(metavar=SPEC)] = None,
         eval_limit: int | None = None, train: bool = True, run_eval: Annotated[bool, Parameter(name="--eval")] = True,
         publish_repo_id: Annotated[str | None, Parameter(metavar="USER/NAME")] = None,
-        scheduler_address: str | None = None, progress: bool = True) -> int:
+        scheduler_address: str | None = None, progress: bool = True) -> PipelineConfig:
     """The whole pipeline: generate, curate, train SFT and SWiRL, evaluate, publish.
 
     Without options, the offline demo (about 10 minutes on 2 CPU cores). Rerunning resumes: nothing is paid
@@ -233,15 +233,21 @@ def run(*, config: ConfigFile = None, db: str | None = None, work_dir: str | Non
         sections["evaluate"] = {"limit": eval_limit}
     if publish_repo_id:
         sections["publish"] = {"repo_id": publish_repo_id}
-    pipeline_config = load_config(PipelineConfig, config, top, sections)
+    return load_config(PipelineConfig, config, top, sections)
+
+
+@app.command(name="run")
+@functools.wraps(pipeline_config, assigned=("__module__", "__doc__", "__annotations__"))
+def run(**options: Any) -> int:
+    config = pipeline_config(**options)
     # Not held for the whole command like generate's: training opens the database read-only in this process.
-    _check_db_free(pipeline_config.db)
+    _check_db_free(config.db)
     from flows.pipeline import check_inputs, pipeline
     from flows.runtime import prefect_api
 
-    check_inputs(pipeline_config)  # bad seeds or options: a one-line error before any flow or call
+    check_inputs(config)  # bad seeds or options: a one-line error before any flow or call
     with prefect_api():
-        result = pipeline(pipeline_config)
+        result = pipeline(config)
     _print_rows(f"pipeline: {result['status']}", result["stages"])
     _print_probes(result["probes"])
     _print_rows("steps parsed as one action", result["step_parse"])
@@ -326,6 +332,18 @@ def judge_eval(*, config: ConfigFile = None, opts: Annotated[JudgeEvalOptions, P
     return EXIT_OK
 
 
+def evaluate_config(config: Path | None, opts: BaseModel, temperature: float | None = None, max_tokens: int | None = None,
+                    concurrency: int | None = None) -> EvalConfig:
+    """The evaluation config, with `--temperature`/`--max-tokens`/`--concurrency` applied to every `--model`."""
+    data = given(opts)
+    tuning = {k: v for k, v in {"temperature": temperature, "max_tokens": max_tokens, "concurrency": concurrency}.items()
+              if v is not None}
+    if tuning:
+        data["models"] = [{"label": m.label, "model": m.model.model_dump(exclude_unset=True) | tuning}
+                          for m in load_config(EvalConfig, config, data).models]
+    return load_config(EvalConfig, config, data)
+
+
 @app.command
 def evaluate(*, config: ConfigFile = None, opts: Annotated[EvalOptions, Parameter(name="*")] = EvalOptions(),
              temperature: float | None = None, max_tokens: int | None = None, concurrency: int | None = None) -> int:
@@ -339,16 +357,7 @@ def evaluate(*, config: ConfigFile = None, opts: Annotated[EvalOptions, Paramete
     max_tokens: tokens per step of every --model (default: 256 API, 64 in-process)
     concurrency: max requests in flight per worker, of every --model
     """
-    data = given(opts)
-    data["also"] = [json.loads(d) for d in data.get("also") or []]
-    if not data["also"]:
-        del data["also"]
-    tuning = {k: v for k, v in {"temperature": temperature, "max_tokens": max_tokens, "concurrency": concurrency}.items()
-              if v is not None}
-    if tuning:
-        data["models"] = [{"label": m.label, "model": m.model.model_dump(exclude_unset=True) | tuning}
-                          for m in load_config(EvalConfig, config, data).models]
-    ev_config = load_config(EvalConfig, config, data)
+    ev_config = evaluate_config(config, opts, temperature, max_tokens, concurrency)
     _check_db_free(ev_config.db)
     from flows.evaluate import evaluate as evaluate_flow
     from flows.runtime import prefect_api
@@ -368,16 +377,20 @@ def evaluate(*, config: ConfigFile = None, opts: Annotated[EvalOptions, Paramete
     return EXIT_OK if result["status"] == "completed" else EXIT_FAILED
 
 
-@app.command
-def train(*, config: ConfigFile = None, opts: Annotated[TrainOptions, Parameter(name="*")] = TrainOptions()) -> int:
-    """Fine-tune on a curated set: SFT baseline or SWiRL step-wise RL."""
+def training_config(config: Path | None, opts: BaseModel) -> TrainConfig:
     data = given(opts)
     method = data.get("settings", {}).get("method")
     if method == "swirl" and "judge" not in data:
         data["judge"] = {}  # SWiRL's reward judge: the offline default unless named
     elif method == "sft":
         data.pop("judge", None)  # SFT has no reward model
-    train_config = load_config(TrainConfig, config, data)
+    return load_config(TrainConfig, config, data)
+
+
+@app.command
+def train(*, config: ConfigFile = None, opts: Annotated[TrainOptions, Parameter(name="*")] = TrainOptions()) -> int:
+    """Fine-tune on a curated set: SFT baseline or SWiRL step-wise RL."""
+    train_config = training_config(config, opts)
     if not Path(train_config.db).exists():
         raise FileNotFoundError(f"{train_config.db} does not exist")
     _check_db_free(train_config.db, read_only=True)
@@ -582,6 +595,18 @@ def rewrite(tokens: list[str]) -> list[str]:
                 out.append(token)
         return out
     return tokens
+
+
+def resolve(argv: Sequence[str]) -> BaseModel:
+    """The validated config a command line stands for, without running anything."""
+    command, bound, _ = app.parse_args(rewrite(list(argv)))
+    bound.apply_defaults()
+    builders = {run: pipeline_config, evaluate: evaluate_config, train: training_config,
+                generate: GenerateConfig, curate: CurateConfig, judge_eval: JudgeEvalConfig, publish: PublishConfig}
+    build = builders[command]
+    if isinstance(build, type):
+        return load_config(build, bound.arguments["config"], given(bound.arguments["opts"]))
+    return build(*bound.args, **bound.kwargs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
