@@ -65,7 +65,7 @@ examples:
   swirl completion bash > ~/.local/share/bash-completion/completions/swirl
 """
 
-SPEC = "MODEL[@API_BASE]"
+SPEC = r"MODEL\[@API_BASE]"  # escaped: option names and metavars are rich text
 
 
 # -- options generated from the configs -------------------------------------------------------------------
@@ -164,7 +164,7 @@ def load_config(config: type[BaseModel], file: Path | None, *overrides: dict[str
 
         data = yaml.safe_load(Path(file).read_text(encoding="utf-8")) or {}
         if not isinstance(data, dict):
-            raise ValueError(f"{file}: expected a mapping of {config.__name__} fields")
+            raise ValueError(f"{file}: expected a mapping of {config.__name__.removesuffix('Config').lower()} settings")
     for layer in overrides:
         data = _merge(data, layer)
     return config.model_validate(data)
@@ -173,7 +173,10 @@ def load_config(config: type[BaseModel], file: Path | None, *overrides: dict[str
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in top.items():
-        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        below = merged.get(key)
+        if isinstance(value, dict) and isinstance(below, str):
+            below = {"model": below}  # a model given as its MODEL[@API_BASE] spec, options on top
+        merged[key] = _merge(below, value) if isinstance(value, dict) and isinstance(below, dict) else value
     return merged
 
 
