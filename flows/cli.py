@@ -94,7 +94,7 @@ def given(opts: BaseModel) -> dict[str, Any]:
 
 
 HIDDEN = Parameter(parse=False)
-FILES = Parameter(consume_multiple=True, negative=(), metavar="PATH")
+FILES = Parameter(consume_multiple=True, metavar="PATH")  # `--data-files a.jsonl b.jsonl`
 
 
 def model_options(role: str) -> type[BaseModel]:
@@ -115,7 +115,7 @@ CLUSTER = (options(ClusterConfig, {
     "cluster_class": HIDDEN, "cluster_kwargs": HIDDEN,
 }), Parameter(name="*"))
 DATASET_FILES = {"data_files": FILES}
-RUN_IDS = Parameter(name="--run-id", alias="--run-ids", negative=(), metavar="RUN")
+RUN_IDS = Parameter(name="--run-id", alias="--run-ids", metavar="RUN")  # repeatable
 
 GenerateOptions = options(GenerateConfig, {**DATASET_FILES, "policy": (model_options("policy"), Parameter(name="*")),
                                            "cluster": CLUSTER})
@@ -125,7 +125,7 @@ JudgeEvalOptions = options(JudgeEvalConfig, {**DATASET_FILES, "judge": (model_op
                                               "n_resamples": Parameter(name="--n-resamples", alias="--resamples")})
 EvalOptions = options(EvalConfig, {
     **DATASET_FILES, "cluster": CLUSTER,
-    "models": (list[str] | None, Parameter(name="--model", alias="--models", negative=(), metavar="LABEL=SPEC",
+    "models": (list[str] | None, Parameter(name="--model", alias="--models", metavar="LABEL=SPEC",
                                            help="repeatable; SPEC is MODEL[@API_BASE], 'smollm2' or a checkpoint folder "
                                                 "(default: base=smollm2)")),
     "judge": (str | None, Parameter(metavar=SPEC, help="LLM grader and process judge (mean step score); none: rule metrics only")),
@@ -138,9 +138,10 @@ TrainOptions = options(TrainConfig, {
         "per_device_batch_size": Parameter(name="--per-device-batch-size", alias="--batch-size"),
         "gradient_accumulation": Parameter(name="--gradient-accumulation", alias="--grad-accum"),
         "use_lora": Parameter(name="--use-lora", alias="--lora"),
-        "report_to": Parameter(negative=()),
     }), Parameter(name="*")),
-    "judge": (options(ModelConfig, {  # SWiRL's reward judge; its other fields: in a --config file
+    # SWiRL's reward judge: named here, its other fields in a --config file (its sampling options would take the
+    # policy's own names, --temperature and --constraint)
+    "judge": (options(ModelConfig, {
         "model": Parameter(name="--judge", metavar=SPEC),
         **{f: Parameter(name=f"--judge-{f.replace('_', '-')}") for f in ("api_base", "api_key_env", "api_key_secret")},
         "requests_per_minute": Parameter(name="--requests-per-minute", alias="--rpm"),
@@ -150,7 +151,7 @@ TrainOptions = options(TrainConfig, {
     "run_ids": RUN_IDS,
     "private": Parameter(negative=("--no-private", "--public")),
 })
-PublishOptions = options(PublishConfig, {"private": Parameter(negative="--public"), "eval_splits": Parameter(negative=())})
+PublishOptions = options(PublishConfig, {"private": Parameter(negative="--public")})
 
 ConfigFile = Annotated[Path | None, Parameter(name="--config", metavar="FILE",
                                               help="this command's config as YAML or JSON; the options given here override it")]
@@ -181,8 +182,11 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 
 app = App(
-    name="swirl", help="SWiRL data factory: multi-step tool-use trajectories, judging, training.",
-    help_epilogue=EXAMPLES, version=lambda: package_version("swirl-factory"), config=[Env("SWIRL_")],
+    name="swirl", help="SWiRL data factory: multi-step tool-use trajectories, judging, training.\n\n"
+                       "Every command takes --config FILE (its config as YAML or JSON) and reads SWIRL_<COMMAND>_<OPTION> "
+                       "environment variables; the command line overrides them, and they override the file. Exit codes: "
+                       "0 done, 1 finished with failed shards (rerun to resume), 2 bad input, 3 database in use.\n\n"
+                       + EXAMPLES, version=lambda: package_version("swirl-factory"), config=[Env("SWIRL_")],
     default_parameter=Parameter(negative_iterable=(), show_env_var=False), result_action="return_value",
     exit_on_error=False, print_error=False, help_on_error=False, help_format="plaintext",
 )
@@ -197,26 +201,24 @@ def pipeline_config(*, config: ConfigFile = None, db: str | None = None, work_di
         scheduler_address: str | None = None, progress: bool = True) -> PipelineConfig:
     """The whole pipeline: generate, curate, train SFT and SWiRL, evaluate, publish.
 
-    Without options, the offline demo (about 10 minutes on 2 CPU cores). Rerunning resumes: nothing is paid
-    for or trained twice. The options are shortcuts into the --config file's sections (a PipelineConfig:
-    generate, curate, sft, swirl, evaluate, publish); each default is the config's.
+    Without options, the offline demo (about 10 minutes on 2 CPU cores). Rerunning resumes: nothing is paid for or trained twice.
+    The options are shortcuts into the --config file's sections (a PipelineConfig: generate, curate, sft, swirl, evaluate, publish).
 
-    Parameters
-    ----------
-    db: DuckDB file
-    work_dir: journals, checkpoints and reports (default: <db>.work)
-    dataset: seed dataset of generate (and evaluate)
-    data_files: local seed files
-    limit: first N seed questions
-    samples: trajectories per question
-    policy: policy model
-    judge: process judge and SWiRL reward model
-    eval_limit: held-out questions to evaluate on
-    train: --no-train stops after curation
-    run_eval: --no-eval skips the evaluation
-    publish_repo_id: also publish the curated sets to this Hub repo
-    scheduler_address: Dask scheduler tls://HOST:PORT or tcp://HOST:PORT (default: a local cluster)
-    progress: progress bars
+    Args:
+        db: DuckDB file
+        work_dir: journals, checkpoints and reports (default: <db>.work)
+        dataset: seed dataset of generate (and evaluate)
+        data_files: local seed files
+        limit: first N seed questions
+        samples: trajectories per question
+        policy: policy model
+        judge: process judge and SWiRL reward model
+        eval_limit: held-out questions to evaluate on
+        train: --no-train stops after curation
+        run_eval: --no-eval skips the evaluation
+        publish_repo_id: also publish the curated sets to this Hub repo
+        scheduler_address: Dask scheduler tls://HOST:PORT or tcp://HOST:PORT (default: a local cluster)
+        progress: progress bars
     """
     top = {k: v for k, v in {"db": db, "work_dir": work_dir}.items() if v is not None}
     if scheduler_address:
@@ -354,11 +356,10 @@ def evaluate(*, config: ConfigFile = None, opts: Annotated[EvalOptions, Paramete
 
     `--dataset NAME` may be repeated, each followed by its own --data-files/--corpus: a table of model × dataset.
 
-    Parameters
-    ----------
-    temperature: of every --model (default: the model config's, greedy)
-    max_tokens: tokens per step of every --model (default: 256 API, 64 in-process)
-    concurrency: max requests in flight per worker, of every --model
+    Args:
+        temperature: of every --model (default: the model config's, greedy)
+        max_tokens: tokens per step of every --model (default: 256 API, 64 in-process)
+        concurrency: max requests in flight per worker, of every --model
     """
     ev_config = evaluate_config(config, opts, temperature, max_tokens, concurrency)
     _check_db_free(ev_config.db)
@@ -392,7 +393,9 @@ def training_config(config: Path | None, opts: BaseModel) -> TrainConfig:
 
 @app.command
 def train(*, config: ConfigFile = None, opts: Annotated[TrainOptions, Parameter(name="*")] = TrainOptions()) -> int:
-    """Fine-tune on a curated set: SFT baseline or SWiRL step-wise RL."""
+    """Fine-tune on a curated set: SFT baseline or SWiRL step-wise RL.
+
+    `--vllm MODE` is short for `--use-vllm --vllm-mode MODE`."""
     train_config = training_config(config, opts)
     if not Path(train_config.db).exists():
         raise FileNotFoundError(f"{train_config.db} does not exist")
@@ -437,12 +440,11 @@ def publish(*, config: ConfigFile = None, opts: Annotated[PublishOptions, Parame
 def sql(query: str, /, *, db: str = DEFAULT_DB, max_rows: int = 50, csv: bool = False) -> int:
     """Run a SQL query on the database (opened read-only) and print the result.
 
-    Parameters
-    ----------
-    query: SQL, e.g. "SELECT * FROM run_report"
-    db: DuckDB file
-    max_rows: rows printed at most
-    csv: print CSV instead of a table
+    Args:
+        query: SQL, e.g. "SELECT * FROM run_report"
+        db: DuckDB file
+        max_rows: rows printed at most
+        csv: print CSV instead of a table
     """
     import duckdb
 
@@ -485,9 +487,8 @@ def sql(query: str, /, *, db: str = DEFAULT_DB, max_rows: int = 50, csv: bool = 
 def completion(shell: Literal["bash", "zsh", "fish", "powershell"], /) -> int:
     """Print the shell completion script, e.g. `swirl completion bash > ~/.local/share/bash-completion/completions/swirl`.
 
-    Parameters
-    ----------
-    shell: the shell the script is for
+    Args:
+        shell: the shell the script is for
     """
     print(app.generate_completion(prog_name="swirl", shell=shell))
     return EXIT_OK
@@ -615,6 +616,9 @@ def resolve(argv: Sequence[str]) -> BaseModel:
 def main(argv: Sequence[str] | None = None) -> int:
     apply_quiet_env()
     tokens = list(sys.argv[1:] if argv is None else argv)
+    if not tokens:
+        app.help_print(tokens)
+        return EXIT_BAD_INPUT  # a command is required
     command = tokens[0] if tokens and tokens[0] in app else None
     try:
         result = app(rewrite(tokens))
