@@ -33,6 +33,7 @@ from swirl_core.config import (
     CurateConfig,
     EvalConfig,
     GenerateConfig,
+    GreedyModelConfig,
     JudgeEvalConfig,
     ModelConfig,
     PipelineConfig,
@@ -97,10 +98,10 @@ HIDDEN = Parameter(parse=False)
 FILES = Parameter(consume_multiple=True, metavar="PATH")  # `--data-files a.jsonl b.jsonl`
 
 
-def model_options(role: str) -> type[BaseModel]:
+def model_options(role: str, model: type[ModelConfig] = ModelConfig) -> type[BaseModel]:
     """A model's options: `--ROLE MODEL[@API_BASE]` and `--ROLE-api-base`/`-api-key-env`/`-api-key-secret`/
     `-identity` name it; its sampling and limits are plain options (`--temperature`, `--rpm`, ...)."""
-    return options(ModelConfig, {
+    return options(model, {
         "model": Parameter(name=f"--{role}", metavar=SPEC),
         **{f: Parameter(name=f"--{role}-{f.replace('_', '-')}") for f in ("api_base", "api_key_env", "api_key_secret", "identity")},
         "backend": Parameter(name=f"--{role}-backend"),
@@ -119,9 +120,9 @@ RUN_IDS = Parameter(name="--run-id", alias="--run-ids", metavar="RUN")  # repeat
 
 GenerateOptions = options(GenerateConfig, {**DATASET_FILES, "policy": (model_options("policy"), Parameter(name="*")),
                                            "cluster": CLUSTER})
-CurateOptions = options(CurateConfig, {"judge": (model_options("judge"), Parameter(name="*")), "cluster": CLUSTER,
+CurateOptions = options(CurateConfig, {"judge": (model_options("judge", GreedyModelConfig), Parameter(name="*")), "cluster": CLUSTER,
                                        "run_ids": RUN_IDS})
-JudgeEvalOptions = options(JudgeEvalConfig, {**DATASET_FILES, "judge": (model_options("judge"), Parameter(name="*")),
+JudgeEvalOptions = options(JudgeEvalConfig, {**DATASET_FILES, "judge": (model_options("judge", GreedyModelConfig), Parameter(name="*")),
                                               "n_resamples": Parameter(name="--n-resamples", alias="--resamples")})
 EvalOptions = options(EvalConfig, {
     **DATASET_FILES, "cluster": CLUSTER,
@@ -141,7 +142,7 @@ TrainOptions = options(TrainConfig, {
     }), Parameter(name="*")),
     # SWiRL's reward judge: named here, its other fields in a --config file (its sampling options would take the
     # policy's own names, --temperature and --constraint)
-    "judge": (options(ModelConfig, {
+    "judge": (options(GreedyModelConfig, {
         "model": Parameter(name="--judge", metavar=SPEC),
         **{f: Parameter(name=f"--judge-{f.replace('_', '-')}") for f in ("api_base", "api_key_env", "api_key_secret")},
         "requests_per_minute": Parameter(name="--requests-per-minute", alias="--rpm"),

@@ -93,6 +93,8 @@ def test_help_shows_each_default_once(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "--policy-api-base" in out and "--config" in out
     assert out.count("[default: 5]") == 1 and "(default: 5)" not in out
+    assert main(["curate", "--help"]) == 0  # a judge's default is its own: greedy
+    assert [line.split()[-3:-1] for line in capsys.readouterr().out.splitlines() if "--temperature" in line] == [["[default:", "0.0]"]]
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
