@@ -16,6 +16,9 @@ from swirl_core.training.trainers import TrainSettings
 
 __all__ = ["ModelConfig", "GreedyModelConfig", "parse_model_spec", "Workspace"]  # re-exported: flows and tests import them here
 
+DATASETS = "gsm8k, hotpotqa, musique, beerqa, cofca, generic, demo-math, demo-qa"
+
+
 class ClusterConfig(StrictConfig):
     """Where shards run: a local Dask cluster by default, or an existing scheduler."""
 
@@ -25,27 +28,19 @@ class ClusterConfig(StrictConfig):
     n_workers: int | None = Field(None, ge=1, description="local workers; default 2 (1 for in-process models)")
 
 
-class GenerateConfig(Workspace):
-    """Parameters of the `generate` flow."""
+class OnCluster(StrictConfig):
+    """A stage whose shards run on Dask, with a progress bar on a terminal."""
 
-    dataset: str = Field("demo-math", description="gsm8k, hotpotqa, musique, beerqa, cofca, generic, demo-math, demo-qa")
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    progress: bool = True
+
+
+class SeedFiles(StrictConfig):
+    """Where a dataset's questions come from: local files, else the Hub."""
+
     data_files: list[str] | None = Field(None, description="local JSONL/JSON/Parquet files; default: the Hub dataset")
-    split: str = "train"
     hub_name: str | None = None
     hub_config: str | None = None
-    limit: int | None = Field(None, ge=1)
-    skip_invalid: bool = False
-    samples: int = Field(5, ge=1, le=1000, description="trajectories per question (paper: 5)")
-    max_steps: int | None = Field(None, ge=1, le=50, description="step cap; default 10 for math, 5 for QA")
-    policy: ModelConfig = Field(default_factory=ModelConfig)
-    corpus: str | None = Field(None, description="search corpus (JSONL/Parquet of title,text); 'seeds' = the questions' own context paragraphs; default: the dataset's own")
-    search_k: int = Field(1, ge=1, le=20)
-    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
-    shard_size: int = Field(8, ge=1, description="questions per shard")
-    fsync: bool = Field(False, description="fsync the call journal after each response (power-loss safety)")
-    progress: bool = True
-    tools: bool = Field(True, description="False: no-tool mode, the answer in one message (the paper's Figure 6)")
-    purpose: Literal["train", "eval"] = Field("train", description="eval runs never enter the curated training sets")
 
     @field_validator("data_files", mode="before")
     @classmethod
@@ -53,12 +48,47 @@ class GenerateConfig(Workspace):
         return [v] if isinstance(v, (str, Path)) else v
 
 
-class CurateConfig(Workspace):
-    """Parameters of the `curate` flow: process judge, outcome grading, curated views."""
+class SeedSource(SeedFiles):
+    """A dataset's questions: which dataset, split and how many."""
+
+    dataset: str = Field("demo-math", description=DATASETS)
+    split: str = "train"
+    limit: int | None = Field(None, ge=1)
+
+
+class Judging(StrictConfig):
+    """The process judge and how it is asked."""
 
     judge: GreedyModelConfig = Field(default_factory=GreedyModelConfig)
-    judge_samples: int = Field(1, ge=1, le=99, description="judge samples per step (majority vote)")
+    judge_samples: int = Field(1, ge=1, le=99, description="judge samples per step (majority vote, self-consistency)")
     max_reasks: int = Field(2, ge=0, le=10, description="re-asks when a verdict is unparseable")
+
+
+class Bootstrap(StrictConfig):
+    """The confidence intervals of a measurement."""
+
+    n_resamples: int = Field(2000, ge=100, le=100_000, description="bootstrap resamples for the CIs")
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+
+
+class GenerateConfig(SeedSource, OnCluster, Workspace):
+    """Parameters of the `generate` flow."""
+
+    skip_invalid: bool = False
+    samples: int = Field(5, ge=1, le=1000, description="trajectories per question (paper: 5)")
+    max_steps: int | None = Field(None, ge=1, le=50, description="step cap; default 10 for math, 5 for QA")
+    policy: ModelConfig = Field(default_factory=ModelConfig)
+    corpus: str | None = Field(None, description="search corpus (JSONL/Parquet of title,text); 'seeds' = the questions' own context paragraphs; default: the dataset's own")
+    search_k: int = Field(1, ge=1, le=20)
+    shard_size: int = Field(8, ge=1, description="questions per shard")
+    fsync: bool = Field(False, description="fsync the call journal after each response (power-loss safety)")
+    tools: bool = Field(True, description="False: no-tool mode, the answer in one message (the paper's Figure 6)")
+    purpose: Literal["train", "eval"] = Field("train", description="eval runs never enter the curated training sets")
+
+
+class CurateConfig(Judging, OnCluster, Workspace):
+    """Parameters of the `curate` flow: process judge, outcome grading, curated views."""
+
     grader: Literal["rule", "llm"] = Field("rule", description="outcome grader: rule-based only, or the LLM grader too")
     skip_judge: bool = Field(False, description="grade outcomes only")
     judge_id: str | None = Field(None, description="judge nothing: the curated sets read the verdicts this judge "
@@ -69,33 +99,17 @@ class CurateConfig(Workspace):
                                                                      "for detecting BAD steps is below this")
     run_ids: list[str] | None = Field(None, description="only trajectories of these generation runs")
     dataset: str | None = Field(None, description="only questions of this dataset")
-    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     shard_size: int = Field(64, ge=1, description="steps (or trajectories) per shard")
-    fsync: bool = False
-    progress: bool = True
+    fsync: bool = Field(False, description="fsync the call journal after each response (power-loss safety)")
 
 
-class JudgeEvalConfig(Workspace):
+class JudgeEvalConfig(SeedSource, Judging, Bootstrap, Workspace):
     """Parameters of the `judge-eval` flow: a judge measured on labelled steps built from gold solutions."""
 
     dataset: str = Field("demo-math", description="a dataset with gold steps: gsm8k, hotpotqa, musique, demo-math")
-    data_files: list[str] | None = Field(None, description="local JSONL/JSON/Parquet files; default: the Hub dataset")
-    split: str = "train"
-    hub_name: str | None = None
-    hub_config: str | None = None
     limit: int | None = Field(20, ge=1, description="seed questions to build labelled steps from")
     seed: int = Field(0, description="seed of the corruptions")
-    judge: GreedyModelConfig = Field(default_factory=GreedyModelConfig)
-    judge_samples: int = Field(1, ge=1, le=99, description="judge samples per step (majority vote, self-consistency)")
-    max_reasks: int = Field(2, ge=0, le=10)
-    n_resamples: int = Field(2000, ge=100, le=100_000, description="bootstrap resamples for the CIs")
-    confidence: float = Field(0.95, gt=0.5, lt=1)
     shard_size: int = Field(64, ge=1, description="steps per shard")
-
-    @field_validator("data_files", mode="before")
-    @classmethod
-    def _listify(cls, v: Any) -> Any:
-        return [v] if isinstance(v, (str, Path)) else v
 
 
 class PublishConfig(Workspace):
@@ -142,32 +156,19 @@ class EvalModel(StrictConfig):
             parsed.model.model_dump(exclude_unset=True) | overrides)})
 
 
-class EvalDataset(StrictConfig):
+class EvalDataset(SeedFiles):
     """One more dataset of an evaluation grid, with its own files (the paper: trained on HotPotQA, tested on GSM8K too)."""
 
-    dataset: str = Field(..., description="gsm8k, hotpotqa, musique, beerqa, cofca, generic, demo-math, demo-qa")
-    data_files: list[str] | None = Field(None, description="local JSONL/JSON/Parquet files; default: the Hub dataset")
+    dataset: str = Field(..., description=DATASETS)
     split: str | None = Field(None, description="default: the evaluation's split")
-    hub_name: str | None = None
-    hub_config: str | None = None
     corpus: str | None = Field(None, description="search corpus; default: the dataset's own")
 
-    @field_validator("data_files", mode="before")
-    @classmethod
-    def _listify(cls, v: Any) -> Any:
-        return [v] if isinstance(v, (str, Path)) else v
 
-
-class EvalConfig(Workspace):
+class EvalConfig(SeedSource, Bootstrap, OnCluster, Workspace):
     """Parameters of the `evaluate` flow: the same agent loop and step caps for every model, on one dataset or a
     grid of several (`also`)."""
 
-    dataset: str = Field("demo-math", description="gsm8k, hotpotqa, musique, beerqa, cofca, generic, demo-math, demo-qa")
-    data_files: list[str] | None = Field(None, description="local JSONL/JSON/Parquet files; default: the Hub dataset")
     split: str = Field("test", description="a split not used for training (the contamination check reports overlap)")
-    hub_name: str | None = None
-    hub_config: str | None = None
-    limit: int | None = Field(None, ge=1)
     models: list[EvalModel] = Field(default_factory=lambda: [EvalModel(label="base")], min_length=1)
     tools: bool = Field(True, description="False: no-tool mode (the paper's Figure 6)")
     max_steps: int | None = Field(None, ge=1, le=50, description="step cap; default 10 for math, 5 for QA (1 without tools)")
@@ -176,21 +177,12 @@ class EvalConfig(Workspace):
     grader: Literal["auto", "rule", "llm"] = Field(
         "auto", description="correctness: rule-based only, or also the judge's YES/NO; auto = llm for QA when a judge "
                             "is configured (exact match undercounts free-text answers), rule otherwise")
-    judge: ModelConfig | None = Field(None, description="LLM grader and process judge; without it, no judge metrics")
+    judge: GreedyModelConfig | None = Field(None, description="LLM grader and process judge; without it, no judge metrics")
     also: list[EvalDataset] = Field(default_factory=list, description="more datasets, each evaluated like the first: "
                                                                       "a table of model × dataset (cross-task transfer)")
     step_scores: bool = Field(True, description="mean process-judge step score (needs a judge)")
-    n_resamples: int = Field(2000, ge=100, le=100_000, description="bootstrap resamples for the CIs")
-    confidence: float = Field(0.95, gt=0.5, lt=1)
     report: str | None = Field(None, description="markdown report path; default: <db>.work/eval/report-<run>.md")
-    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     shard_size: int = Field(16, ge=1, description="questions per shard (local models batch across a shard)")
-    progress: bool = True
-
-    @field_validator("data_files", mode="before")
-    @classmethod
-    def _listify(cls, v: Any) -> Any:
-        return [v] if isinstance(v, (str, Path)) else v
 
     @model_validator(mode="after")
     def _check(self) -> EvalConfig:
@@ -228,7 +220,7 @@ class EvalConfig(Workspace):
         )
 
 
-class PipelineConfig(Workspace):
+class PipelineConfig(OnCluster, Workspace):
     """Parameters of the `pipeline` flow: generate → curate → train (SFT, SWiRL) → evaluate → publish.
 
     `db`, `work_dir`, `cluster` and `progress` are set once here and hold for every stage; a stage that
@@ -237,8 +229,6 @@ class PipelineConfig(Workspace):
     base vs SFT vs SWiRL on the demo's held-out test split.
     """
 
-    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
-    progress: bool = True
     generate: GenerateConfig = Field(default_factory=lambda: GenerateConfig(samples=4))
     curate: CurateConfig = Field(default_factory=CurateConfig)
     sft: TrainSettings | None = Field(
