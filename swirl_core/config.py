@@ -220,6 +220,9 @@ class EvalConfig(SeedSource, Bootstrap, OnCluster, Workspace):
         )
 
 
+PIPELINE_SAMPLES = 4  # trajectories per question in a pipeline run: the demo's, within its 10 minutes
+
+
 class PipelineConfig(OnCluster, Workspace):
     """Parameters of the `pipeline` flow: generate → curate → train (SFT, SWiRL) → evaluate → publish.
 
@@ -229,7 +232,8 @@ class PipelineConfig(OnCluster, Workspace):
     base vs SFT vs SWiRL on the demo's held-out test split.
     """
 
-    generate: GenerateConfig = Field(default_factory=lambda: GenerateConfig(samples=4))
+    generate: GenerateConfig = Field(default_factory=dict, validate_default=True,
+                                     description=f"generation; samples default to {PIPELINE_SAMPLES} here")
     curate: CurateConfig = Field(default_factory=CurateConfig)
     sft: TrainSettings | None = Field(
         default_factory=lambda: TrainSettings(method="sft", output_dir="", max_steps=4),
@@ -241,6 +245,12 @@ class PipelineConfig(OnCluster, Workspace):
         default_factory=lambda: EvalConfig(models=[EvalModel(label="base", model=GreedyModelConfig(max_tokens=48))]),
         description="held-out evaluation (None: skip); the trained checkpoints join `models` under their method's name")
     publish: PublishConfig | None = Field(None, description="Hub upload of the curated sets (None: skip)")
+
+    @field_validator("generate", mode="before")
+    @classmethod
+    def _demo_samples(cls, v: Any) -> Any:
+        # The pipeline's own default, whether its generate section is left out or names other settings only.
+        return {"samples": PIPELINE_SAMPLES, **v} if isinstance(v, dict) else v
 
     @model_validator(mode="after")
     def _share(self) -> PipelineConfig:
