@@ -109,3 +109,13 @@ def test_bash_completion_completes_commands_and_options(tmp_path, capsys):
 
     assert complete("gen") == ["generate"]
     assert "--policy-api-base" in complete("generate", "--policy-a")
+
+
+def test_the_lower_layers_do_not_import_the_flow_configs():
+    """llm/, training/ and tools/ read their own small configs; only the flow configs compose them."""
+    import sys
+
+    code = ("import sys; import swirl_core.llm.factory, swirl_core.training.run, swirl_core.training.launch, "
+            "swirl_core.tools.search; print('swirl_core.config' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
