@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from importlib.metadata import version
 
 import pytest
@@ -113,8 +114,6 @@ def test_bash_completion_completes_commands_and_options(tmp_path, capsys):
 
 def test_the_lower_layers_do_not_import_the_flow_configs():
     """llm/, training/ and tools/ read their own small configs; only the flow configs compose them."""
-    import sys
-
     code = ("import sys; import swirl_core.llm.factory, swirl_core.training.run, swirl_core.training.launch, "
             "swirl_core.tools.search; print('swirl_core.config' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
