@@ -21,9 +21,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from swirl_core.config import ModelConfig
 from swirl_core.llm.base import ChatRequest, LLMError
 from swirl_core.llm.client import LLMClient
+from swirl_core.llm.config import ModelConfig
 from swirl_core.protocol import ARROW
 from swirl_core.records import LLMResponse, TaskKind
 

@@ -62,6 +62,22 @@ def test_prefect_yaml_parameters_are_typed_and_valid_for_every_deployment():
     assert [s["cron"] for s in generate["schedules"]] == ["0 2 * * *"]
 
 
+def test_a_deployment_parameter_with_an_unknown_key_is_refused_naming_it():
+    """The flow configs forbid unknown keys, so a misspelt field in a deployment form or `-p config=...` fails
+    (the server enforces the same schema: `additionalProperties: false`) instead of running with the default."""
+    from prefect.flows import load_flow_from_entrypoint
+    from prefect.utilities.callables import parameter_schema
+
+    flow = load_flow_from_entrypoint(str(ROOT / "flows/generate.py:generate_on_cluster"))
+    definitions = parameter_schema(flow).model_dump()["definitions"]
+    assert definitions["GenerateConfig"]["additionalProperties"] is False
+    with pytest.raises(Exception, match="sample"):
+        flow.validate_parameters({"config": {"sample": 10}})
+    pipeline = load_flow_from_entrypoint(str(ROOT / "flows/pipeline.py:pipeline"))
+    with pytest.raises(Exception, match="sample"):
+        pipeline.validate_parameters({"config": {"generate": {"sample": 10}}})
+
+
 # -- a real server ------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_deploy_then_trigger_with_parameters_through_the_api_writes_duckdb(prefect_stack):

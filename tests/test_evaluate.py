@@ -264,16 +264,16 @@ def test_a_grid_of_two_datasets_gives_a_model_by_dataset_table(prefect_api, tmp_
 
 
 def test_cli_takes_several_datasets_each_with_its_files(tmp_path):
-    from flows.cli import build_parser, main
+    from flows.cli import main, resolve
 
-    args = build_parser().parse_args(["evaluate", "--dataset", "hotpotqa", "--data-files", "dev.json", "--corpus", "wiki.jsonl",
-                                      "--dataset", "gsm8k", "--data-files", "a.jsonl", "b.jsonl"])
-    assert args.datasets == [{"dataset": "hotpotqa", "data_files": ["dev.json"], "corpus": "wiki.jsonl"},
-                             {"dataset": "gsm8k", "data_files": ["a.jsonl", "b.jsonl"]}]
-    assert build_parser().parse_args(["evaluate", "--data-files", "x.jsonl"]).datasets == [
-        {"dataset": "demo-math", "data_files": ["x.jsonl"]}]
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["evaluate", "--dataset", "gsm8k", "--data-files", "a", "--data-files", "b"])
+    config = resolve(["evaluate", "--dataset", "hotpotqa", "--data-files", "dev.json", "--corpus", "wiki.jsonl",
+                      "--dataset", "gsm8k", "--data-files", "a.jsonl", "b.jsonl"])
+    assert [(c.dataset, c.data_files, c.corpus) for c in config.per_dataset()] == [
+        ("hotpotqa", ["dev.json"], "wiki.jsonl"), ("gsm8k", ["a.jsonl", "b.jsonl"], None)]
+    config = resolve(["evaluate", "--data-files", "x.jsonl"])
+    assert (config.dataset, config.data_files, config.also) == ("demo-math", ["x.jsonl"], [])
+    with pytest.raises(ValueError, match="--data-files given twice for --dataset gsm8k"):
+        resolve(["evaluate", "--dataset", "gsm8k", "--data-files", "a", "--data-files", "b"])
     # A bad file of the second dataset fails in one line before any call, and nothing is created.
     assert main(["evaluate", "--db", str(tmp_path / "g.duckdb"), "--dataset", "gsm8k", "--data-files", str(GSM8K),
                  "--dataset", "hotpotqa", "--data-files", str(tmp_path / "missing.json")]) == 2

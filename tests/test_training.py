@@ -261,10 +261,9 @@ def test_swirl_rl_scores_fresh_samples_over_http(con, tmp_path, tiny_model_dir):
 
 
 def test_train_cli_exports_only_the_given_runs():
-    from flows.cli import build_parser
+    from flows.cli import resolve
 
-    args = build_parser().parse_args(["train", "--method", "sft", "--output", "o", "--run-id", "a", "--run-id", "b"])
-    assert args.run_ids == ["a", "b"]
+    assert resolve(["train", "--method", "sft", "--output", "o", "--run-id", "a", "--run-id", "b"]).run_ids == ["a", "b"]
 
 
 @pytest.mark.slow

@@ -9,9 +9,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from swirl_core.config import ModelConfig
 from swirl_core.llm.cache import shared_journal
 from swirl_core.llm.client import LLMClient
+from swirl_core.llm.config import ModelConfig
 from swirl_core.llm.cost import price_per_token
 
 # Reads a named secret (a Prefect Secret block): plugged in by the orchestration layer (tasks/), because

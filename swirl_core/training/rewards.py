@@ -17,9 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from swirl_core.config import ModelConfig
 from swirl_core.judging import JudgeSpec, Judgment, StepJudge, StepToJudge
 from swirl_core.llm.client import LLMClient
+from swirl_core.llm.config import ModelConfig
 from swirl_core.llm.factory import build_client
 from swirl_core.protocol import TAGS, parse_action
 

@@ -13,7 +13,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from swirl_core.config import ModelConfig
+from swirl_core.config_base import Workspace
+from swirl_core.llm.config import GreedyModelConfig, ModelConfig
 from swirl_core.llm.local_models import SMOLLM2_HUB_ID, is_smollm2
 from swirl_core.records import CuratedFilter, TaskKind
 from swirl_core.store import Store
@@ -36,18 +37,16 @@ LAUNCH_DIR = "launch"  # spec, progress and per-rank results of a launched (seve
 HUB_IGNORE = [f"{CHECKPOINT_PREFIX}*", "train_data/*", f"{LAUNCH_DIR}/*", "runs/*", RUN_FILE]
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(Workspace):
     """Parameters of the `train` flow."""
 
-    db: str = "swirl.duckdb"
     filter: CuratedFilter | None = Field(
         None, description="curated set; default: process_outcome for SFT, process for SWiRL (the paper's best)")
     settings: TrainSettings
-    judge: ModelConfig | None = Field(None, description="SWiRL's generative reward model; default: the offline model")
+    judge: GreedyModelConfig | None = Field(None, description="SWiRL's generative reward model; default: the offline model")
     dataset: str | None = Field(None, description="only steps of this seed dataset")
     run_ids: list[str] | None = Field(None, description="only trajectories of these generation runs; default: every run")
     limit: int | None = Field(None, ge=1, description="at most this many training rows")
-    work_dir: str | None = Field(None, description="journals of the judge's calls; default: <db>.work")
     progress: bool = Field(True, description="the trainer's progress bar on a terminal")
     push_to_hub: str | None = Field(None, pattern=r"^[\w.-]+/[\w.-]+$", description="USER/NAME of a model repo to push to")
     private: bool = Field(True, description="a new Hub repo is private")
@@ -60,12 +59,8 @@ class TrainConfig(BaseModel):
         return self.filter or (CuratedFilter.PROCESS_OUTCOME if self.settings.method == "sft" else CuratedFilter.PROCESS)
 
     @property
-    def journal_dir(self) -> Path:
-        return (Path(self.work_dir) if self.work_dir else Path(self.db).with_suffix(".work")) / "journal"
-
-    @property
     def resolved_judge(self) -> ModelConfig:
-        return self.judge or ModelConfig(temperature=0.0)
+        return self.judge or GreedyModelConfig()
 
     @property
     def launched(self) -> bool:

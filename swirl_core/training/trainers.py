@@ -16,8 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import Field, model_validator
 
+from swirl_core.config_base import StrictConfig
 from swirl_core.constraints import STEP_TOKENS, ActionGrammar
 from swirl_core.llm.local_models import DEFAULT_LOCAL_MODEL, is_local_model, resolve_local_model
 from swirl_core.protocol import action_tags
@@ -37,7 +38,7 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-class TrainSettings(BaseModel):
+class TrainSettings(StrictConfig):
     """One training run. Defaults suit the 135M offline model; scale them for real runs."""
 
     method: Literal["sft", "swirl"]
