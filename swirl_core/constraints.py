@@ -26,31 +26,72 @@ _OWNERS: dict[str, ServerKind] = {"vllm": "vllm", "sglang": "sglang", "llamacpp"
 REASONING_MAX, CONTENT_MAX = 400, 300  # characters before the tag, and inside it
 # Tokens a constrained step may need (about 4 characters a token, and the tags): a sampling budget below it cuts steps.
 STEP_TOKENS = (REASONING_MAX + CONTENT_MAX) // 4 + 16
+# In-process, the grammar also fits the token budget: reasoning gets at most this share of it, and the tags
+# this many tokens each (their worst case on common tokenizers: "<", "math", "_", "exp", ">").
+REASONING_SHARE, TAG_TOKENS = 0.25, 6
+
+# Characters allowed inside each tag. Math stays arithmetic (the calculator rejects prose anyway), a math
+# answer is a number, QA text is one line.
+_MATH_CHARS = "0123456789.+-*/()^%, $"
+_NUMBER_CHARS = "0123456789.,-$ /"
+_LINE = r"[^<>\n]"
+
+
+def _char_class(chars: str) -> str:
+    """A character class regexes (Python's, Rust's) and GBNF read alike: brackets and backslash escaped,
+    '^' never first, '-' last."""
+    body = "".join("\\" + c if c in "\\[]" else c for c in sorted(set(chars) - {"-"}, key=lambda c: (c == "^", c)))
+    return f"[{body}{'-' if '-' in chars else ''}]"
 
 
 @dataclass(frozen=True)
 class ActionGrammar:
-    """A message: up to REASONING_MAX characters of reasoning (no '<'), then exactly one `<tag>content</tag>`."""
+    """The one action grammar: up to REASONING_MAX characters of reasoning (no '<'), then exactly one
+    `<tag>content</tag>`, its content from the tag's own characters. Compiled to a regex (vLLM, SGLang, TGI),
+    GBNF (llama.cpp) and, with a token budget, a Lark grammar (the in-process backend, through llguidance)."""
 
     tags: tuple[str, ...]
+    math: bool
 
     @classmethod
     def for_task(cls, task: TaskKind, tools: bool = True) -> ActionGrammar:
-        return cls(action_tags(task, tools))
+        return cls(action_tags(task, tools), task == "math")
+
+    def content(self, tag: str) -> str:
+        if tag == "math_exp":
+            return _char_class(_MATH_CHARS)
+        return _char_class(_NUMBER_CHARS) if tag == "answer" and self.math else _LINE
+
+    @property
+    def label(self) -> str:
+        """What a step's `constraint` column records for it in-process."""
+        return "grammar:" + "|".join(self.tags)
 
     def regex(self) -> str:
-        forms = "|".join(f"<{t}>[^<]{{1,{CONTENT_MAX}}}</{t}>" for t in self.tags)
+        forms = "|".join(f"<{t}>{self.content(t)}{{1,{CONTENT_MAX}}}</{t}>" for t in self.tags)
         return rf"[^<]{{0,{REASONING_MAX}}}({forms})"
 
     def gbnf(self) -> str:
-        forms = " | ".join(f'"<{t}>" [^<]{{1,{CONTENT_MAX}}} "</{t}>"' for t in self.tags)
+        forms = " | ".join(f'"<{t}>" {self.content(t)}{{1,{CONTENT_MAX}}} "</{t}>"' for t in self.tags)
         return f"root ::= [^<]{{0,{REASONING_MAX}}} ({forms})"
 
+    def lark(self, max_tokens: int) -> str:
+        """The same language, its reasoning and content given token budgets that leave room for the tags, so a
+        step is never cut off before its closing tag."""
+        reasoning = int(max_tokens * REASONING_SHARE)
+        content = max(1, max_tokens - reasoning - 2 * TAG_TOKENS)
+        forms = " | ".join(f'"<{t}>" c_{t} "</{t}>"' for t in self.tags)
+        rules = "\n".join(f"c_{t}[max_tokens={content}]: /{self.content(t).replace('/', chr(92) + '/')}{{1,{CONTENT_MAX}}}/"
+                          for t in self.tags)
+        lead = f"reasoning[max_tokens={reasoning}]: /[^<]{{1,{REASONING_MAX}}}/\n" if reasoning else ""
+        return f"start: {'reasoning? ' if reasoning else ''}({forms})\n{lead}{rules}\n"
 
-def request_fields(kind: ServerKind, *, regex: str, gbnf: str) -> dict[str, Any]:
-    """The body fields that carry a constraint to a server of this kind; {} where it has none."""
+
+def request_fields(kind: ServerKind, *, regex: str, gbnf: str, choices: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """The body fields that carry a constraint to a server of this kind; {} where it has none. `choices`:
+    vLLM's own choice field (other kinds get the regex/GBNF of the alternatives)."""
     if kind == "vllm":
-        return {"structured_outputs": {"regex": regex}}
+        return {"structured_outputs": {"choice": list(choices)} if choices else {"regex": regex}}
     if kind == "sglang":
         return {"regex": regex}
     if kind == "llamacpp":
@@ -63,6 +104,12 @@ def request_fields(kind: ServerKind, *, regex: str, gbnf: str) -> dict[str, Any]
 def action_fields(kind: ServerKind, task: TaskKind, tools: bool = True) -> dict[str, Any]:
     grammar = ActionGrammar.for_task(task, tools)
     return request_fields(kind, regex=grammar.regex(), gbnf=grammar.gbnf())
+
+
+def choice_fields(kind: ServerKind, choices: tuple[str, ...]) -> dict[str, Any]:
+    """A served judge's verdict forced to one of `choices`."""
+    gbnf = "root ::= " + " | ".join(orjson.dumps(c).decode() for c in choices)
+    return request_fields(kind, regex="(" + "|".join(re.escape(c) for c in choices) + ")", gbnf=gbnf, choices=choices)
 
 
 # The probe forces a reply the prompt asks against: only an enforcing server can give it.
@@ -85,9 +132,11 @@ class ProbeResult:
                 "to continue unconstrained (steps record constraint NULL)")
 
 
-def probe_fields(kind: ServerKind) -> dict[str, Any]:
-    literal = re.escape(PROBE_REPLY)
-    return request_fields(kind, regex=literal, gbnf=f'root ::= "{PROBE_REPLY}"')
+def probe_fields(kind: ServerKind, choice: bool = False) -> dict[str, Any]:
+    """A constraint that allows only PROBE_REPLY, in the field a run will use (`choice`: a judge's verdict)."""
+    if choice:
+        return choice_fields(kind, (PROBE_REPLY,))
+    return request_fields(kind, regex=re.escape(PROBE_REPLY), gbnf=f'root ::= "{PROBE_REPLY}"')
 
 
 async def detect_kind(session: aiohttp.ClientSession, endpoint: str, timeout_s: float) -> ServerKind:

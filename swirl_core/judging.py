@@ -22,7 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, model_validator
 
 from swirl_core.config import ModelConfig
-from swirl_core.llm.base import ChatRequest, LLMError
+from swirl_core.llm.base import ChatRequest, Choice, LLMError
 from swirl_core.llm.client import LLMClient
 from swirl_core.protocol import ARROW
 from swirl_core.records import LLMResponse, TaskKind, Trajectory
@@ -35,8 +35,8 @@ StepVerdict = Literal["GOOD", "BAD", "UNKNOWN"]
 JUDGE_PROMPT_VERSION: dict[TaskKind, str] = {"qa": "judge-search-v1", "math": "judge-math-v1"}
 GRADER_PROMPT_VERSION = "grader-v1"
 # Small in-process judges answer with the verdict alone (a decoding constraint, recorded per call).
-VERDICT_CONSTRAINT = "choice:" + "|".join(VERDICTS)
-GRADE_CONSTRAINT = "choice:YES|NO"
+VERDICT_CONSTRAINT = Choice(options=VERDICTS)
+GRADE_CONSTRAINT = Choice(options=("YES", "NO"))
 
 # Calibration for judges that report choice probabilities (in-process ones). A small model leans to one
 # verdict whatever the step: SmolLM2-135M gave every demo step P(GOOD) 0.11-0.34, so its argmax said BAD to
@@ -316,7 +316,7 @@ class JudgeSpec(BaseModel):
     # Re-asks at T=0 would mostly reproduce the same unparseable reply, so they sample warmer.
     reask_temperature: float = Field(0.7, ge=0, le=2)
     max_tokens: int = Field(256, ge=1)
-    constraint: str | None = None
+    constraint: Choice | None = None
     # Served judges: read P(GOOD) from the verdict token's logprobs; the RL reward is then P(GOOD), not the vote.
     served_probabilities: bool = False
     calibration: Literal["none", "median", "labelled"] = Field(
@@ -349,7 +349,7 @@ class JudgeSpec(BaseModel):
 
 
 def _request(model: str, messages: list[dict[str, str]], *, index: int, attempt: int, temperature: float,
-             reask_temperature: float, max_tokens: int, prompt_version: str, constraint: str | None,
+             reask_temperature: float, max_tokens: int, prompt_version: str, constraint: Choice | None,
              logprob_choices: tuple[str, ...] | None = None) -> ChatRequest:
     shifted = index + REASK_STRIDE * attempt
     return ChatRequest(
@@ -457,7 +457,7 @@ class OutcomeGrader:
     """The LLM outcome grader: "am I correct?" against the answer key, YES or NO."""
 
     def __init__(self, client: LLMClient, model: str, max_reasks: int = 2, *, temperature: float = 0.0,
-                 reask_temperature: float = 0.7, max_tokens: int = 256, constraint: str | None = None) -> None:
+                 reask_temperature: float = 0.7, max_tokens: int = 256, constraint: Choice | None = None) -> None:
         self.client = client
         self.model = model
         self.max_reasks = max_reasks

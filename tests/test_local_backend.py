@@ -8,6 +8,7 @@ import pytest
 
 from swirl_core.agent import PolicySpec
 from swirl_core.config import ModelConfig
+from swirl_core.constraints import ActionGrammar
 from swirl_core.llm.factory import build_client
 from swirl_core.protocol import parse_action, policy_messages
 
@@ -50,11 +51,11 @@ async def test_local_responses_are_journaled_and_replayed(tiny_model_dir, tmp_pa
 
 def test_shared_prefix_kv_cache_gives_the_same_tokens(tiny_model_dir, monkeypatch):
     import swirl_core.llm.transformers_backend as tb
-    from swirl_core.llm.base import ChatRequest
+    from swirl_core.llm.base import ChatRequest, Choice, Grammar
 
     requests = [
         ChatRequest(model="m", messages=policy_messages("math", q, 10, few_shot=True), temperature=0, max_tokens=16,
-                    constraint="grammar:math_exp|answer")
+                    constraint=Grammar(lark=ActionGrammar.for_task("math").lark(16), label="grammar"))
         for q in ("What is 2+2?", "A much longer question about apples and oranges: how many in total?", "7*6?")
     ]
     cached_backend = tb.TransformersBackend(tiny_model_dir)
@@ -66,22 +67,22 @@ def test_shared_prefix_kv_cache_gives_the_same_tokens(tiny_model_dir, monkeypatc
 
 
 async def test_choice_constraint_gives_exactly_one_of_the_choices(tiny_model_dir, tmp_path):
-    from swirl_core.llm.base import ChatRequest
+    from swirl_core.llm.base import ChatRequest, Choice, Grammar
 
     client = build_client(ModelConfig(model=str(tiny_model_dir)), tmp_path)
     requests = [ChatRequest(model="m", messages=[{"role": "user", "content": f"Is step {i} good?"}], temperature=1.0,
-                            max_tokens=8, constraint="choice:GOOD|BAD", sample_index=i, seed=i) for i in range(6)]
+                            max_tokens=8, constraint=Choice(options=("GOOD", "BAD")), sample_index=i, seed=i) for i in range(6)]
     texts = [r.text for r in await asyncio.gather(*(client.complete(r) for r in requests))]
     await client.aclose()
     assert set(texts) <= {"GOOD", "BAD"}, texts
 
 
 async def test_choice_probabilities_are_reported_journaled_and_replayed(tiny_model_dir, tmp_path):
-    from swirl_core.llm.base import ChatRequest
+    from swirl_core.llm.base import ChatRequest, Choice, Grammar
 
     cfg = ModelConfig(model=str(tiny_model_dir), temperature=0.0)
     requests = [ChatRequest(model="m", messages=[{"role": "user", "content": f"Is step {i} good?"}], temperature=0.0,
-                            max_tokens=8, constraint="choice:GOOD|BAD") for i in range(4)]
+                            max_tokens=8, constraint=Choice(options=("GOOD", "BAD"))) for i in range(4)]
     client = build_client(cfg, tmp_path)
     fresh = await asyncio.gather(*(client.complete(r) for r in requests))
     await client.aclose()
