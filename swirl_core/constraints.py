@@ -7,6 +7,7 @@ them), so a constraint is only recorded on a step once a probe has seen it appli
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import Any, Literal
 import aiohttp
 import orjson
 
-from swirl_core.llm.openai_compat import error_text
+from swirl_core.llm.openai_compat import LOGPROB_FIELDS, error_text
 from swirl_core.protocol import action_tags
 from swirl_core.records import TaskKind
 
@@ -125,10 +126,12 @@ class ProbeResult:
     reply: str
     latency_s: float
     completion_tokens: int | None
+    choice: bool = False  # probed a judge's choice field
+    logprobs: bool | None = None  # the server took the logprobs fields (False: it answered 4xx to them); None: not asked
 
-    def refusal(self, option: str) -> str:
+    def refusal(self, option: str, opt_in: str = "pass --allow-unconstrained") -> str:
         return (f"{self.endpoint} ({self.kind}) does not enforce decoding constraints: forced to reply "
-                f"{PROBE_REPLY!r}, it said {self.reply[:60]!r}; drop {option}, or pass --allow-unconstrained "
+                f"{PROBE_REPLY!r}, it said {self.reply[:60]!r}; drop {option}, or {opt_in} "
                 "to continue unconstrained (steps record constraint NULL)")
 
 
@@ -151,24 +154,34 @@ async def detect_kind(session: aiohttp.ClientSession, endpoint: str, timeout_s: 
 
 
 async def probe_constraint(endpoint: str, model_name: str, kind: ServerKind | Literal["auto"], *,
-                           api_key: str | None, timeout_s: float) -> ProbeResult:
-    """One greedy request under a constraint that allows exactly PROBE_REPLY; enforced when that came back."""
+                           api_key: str | None, timeout_s: float, choice: bool = False,
+                           logprobs: bool = False) -> ProbeResult:
+    """One greedy request under a constraint that allows exactly PROBE_REPLY; enforced when that came back.
+    `logprobs`: the request also asks for token logprobs, and is sent again once without them when the
+    server answers 4xx, which then records that the server refuses them."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     async with aiohttp.ClientSession(headers=headers) as session:
         resolved: ServerKind = await detect_kind(session, endpoint, timeout_s) if kind == "auto" else kind
         body = {"model": model_name, "messages": [{"role": "user", "content": PROBE_PROMPT}], "temperature": 0.0,
-                "max_tokens": 32, **probe_fields(resolved)}
-        started = time.perf_counter()
-        async with session.post(endpoint + "/chat/completions", json=body,
-                                timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
-            raw, status = await resp.read(), resp.status
-        latency = time.perf_counter() - started
+                "max_tokens": 32, **probe_fields(resolved, choice)}
+
+        async def post(fields: dict[str, Any]) -> tuple[int, bytes, float]:
+            started = time.perf_counter()
+            async with session.post(endpoint + "/chat/completions", json={**body, **fields},
+                                    timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+                return resp.status, await resp.read(), time.perf_counter() - started
+
+        status, raw, latency = await post(LOGPROB_FIELDS if logprobs else {})
+        took_logprobs = True if logprobs and status == 200 else None
+        if logprobs and 400 <= status < 500 and status != 429:
+            status, raw, latency = await post({})
+            took_logprobs = False if status == 200 else None  # refused again: not the logprobs' fault
+    result = functools.partial(ProbeResult, endpoint, resolved, choice=choice, logprobs=took_logprobs)
     if status != 200:  # e.g. a server that rejects fields it does not know
-        return ProbeResult(endpoint, resolved, False, f"HTTP {status}: {error_text(raw)}", latency, None)
+        return result(False, f"HTTP {status}: {error_text(raw)}", latency, None)
     try:
         data = orjson.loads(raw)
         reply = data["choices"][0]["message"]["content"] or ""
     except (ValueError, KeyError, IndexError, TypeError):
-        return ProbeResult(endpoint, resolved, False, f"malformed reply: {raw[:200]!r}", latency, None)
-    return ProbeResult(endpoint, resolved, reply.strip() == PROBE_REPLY, reply, latency,
-                       (data.get("usage") or {}).get("completion_tokens"))
+        return result(False, f"malformed reply: {raw[:200]!r}", latency, None)
+    return result(reply.strip() == PROBE_REPLY, reply, latency, (data.get("usage") or {}).get("completion_tokens"))

@@ -51,7 +51,7 @@ async def test_local_responses_are_journaled_and_replayed(tiny_model_dir, tmp_pa
 
 def test_shared_prefix_kv_cache_gives_the_same_tokens(tiny_model_dir, monkeypatch):
     import swirl_core.llm.transformers_backend as tb
-    from swirl_core.llm.base import ChatRequest, Choice, Grammar
+    from swirl_core.llm.base import ChatRequest, Grammar
 
     requests = [
         ChatRequest(model="m", messages=policy_messages("math", q, 10, few_shot=True), temperature=0, max_tokens=16,
@@ -67,7 +67,7 @@ def test_shared_prefix_kv_cache_gives_the_same_tokens(tiny_model_dir, monkeypatc
 
 
 async def test_choice_constraint_gives_exactly_one_of_the_choices(tiny_model_dir, tmp_path):
-    from swirl_core.llm.base import ChatRequest, Choice, Grammar
+    from swirl_core.llm.base import ChatRequest, Choice
 
     client = build_client(ModelConfig(model=str(tiny_model_dir)), tmp_path)
     requests = [ChatRequest(model="m", messages=[{"role": "user", "content": f"Is step {i} good?"}], temperature=1.0,
@@ -78,7 +78,7 @@ async def test_choice_constraint_gives_exactly_one_of_the_choices(tiny_model_dir
 
 
 async def test_choice_probabilities_are_reported_journaled_and_replayed(tiny_model_dir, tmp_path):
-    from swirl_core.llm.base import ChatRequest, Choice, Grammar
+    from swirl_core.llm.base import ChatRequest, Choice
 
     cfg = ModelConfig(model=str(tiny_model_dir), temperature=0.0)
     requests = [ChatRequest(model="m", messages=[{"role": "user", "content": f"Is step {i} good?"}], temperature=0.0,
