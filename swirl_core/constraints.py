@@ -129,10 +129,11 @@ class ProbeResult:
     choice: bool = False  # probed a judge's choice field
     logprobs: bool | None = None  # the server took the logprobs fields (False: it answered 4xx to them); None: not asked
 
-    def refusal(self, option: str, opt_in: str = "pass --allow-unconstrained") -> str:
+    def refusal(self, option: str, opt_in: str = "pass --allow-unconstrained",
+                outcome: str = "steps record constraint NULL") -> str:
         return (f"{self.endpoint} ({self.kind}) does not enforce decoding constraints: forced to reply "
                 f"{PROBE_REPLY!r}, it said {self.reply[:60]!r}; drop {option}, or {opt_in} "
-                "to continue unconstrained (steps record constraint NULL)")
+                f"to continue unconstrained ({outcome})")
 
 
 def probe_fields(kind: ServerKind, choice: bool = False) -> dict[str, Any]:

@@ -373,7 +373,8 @@ def verify_judge(cfg: ModelConfig, spec: JudgeSpec) -> tuple[JudgeSpec, dict[str
     if result.enforced:
         update.update(constraint=Served(label=VERDICT_CONSTRAINT.label), server_kind=result.kind)
     elif not cfg.allow_unconstrained:
-        raise ValueError(result.refusal("the judge's `constraint: regex`", "set its `allow_unconstrained: true`"))
+        raise ValueError(result.refusal("the judge's `constraint: regex`", "set its `allow_unconstrained: true`",
+                                        "the judge answers in free text"))
     return spec.model_copy(update=update), asdict(result)
 
 
