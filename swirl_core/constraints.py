@@ -28,8 +28,10 @@ REASONING_MAX, CONTENT_MAX = 400, 300  # characters before the tag, and inside i
 # Tokens a constrained step may need (about 4 characters a token, and the tags): a sampling budget below it cuts steps.
 STEP_TOKENS = (REASONING_MAX + CONTENT_MAX) // 4 + 16
 # In-process, the grammar also fits the token budget: reasoning gets at most this share of it, and the tags
-# this many tokens each (their worst case on common tokenizers: "<", "math", "_", "exp", ">").
-REASONING_SHARE, TAG_TOKENS = 0.25, 6
+# this many tokens each (their worst case on common tokenizers: "<", "math", "_", "exp", ">"). The share is 0:
+# measured on the demo (benchmarks/constrained_decoding.py), SmolLM2 given a quarter for reasoning spends it on
+# every step, for the same parse rate, and a tiny policy's reasoning is noise the judge then has to read.
+REASONING_SHARE, TAG_TOKENS = 0.0, 6
 
 # Characters allowed inside each tag. Math stays arithmetic (the calculator rejects prose anyway), a math
 # answer is a number, QA text is one line.

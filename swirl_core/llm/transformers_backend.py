@@ -77,6 +77,7 @@ class GrammarProcessor:
 
     def __call__(self, input_ids, scores):
         import llguidance
+        import numpy as np
         import torch
 
         batch, vocab = scores.shape
@@ -98,9 +99,10 @@ class GrammarProcessor:
             elif not m.is_error():
                 words = bitmask[row]
                 m.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * words.element_size())
-        shifts = torch.arange(32, dtype=torch.int32)
-        allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().view(batch, -1)
-        allowed = torch.nn.functional.pad(allowed, (0, max(0, vocab - allowed.shape[1])))[:, :vocab]
+        bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")  # token i: bit i % 32 of word i // 32
+        allowed = torch.zeros((batch, vocab), dtype=torch.bool)  # tokens beyond the tokenizer's vocabulary: never
+        n = min(vocab, self.lltok.vocab_size)
+        allowed[:, :n] = torch.from_numpy(bits[:, :n]).bool()
         for row, token in forced:
             allowed[row] = False
             allowed[row, token] = True
