@@ -94,3 +94,21 @@ async def test_choice_probabilities_are_reported_journaled_and_replayed(tiny_mod
     again = await asyncio.gather(*(replay.complete(r) for r in requests))
     await replay.aclose()
     assert replay.stats["sent"] == 0 and [r.choice_probs for r in again] == [r.choice_probs for r in fresh]
+
+
+async def test_any_grammar_it_is_given_is_forced_and_the_backend_knows_no_tags(tiny_model_dir, tmp_path):
+    """The backend compiles what the request carries (llguidance): here a grammar that is no action at all."""
+    import re
+
+    from swirl_core.llm.base import ChatRequest, Grammar, LLMError, Served
+
+    client = build_client(ModelConfig(model=str(tiny_model_dir)), tmp_path)
+    grammar = Grammar(lark='start: "id-" /[0-9]{3}/ ("!" | "?")\n', label="ids")
+    requests = [ChatRequest(model="m", messages=[{"role": "user", "content": f"Say something {i}"}], temperature=1.0,
+                            max_tokens=12, constraint=grammar, sample_index=i, seed=i) for i in range(4)]
+    texts = [r.text for r in await asyncio.gather(*(client.complete(r) for r in requests))]
+    assert all(re.fullmatch(r"id-[0-9]{3}[!?]", t) for t in texts), texts
+    # A constraint only a server can apply is refused, not silently dropped.
+    with pytest.raises(LLMError, match="cannot apply a served constraint"):
+        await client.complete(ChatRequest(model="m", messages=[{"role": "user", "content": "x"}], constraint=Served()))
+    await client.aclose()
