@@ -34,7 +34,7 @@ from swirl_core.curation import (
     select_judge,
 )
 from swirl_core.hashing import content_hash
-from swirl_core.judging import Judgment, LLMGrade
+from swirl_core.judging import Judgment, LLMGrade, verify_judge
 from swirl_core.plots import bar_chart_png
 from swirl_core.store import Store
 from tasks.artifacts import png_markdown, publish_markdown, publish_tables
@@ -61,7 +61,7 @@ def curate(config: CurateConfig = CurateConfig()) -> dict[str, Any]:
     failures: list[str] = []
     probes: list[dict[str, Any]] = []
     with database_slot(config.db), Store(config.db) as store:
-        spec = judge_spec(config)
+        spec, judge_probe = verify_judge(config.judge, judge_spec(config))  # one request, before any is paid for
         judging = not config.skip_judge and config.judge_id is None
         if judging:
             probes = _measure_judge(store, config, logger)
@@ -79,7 +79,8 @@ def curate(config: CurateConfig = CurateConfig()) -> dict[str, Any]:
         known = store.query("SELECT judge_model, spec FROM judges WHERE judge_fingerprint = ?", [fingerprint])
         model, asked = (config.judge.model, spec.model_dump_json()) if not config.judge_id else (
             known[0] if known else (None, None))
-        store.start_run(run_id, "curate", config.model_dump(mode="json"), dataset=config.dataset, model=model,
+        run_config = config.model_dump(mode="json") | ({"judge_probe": judge_probe} if judge_probe else {})
+        store.start_run(run_id, "curate", run_config, dataset=config.dataset, model=model,
                         prompt_version=asked)
         if judging:
             register_judge(store.con, fingerprint, spec, probes[0]["fingerprint"] if probes else None)

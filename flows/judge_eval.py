@@ -29,7 +29,7 @@ from swirl_core.judge_probe import (
     probe_metrics,
     reliability,
 )
-from swirl_core.judging import JudgeSpec, Judgment, majority
+from swirl_core.judging import JudgeSpec, Judgment, majority, verify_judge
 from swirl_core.plots import bar_chart_png
 from swirl_core.records import ProbeMetricRow, ProbeResultRow
 from swirl_core.seeds import load_seeds
@@ -67,11 +67,12 @@ def _judged(step: LabelledStep, judgments: list[Judgment]) -> dict[str, Any]:
 def run_probe(store: Store, config: JudgeEvalConfig, logger) -> dict[str, Any]:
     """Judge the labelled steps this judge has not rated yet, then score every one; returns the figures."""
     steps = build_steps(config)
-    spec = probe_spec(config)
+    spec, judge_probe = verify_judge(config.judge, probe_spec(config))  # one request, before any is paid for
     fingerprint = judge_fingerprint(spec)
     run_id = content_hash("probe-run", fingerprint, PROBE_VERSION, config.dataset, config.data_files, config.split,
                           config.hub_name, config.hub_config, config.limit, config.seed)[:16]
-    store.start_run(run_id, "judge-eval", config.model_dump(mode="json"), dataset=config.dataset,
+    run_config = config.model_dump(mode="json") | ({"judge_probe": judge_probe} if judge_probe else {})
+    store.start_run(run_id, "judge-eval", run_config, dataset=config.dataset,
                     model=config.judge.model, prompt_version=spec.model_dump_json())
     ids = [s.probe_step_id for s in steps]
     known = {r["probe_step_id"]: r for r in query_dicts(

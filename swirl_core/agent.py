@@ -11,12 +11,11 @@ import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from swirl_core.constraints import ServerKind, action_fields
+from swirl_core.constraints import ActionGrammar, ServerKind, action_fields
 from swirl_core.hashing import content_hash
-from swirl_core.llm.base import ChatRequest, LLMError
+from swirl_core.llm.base import ChatRequest, Grammar, LLMError, Served
 from swirl_core.llm.client import LLMClient
 from swirl_core.protocol import (
-    action_tags,
     invalid_action_feedback,
     observation_message,
     parse_action,
@@ -63,11 +62,12 @@ class PolicySpec:
     def request(self, messages: list[dict[str, str]], sample_index: int) -> ChatRequest:
         constraint, extra = None, {}
         if self.constraint == "grammar":
-            constraint = "grammar:" + "|".join(action_tags(self.task, self.tools))
+            grammar = ActionGrammar.for_task(self.task, self.tools)
+            constraint = Grammar(lark=grammar.lark(self.max_tokens), label=grammar.label)
         elif self.constraint == "regex":
             if self.server_kind is None:
                 raise ValueError("a served constraint needs the server kind its probe verified")
-            constraint, extra = "regex", action_fields(self.server_kind, self.task, self.tools)
+            constraint, extra = Served(), action_fields(self.server_kind, self.task, self.tools)
         return ChatRequest(
             model=self.model, messages=messages, temperature=self.temperature, top_p=self.top_p,
             max_tokens=self.max_tokens, sample_index=sample_index, seed=sample_index,
@@ -118,7 +118,7 @@ class Agent:
                 Step(
                     step_index=k, message=parsed.message, action=action, observation=observation,
                     tool_error=tool_error, call_key=response.key, model=policy.model,
-                    prompt_version=policy.prompt_version, constraint=request.constraint,
+                    prompt_version=policy.prompt_version, constraint=request.constraint_label,
                     prompt_tokens=response.prompt_tokens, completion_tokens=response.completion_tokens,
                     latency_s=response.latency_s, cached=response.cached,
                 )

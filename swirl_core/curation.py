@@ -42,7 +42,9 @@ def judge_spec(config: CurateConfig) -> JudgeSpec:
 def judge_fingerprint(spec: JudgeSpec) -> str:
     """Records how the judge is asked, P(GOOD) from served logprobs included; a judge that does not read
     them keeps the fingerprint it had before they were recorded (its judgments stay its own)."""
-    asked = spec.model_dump(exclude=None if spec.served_probabilities else {"served_probabilities"})
+    unset = {"served_probabilities"} if not spec.served_probabilities else set()
+    asked = spec.model_dump(exclude=unset | ({"server_kind"} if spec.server_kind is None else set()))
+    asked["constraint"] = spec.constraint.label if spec.constraint else None  # as when constraints were strings
     return content_hash("judge", asked, JUDGE_PROMPT_VERSION)[:16]
 
 

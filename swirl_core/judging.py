@@ -12,20 +12,25 @@ call: the record's typed `error` says what went wrong (verdict UNKNOWN), and the
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import statistics
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from swirl_core.llm.base import ChatRequest, LLMError
+from swirl_core.constraints import ServerKind, choice_fields, probe_constraint
+from swirl_core.llm.base import ChatRequest, Choice, LLMError, Served
 from swirl_core.llm.client import LLMClient
 from swirl_core.llm.config import ModelConfig
+from swirl_core.llm.factory import served_key
 from swirl_core.protocol import ARROW
 from swirl_core.records import LLMResponse, TaskKind
+
+log = logging.getLogger(__name__)
 
 Verdict = Literal["GOOD", "BAD"]
 VERDICTS: tuple[Verdict, ...] = ("GOOD", "BAD")
@@ -35,8 +40,8 @@ StepVerdict = Literal["GOOD", "BAD", "UNKNOWN"]
 JUDGE_PROMPT_VERSION: dict[TaskKind, str] = {"qa": "judge-search-v1", "math": "judge-math-v1"}
 GRADER_PROMPT_VERSION = "grader-v1"
 # Small in-process judges answer with the verdict alone (a decoding constraint, recorded per call).
-VERDICT_CONSTRAINT = "choice:" + "|".join(VERDICTS)
-GRADE_CONSTRAINT = "choice:YES|NO"
+VERDICT_CONSTRAINT = Choice(options=VERDICTS)
+GRADE_CONSTRAINT = Choice(options=("YES", "NO"))
 
 # Calibration for judges that report choice probabilities (in-process ones). A small model leans to one
 # verdict whatever the step: SmolLM2-135M gave every demo step P(GOOD) 0.11-0.34, so its argmax said BAD to
@@ -305,7 +310,10 @@ class JudgeSpec(BaseModel):
     # Re-asks at T=0 would mostly reproduce the same unparseable reply, so they sample warmer.
     reask_temperature: float = Field(0.7, ge=0, le=2)
     max_tokens: int = Field(256, ge=1)
-    constraint: str | None = None
+    # In-process: the verdict word alone (Choice); served: the server's choice field (Served, of `server_kind`),
+    # once a probe has seen the server enforce it.
+    constraint: Choice | Served | None = None
+    server_kind: ServerKind | None = None
     # Served judges: read P(GOOD) from the verdict token's logprobs; the RL reward is then P(GOOD), not the vote.
     served_probabilities: bool = False
     calibration: Literal["none", "median", "labelled"] = Field(
@@ -337,15 +345,38 @@ class JudgeSpec(BaseModel):
         )
 
 
+def verify_judge(cfg: ModelConfig, spec: JudgeSpec) -> tuple[JudgeSpec, dict[str, Any] | None]:
+    """A served judge asked to answer under a constraint (`constraint: regex`): before anything is paid for, one
+    probe checks that the server forces its choice field (the run stops, naming the server, unless
+    `allow_unconstrained`), and, when P(GOOD) is read, that it takes the logprobs fields (refused: the judge
+    goes without, p_good stays NULL). Returns the spec the server can serve and the probe's record."""
+    if cfg.resolved_constraint != "regex" or cfg.served_endpoint is None:
+        return spec, None
+    result = asyncio.run(probe_constraint(cfg.served_endpoint, cfg.model.partition("/")[2], cfg.server_kind,
+                                          api_key=served_key(cfg), timeout_s=cfg.timeout_s, choice=True,
+                                          logprobs=spec.served_probabilities))
+    update: dict[str, Any] = {}
+    if result.logprobs is False:
+        log.warning("%s refused the logprobs fields: judging without them (no P(GOOD): p_good stays NULL)", result.endpoint)
+        update["served_probabilities"] = False
+    if result.enforced:
+        update.update(constraint=Served(label=VERDICT_CONSTRAINT.label), server_kind=result.kind)
+    elif not cfg.allow_unconstrained:
+        raise ValueError(result.refusal("the judge's `constraint: regex`", "set its `allow_unconstrained: true`",
+                                        "the judge answers in free text"))
+    return spec.model_copy(update=update), asdict(result)
+
+
 def _request(model: str, messages: list[dict[str, str]], *, index: int, attempt: int, temperature: float,
-             reask_temperature: float, max_tokens: int, prompt_version: str, constraint: str | None,
-             logprob_choices: tuple[str, ...] | None = None) -> ChatRequest:
+             reask_temperature: float, max_tokens: int, prompt_version: str, constraint: Choice | Served | None,
+             logprob_choices: tuple[str, ...] | None = None, extra_body: dict[str, Any] | None = None) -> ChatRequest:
     shifted = index + REASK_STRIDE * attempt
     return ChatRequest(
         model=model, messages=messages,
         temperature=temperature if attempt == 0 else max(temperature, reask_temperature),
         max_tokens=max_tokens, sample_index=shifted, seed=shifted,
         prompt_version=prompt_version, constraint=constraint, logprob_choices=logprob_choices,
+        extra_body=extra_body or {},
     )
 
 
@@ -373,7 +404,8 @@ class StepJudge:
             return _request(spec.model, messages, index=j, attempt=attempt, temperature=spec.temperature,
                             reask_temperature=spec.reask_temperature, max_tokens=spec.max_tokens,
                             prompt_version=version, constraint=spec.constraint,
-                            logprob_choices=VERDICTS if spec.served_probabilities else None)
+                            logprob_choices=VERDICTS if spec.served_probabilities else None,
+                            extra_body=choice_fields(spec.server_kind, VERDICTS) if spec.server_kind else None)
 
         if spec.calibration != "none":
             asked = await self._calibrated(item.task, make(0))
@@ -440,7 +472,7 @@ class OutcomeGrader:
     """The LLM outcome grader: "am I correct?" against the answer key, YES or NO."""
 
     def __init__(self, client: LLMClient, model: str, max_reasks: int = 2, *, temperature: float = 0.0,
-                 reask_temperature: float = 0.7, max_tokens: int = 256, constraint: str | None = None) -> None:
+                 reask_temperature: float = 0.7, max_tokens: int = 256, constraint: Choice | None = None) -> None:
         self.client = client
         self.model = model
         self.max_reasks = max_reasks

@@ -4,7 +4,8 @@ It plays a policy model (step scripts) and a judge model (regex rules), injects 
 request body, and counts what it answered, so tests can drive the real LLM client over real HTTP.
 Given `alternatives(body, token)` (a token's top alternatives as (token, probability) pairs, or None for
 the token alone at p=1), it is a server that returns `logprobs` when asked: one token per word, with its
-leading whitespace. Without it, it ignores the request for logprobs, as some servers do.
+leading whitespace. Without it, it ignores the request for logprobs, as some servers do. `rejects` names body fields it answers
+400 to, as servers that validate strictly do (e.g. a hosted API that does not offer logprobs).
 
     with ScriptedServer(scripts={"capital of France": ["<search>France</search>", "<answer>Paris</answer>"]}) as srv:
         client = openai.OpenAI(base_url=srv.base_url, api_key="test")
@@ -186,11 +187,12 @@ class ScriptedServer:
                  default: str = "<answer>unknown</answer>", faults: Faults | None = None, port: int = 0,
                  responder: Callable[[dict], str] | None = None, stamp_replies: bool = False,
                  alternatives: Callable[[dict, str], list[tuple[str, float]] | None] | None = None,
-                 owned_by: str = "tests") -> None:
+                 owned_by: str = "tests", rejects: tuple[str, ...] = ()) -> None:
         self.scripts = dict(scripts or {})
         self._keys = list(self.scripts)
         self._rules = [(re.compile(rx, re.DOTALL), reply) for rx, reply in (rules or [])]
         self.default, self.responder, self.alternatives, self.owned_by = default, responder, alternatives, owned_by
+        self.rejects = rejects
         # Prefix every reply with "[req:<16 hex of the body's sha256>]": a stored reply then names the request
         # that paid for it (replies stay deterministic per body, so a replayed conversation is unchanged).
         self.stamp_replies = stamp_replies
@@ -367,6 +369,8 @@ class ScriptedServer:
                     f"Retry-After: {retry_after:g}\r\n", None)
         if fault == "server_error":
             return self._count(500), _error("scripted server error", "server_error"), "", None
+        if refused := [f for f in self.rejects if f in body]:
+            return self._count(400), _error(f"unsupported parameter: {refused[0]}", "invalid_request_error"), "", None
         if fault == "malformed":
             return self._count(200), _MALFORMED, "", None
         if fault == "hang":

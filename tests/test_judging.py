@@ -348,7 +348,7 @@ async def test_local_judge_decides_at_the_median_of_a_sample_and_rewards_with_it
 
     cfg = ModelConfig(model=str(tiny_model_dir), temperature=0.0)
     spec = JudgeSpec.for_model(cfg)
-    assert spec.calibration == "median" and spec.constraint == "choice:GOOD|BAD" and spec.thresholds == {}
+    assert spec.calibration == "median" and spec.constraint.label == "choice:GOOD|BAD" and spec.thresholds == {}
     assert JudgeSpec.for_model(ModelConfig(model="openai/gpt-4o-mini")).calibration == "none"
     items = [StepToJudge(trajectory_id=f"t{i}", step_index=0, task="math", question=f"What is {i} + {i * 7}?", turns=[],
                          action_message=msg)
@@ -440,5 +440,5 @@ async def test_served_judge_records_p_good_from_logprobs_into_judgments_and_the_
     from swirl_core.hashing import content_hash
     from swirl_core.judging import JUDGE_PROMPT_VERSION
 
-    legacy = {k: v for k, v in plain.model_dump().items() if k != "served_probabilities"}
+    legacy = {k: v for k, v in plain.model_dump().items() if k not in ("served_probabilities", "server_kind")}
     assert judge_fingerprint(plain) == content_hash("judge", legacy, JUDGE_PROMPT_VERSION)[:16]

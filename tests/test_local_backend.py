@@ -8,6 +8,7 @@ import pytest
 
 from swirl_core.agent import PolicySpec
 from swirl_core.config import ModelConfig
+from swirl_core.constraints import ActionGrammar
 from swirl_core.llm.factory import build_client
 from swirl_core.protocol import parse_action, policy_messages
 
@@ -50,11 +51,11 @@ async def test_local_responses_are_journaled_and_replayed(tiny_model_dir, tmp_pa
 
 def test_shared_prefix_kv_cache_gives_the_same_tokens(tiny_model_dir, monkeypatch):
     import swirl_core.llm.transformers_backend as tb
-    from swirl_core.llm.base import ChatRequest
+    from swirl_core.llm.base import ChatRequest, Grammar
 
     requests = [
         ChatRequest(model="m", messages=policy_messages("math", q, 10, few_shot=True), temperature=0, max_tokens=16,
-                    constraint="grammar:math_exp|answer")
+                    constraint=Grammar(lark=ActionGrammar.for_task("math").lark(16), label="grammar"))
         for q in ("What is 2+2?", "A much longer question about apples and oranges: how many in total?", "7*6?")
     ]
     cached_backend = tb.TransformersBackend(tiny_model_dir)
@@ -66,22 +67,22 @@ def test_shared_prefix_kv_cache_gives_the_same_tokens(tiny_model_dir, monkeypatc
 
 
 async def test_choice_constraint_gives_exactly_one_of_the_choices(tiny_model_dir, tmp_path):
-    from swirl_core.llm.base import ChatRequest
+    from swirl_core.llm.base import ChatRequest, Choice
 
     client = build_client(ModelConfig(model=str(tiny_model_dir)), tmp_path)
     requests = [ChatRequest(model="m", messages=[{"role": "user", "content": f"Is step {i} good?"}], temperature=1.0,
-                            max_tokens=8, constraint="choice:GOOD|BAD", sample_index=i, seed=i) for i in range(6)]
+                            max_tokens=8, constraint=Choice(options=("GOOD", "BAD")), sample_index=i, seed=i) for i in range(6)]
     texts = [r.text for r in await asyncio.gather(*(client.complete(r) for r in requests))]
     await client.aclose()
     assert set(texts) <= {"GOOD", "BAD"}, texts
 
 
 async def test_choice_probabilities_are_reported_journaled_and_replayed(tiny_model_dir, tmp_path):
-    from swirl_core.llm.base import ChatRequest
+    from swirl_core.llm.base import ChatRequest, Choice
 
     cfg = ModelConfig(model=str(tiny_model_dir), temperature=0.0)
     requests = [ChatRequest(model="m", messages=[{"role": "user", "content": f"Is step {i} good?"}], temperature=0.0,
-                            max_tokens=8, constraint="choice:GOOD|BAD") for i in range(4)]
+                            max_tokens=8, constraint=Choice(options=("GOOD", "BAD"))) for i in range(4)]
     client = build_client(cfg, tmp_path)
     fresh = await asyncio.gather(*(client.complete(r) for r in requests))
     await client.aclose()
@@ -93,3 +94,21 @@ async def test_choice_probabilities_are_reported_journaled_and_replayed(tiny_mod
     again = await asyncio.gather(*(replay.complete(r) for r in requests))
     await replay.aclose()
     assert replay.stats["sent"] == 0 and [r.choice_probs for r in again] == [r.choice_probs for r in fresh]
+
+
+async def test_any_grammar_it_is_given_is_forced_and_the_backend_knows_no_tags(tiny_model_dir, tmp_path):
+    """The backend compiles what the request carries (llguidance): here a grammar that is no action at all."""
+    import re
+
+    from swirl_core.llm.base import ChatRequest, Grammar, LLMError, Served
+
+    client = build_client(ModelConfig(model=str(tiny_model_dir)), tmp_path)
+    grammar = Grammar(lark='start: "id-" /[0-9]{3}/ ("!" | "?")\n', label="ids")
+    requests = [ChatRequest(model="m", messages=[{"role": "user", "content": f"Say something {i}"}], temperature=1.0,
+                            max_tokens=12, constraint=grammar, sample_index=i, seed=i) for i in range(4)]
+    texts = [r.text for r in await asyncio.gather(*(client.complete(r) for r in requests))]
+    assert all(re.fullmatch(r"id-[0-9]{3}[!?]", t) for t in texts), texts
+    # A constraint only a server can apply is refused, not silently dropped.
+    with pytest.raises(LLMError, match="cannot apply a served constraint"):
+        await client.complete(ChatRequest(model="m", messages=[{"role": "user", "content": "x"}], constraint=Served()))
+    await client.aclose()

@@ -2,12 +2,45 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from swirl_core.hashing import content_hash
 from swirl_core.records import LLMResponse
+
+
+class Grammar(BaseModel):
+    """The whole reply matches this Lark grammar (llguidance's dialect); `label` is what records name it by."""
+
+    model_config = ConfigDict(frozen=True)
+    kind: Literal["grammar"] = "grammar"
+    lark: str
+    label: str
+
+
+class Choice(BaseModel):
+    """The whole reply is one of `options` (e.g. a judge's GOOD or BAD); in-process, each option's probability
+    is reported too."""
+
+    model_config = ConfigDict(frozen=True)
+    kind: Literal["choice"] = "choice"
+    options: tuple[str, ...]
+
+    @property
+    def label(self) -> str:
+        return "choice:" + "|".join(self.options)
+
+
+class Served(BaseModel):
+    """A constraint a server applies: sent in `extra_body` in the field its kind reads, verified by a probe."""
+
+    model_config = ConfigDict(frozen=True)
+    kind: Literal["served"] = "served"
+    label: str = "regex"
+
+
+Constraint = Annotated[Grammar | Choice | Served, Field(discriminator="kind")]
 
 
 class ChatRequest(BaseModel):
@@ -23,8 +56,8 @@ class ChatRequest(BaseModel):
     sample_index: int = 0
     seed: int | None = None  # sent to servers that honour it, for reproducible samples
     prompt_version: str = ""
-    # Decoding constraint for small models ("tag-start" in-process, "regex" via guided decoding).
-    constraint: str | None = None
+    # Decoding constraint: compiled in-process (Grammar, Choice), or carried to a server in `extra_body` (Served).
+    constraint: Constraint | None = None
     extra_body: dict[str, Any] = Field(default_factory=dict)
     # Served models: ask for token logprobs and report each word's probability at the reply's final choice
     # (`LLMResponse.choice_probs`), e.g. ("GOOD", "BAD") for a judge's verdict.
@@ -33,10 +66,15 @@ class ChatRequest(BaseModel):
     def key(self) -> str:
         # Fields added later join the key only when set, so journal entries written before keep their keys.
         later = [self.logprob_choices] if self.logprob_choices else []
+        constraint = self.constraint.model_dump() if self.constraint else None  # unconstrained: None, as always
         return content_hash(
             "chat", self.model, self.messages, self.temperature, self.top_p, self.max_tokens,
-            self.stop, self.sample_index, self.seed, self.prompt_version, self.constraint, self.extra_body, *later,
+            self.stop, self.sample_index, self.seed, self.prompt_version, constraint, self.extra_body, *later,
         )
+
+    @property
+    def constraint_label(self) -> str | None:
+        return self.constraint.label if self.constraint else None
 
 
 class LLMError(RuntimeError):

@@ -108,7 +108,7 @@ def _to_record(request: ChatRequest, key: str, r: LLMResponse, attempts: int, ba
         "sample_index": request.sample_index,
         "temperature": request.temperature,
         "max_tokens": request.max_tokens,
-        "constraint": request.constraint,
+        "constraint": request.constraint_label,
         "text": r.text,
         "finish_reason": r.finish_reason,
         "prompt_tokens": r.prompt_tokens,

@@ -7,6 +7,7 @@ throughput at zero latency and the openai SDK's httpx transport is slower still.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import re
 import time
@@ -20,7 +21,9 @@ from swirl_core.llm.limits import parse_retry_after
 from swirl_core.records import LLMResponse
 
 TOP_LOGPROBS = 5  # alternatives per token asked for with `logprob_choices`: both verdicts' first tokens fit
+LOGPROB_FIELDS = {"logprobs": True, "top_logprobs": TOP_LOGPROBS}
 _LEADING_WORD = re.compile(r"[^A-Za-z]*([A-Za-z]*)")
+log = logging.getLogger(__name__)
 
 
 class OpenAICompatBackend:
@@ -34,6 +37,8 @@ class OpenAICompatBackend:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._concurrency = concurrency
         self._session: aiohttp.ClientSession | None = None
+        # Set when the server answered 4xx to the logprobs fields: later requests go without (no P(GOOD)).
+        self.logprobs_refused = False
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -54,12 +59,25 @@ class OpenAICompatBackend:
             body["stop"] = request.stop
         if request.seed is not None:
             body["seed"] = request.seed
-        if request.logprob_choices:
-            body["logprobs"], body["top_logprobs"] = True, TOP_LOGPROBS
+        if request.logprob_choices and not self.logprobs_refused:
+            body.update(LOGPROB_FIELDS)
         body.update(request.extra_body)
         return body
 
     async def complete(self, request: ChatRequest, timeout_s: float) -> LLMResponse:
+        with_logprobs = bool(request.logprob_choices) and not self.logprobs_refused
+        try:
+            return await self._complete(request, timeout_s)
+        except _Refused as exc:
+            if not with_logprobs:
+                raise
+            if not self.logprobs_refused:  # once: requests in flight meanwhile are asked again quietly
+                log.warning("%s answered %s to a request with logprobs: asking without them for the rest of this run "
+                            "(no P(GOOD): p_good stays NULL)", self.url, exc)
+            self.logprobs_refused = True
+            return await self._complete(request, timeout_s)
+
+    async def _complete(self, request: ChatRequest, timeout_s: float) -> LLMResponse:
         started = time.perf_counter()
         try:
             async with self._get_session().post(
@@ -75,7 +93,7 @@ class OpenAICompatBackend:
         if status == 429 or status >= 500:
             raise RetryableError(f"HTTP {status}: {error_text(raw)}", retry_after)
         if status != 200:
-            raise LLMError(f"HTTP {status}: {error_text(raw)}")
+            raise _Refused(f"HTTP {status}: {error_text(raw)}")
         try:
             data = orjson.loads(raw)
             choice = data["choices"][0]
@@ -83,13 +101,14 @@ class OpenAICompatBackend:
         except (ValueError, KeyError, IndexError, TypeError) as exc:
             raise RetryableError("malformed response body") from exc
         usage = data.get("usage") or {}
+        asked = request.logprob_choices if not self.logprobs_refused else None
         return LLMResponse(
             text=text,
             finish_reason=choice.get("finish_reason"),
             prompt_tokens=usage.get("prompt_tokens"),
             completion_tokens=usage.get("completion_tokens"),
             latency_s=time.perf_counter() - started,
-            choice_probs=choice_probs(choice.get("logprobs"), request.logprob_choices) if request.logprob_choices else None,
+            choice_probs=choice_probs(choice.get("logprobs"), asked) if asked else None,
             model=request.model,
         )
 
@@ -97,6 +116,10 @@ class OpenAICompatBackend:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+class _Refused(LLMError):
+    """A 4xx other than 429: the request itself was refused."""
 
 
 def choice_probs(logprobs: dict[str, Any] | None, choices: tuple[str, ...]) -> dict[str, float] | None:

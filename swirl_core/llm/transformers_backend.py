@@ -3,24 +3,23 @@
 Requests arrive one coroutine at a time; a collector groups those that share decoding settings
 into one left-padded `generate` call, so K samples × many questions become a few batches.
 
-The `grammar` constraint makes a small model's message exactly one action tag with well-formed
-content (see `ActionGrammar`). Measured on SmolLM2-135M: unconstrained it almost never emits a tag
-(0 of 8 first steps); constrained, every message parses.
+A request's constraint (a `Grammar` or a `Choice`) is compiled by llguidance into per-token masks; the
+backend knows no task or tag, only the grammar it is given. Measured on SmolLM2-135M: unconstrained it
+almost never emits an action tag; under the action grammar every message parses.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import threading
 import time
 from functools import cached_property
 from pathlib import Path
 
-from swirl_core.llm.base import ChatRequest, LLMError
+from swirl_core.llm.base import ChatRequest, Choice, Grammar, LLMError
 from swirl_core.records import LLMResponse
-
-ACTION_OPEN_TAGS = ("<search_query>", "<math_exp>", "<answer>")
 
 _models: dict[str, tuple[object, object]] = {}
 _models_lock = threading.Lock()
@@ -47,139 +46,71 @@ def load_model(path: Path, device: str | None = None):
         return _models[key]
 
 
-# Characters allowed inside each tag when decoding is constrained. Math stays arithmetic (the
-# calculator rejects prose anyway); a math answer is a number; QA text is one line.
-_MATH_CHARS = frozenset("0123456789.+-*/()^%, $")
-_NUMBER_CHARS = frozenset("0123456789.,-$ /")
-_LINE_FORBIDDEN = frozenset("<>\n")
-MAX_CONSTRAINED_CONTENT = 200
-CLOSE_BUDGET_TOKENS = 6  # tokens kept back to write the closing tag
 MIN_SHARED_PREFIX = 32  # below this, prefix caching is not worth a cache copy
 
 
-def _content_ok(tag: str, task_is_math: bool, text: str) -> bool:
-    if tag == "math_exp":
-        return all(c in _MATH_CHARS for c in text)
-    if tag == "answer" and task_is_math:
-        return all(c in _NUMBER_CHARS for c in text)
-    return not any(c in _LINE_FORBIDDEN for c in text)
+def choice_lark(options: tuple[str, ...]) -> str:
+    return "start: " + " | ".join(json.dumps(o) for o in options) + "\n"
 
 
-class ActionGrammar:
-    """A logits processor: the message is exactly `<tag>content</tag>` for one allowed tag.
+def grammar_tokenizer(tokenizer):
+    """The tokenizer as llguidance sees it (about a second to build: once per backend)."""
+    import llguidance.hf
 
-    Per row it tracks the generated text: before the tag, only tokens that extend a prefix of an
-    allowed opening tag; inside, only content characters or the start of the closing tag; once
-    closed, only end-of-sequence. Masks depend on a short state string, so they are computed once
-    per state and cached across batches.
+    return llguidance.hf.from_tokenizer(tokenizer)
+
+
+class GrammarProcessor:
+    """A logits processor: every row's reply matches one grammar, compiled by llguidance.
+
+    One matcher per row consumes the row's tokens; its mask allows exactly the tokens that keep the reply in
+    the grammar (end-of-sequence once it is complete). Where the grammar leaves a single continuation (a
+    closing tag), the row gets its canonical tokens, so forced text costs the fewest tokens of the budget.
     """
 
-    def __init__(self, tokenizer, prompt_len: int, max_new_tokens: int, tags: tuple[str, ...], task_is_math: bool,
-                 token_strings: list[str], cache: dict) -> None:
-        self.tokenizer = tokenizer
-        self.prompt_len = prompt_len
-        self.max_new_tokens = max_new_tokens
-        self.tags = tags
-        self.math = task_is_math
-        self.tokens = token_strings
-        self.cache = cache
-        self.eos = tokenizer.eos_token_id
+    def __init__(self, lltok, grammar: str) -> None:
+        import llguidance
 
-    def _mask(self, state: tuple, vocab: int, device):
-        key = (state, self.math, self.tags, vocab)
-        if key not in self.cache:
-            import torch
-
-            allowed = torch.zeros(vocab, dtype=torch.bool)
-            if state[0] == "closed":
-                ids = [self.eos]
-            elif state[0] == "force":  # out of budget: the longest token that continues the closing tag
-                rest = f"</{state[1]}>"[len(state[2]):]
-                ids = [max((i for i, s in enumerate(self.tokens[:vocab]) if s and rest.startswith(s)),
-                           key=lambda i: len(self.tokens[i]))]
-            else:
-                ids = [i for i, s in enumerate(self.tokens[:vocab]) if s and self._allows(state, s)]
-            allowed[ids] = True
-            self.cache[key] = (~allowed).to(device)
-        return self.cache[key]
-
-    def _allows(self, state: tuple, s: str) -> bool:
-        phase = state[0]
-        if phase == "open":  # state[1]: text so far, a proper prefix of some opening tag
-            text = state[1] + s
-            return any(f"<{t}>".startswith(text) or text == f"<{t}>" for t in self.tags)
-        tag, content_len, pending = state[1], state[2], state[3]
-        close = f"</{tag}>"
-        if pending:  # inside the closing tag: finish it exactly
-            return close.startswith(pending + s)
-        if content_len >= MAX_CONSTRAINED_CONTENT:
-            return close.startswith(s)
-        cut = s.find("<")
-        body, rest = (s, "") if cut < 0 else (s[:cut], s[cut:])
-        if not _content_ok(tag, self.math, body):
-            return False
-        if rest and (content_len + len(body.strip()) == 0 or not close.startswith(rest)):
-            return False
-        return True
-
-    def state_of(self, text: str) -> tuple:
-        for t in self.tags:
-            opening = f"<{t}>"
-            if text.startswith(opening):
-                content = text[len(opening):]
-                close = f"</{t}>"
-                if close in content:
-                    return ("closed",)
-                cut = content.rfind("<")
-                pending = content[cut:] if cut >= 0 else ""
-                return ("inside", t, min(len(content.strip()), MAX_CONSTRAINED_CONTENT), pending)
-        return ("open", text)
+        self.lltok = lltok
+        self.grammar = llguidance.grammar_from("lark", grammar)
+        self.matchers: list | None = None
 
     def __call__(self, input_ids, scores):
-        generated = input_ids[:, self.prompt_len:]
-        out_of_budget = self.max_new_tokens - generated.shape[1] <= CLOSE_BUDGET_TOKENS
-        for row in range(scores.shape[0]):
-            text = self.tokenizer.decode(generated[row], skip_special_tokens=True)
-            state = self.state_of(text)
-            if state[0] == "inside" and out_of_budget and state[2] > 0:
-                state = ("force", state[1], state[3])  # close the tag before max_new_tokens cuts it
-            elif state[0] == "inside" and 0 < state[2] < MAX_CONSTRAINED_CONTENT:
-                state = ("inside", state[1], 1, state[3])  # masks differ only at 0 and at the cap
-            scores[row] = scores[row].masked_fill(self._mask(state, scores.shape[1], scores.device), float("-inf"))
-        return scores
+        import llguidance
+        import numpy as np
+        import torch
 
-
-class ChoiceGrammar:
-    """A logits processor: the whole message is one of `choices` (e.g. a judge's GOOD or BAD)."""
-
-    def __init__(self, tokenizer, prompt_len: int, choices: tuple[str, ...], token_strings: list[str], cache: dict) -> None:
-        self.tokenizer = tokenizer
-        self.prompt_len = prompt_len
-        self.choices = choices
-        self.tokens = token_strings
-        self.cache = cache
-
-    def _mask(self, prefix: str, vocab: int, device):
-        key = ("choice", self.choices, prefix, vocab)
-        if key not in self.cache:
-            import torch
-
-            if prefix in self.choices:
-                ids = [self.tokenizer.eos_token_id]
-            else:
-                ids = [i for i, s in enumerate(self.tokens[:vocab])
-                       if s and any(c.startswith(prefix + s) for c in self.choices)]
-            allowed = torch.zeros(vocab, dtype=torch.bool)
-            allowed[ids] = True
-            self.cache[key] = (~allowed).to(device)
-        return self.cache[key]
-
-    def __call__(self, input_ids, scores):
-        generated = input_ids[:, self.prompt_len:]
-        for row in range(scores.shape[0]):
-            prefix = self.tokenizer.decode(generated[row], skip_special_tokens=True)
-            scores[row] = scores[row].masked_fill(self._mask(prefix, scores.shape[1], scores.device), float("-inf"))
-        return scores
+        batch, vocab = scores.shape
+        if self.matchers is None:  # the first call: only the prompt so far
+            self.matchers = [llguidance.LLMatcher(self.lltok, self.grammar) for _ in range(batch)]
+            for m in self.matchers:
+                if m.is_error():
+                    raise ValueError(f"grammar does not compile: {m.get_error()}")
+        else:
+            for m, token in zip(self.matchers, input_ids[:, -1].tolist()):
+                if not m.is_stopped():
+                    m.consume_token(token)
+        bitmask = torch.zeros((batch, (self.lltok.vocab_size + 31) // 32), dtype=torch.int32)  # 32 tokens a word
+        forced: list[tuple[int, int]] = []
+        for row, m in enumerate(self.matchers):
+            ff = [] if m.is_stopped() or m.is_error() else m.compute_ff_tokens()
+            if ff:
+                forced.append((row, ff[0]))
+            elif not m.is_error():
+                words = bitmask[row]
+                m.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * words.element_size())
+        bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")  # token i: bit i % 32 of word i // 32
+        allowed = torch.zeros((batch, vocab), dtype=torch.bool)  # tokens beyond the tokenizer's vocabulary: never
+        n = min(vocab, self.lltok.vocab_size)
+        allowed[:, :n] = torch.from_numpy(bits[:, :n]).bool()
+        for row, token in forced:
+            allowed[row] = False
+            allowed[row, token] = True
+        for row, m in enumerate(self.matchers):
+            if m.is_error():  # cannot happen while the mask is honoured; end the row rather than corrupt it
+                allowed[row] = False
+                allowed[row, self.lltok.eos_token] = True
+        return scores.masked_fill(~allowed.to(scores.device), float("-inf"))
 
 
 class TransformersBackend:
@@ -194,12 +125,16 @@ class TransformersBackend:
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self.batches: list[int] = []  # batch sizes, for benchmarks and tests
-        self._grammar_masks: dict = {}
+        self._choice_owners: dict = {}
         self._prefix_caches: dict[tuple[int, ...], object] = {}
 
     @cached_property
     def _model(self):
         return load_model(self.model_path, self.device)
+
+    @cached_property
+    def _grammar_tokenizer(self):
+        return grammar_tokenizer(self._model[1])
 
     @cached_property
     def _token_strings(self) -> list[str]:
@@ -251,14 +186,15 @@ class TransformersBackend:
             kwargs.update(do_sample=True, temperature=first.temperature, top_p=first.top_p or 1.0)
         else:
             kwargs.update(do_sample=False)
-        kind, _, arg = (first.constraint or "").partition(":")
-        if kind == "grammar":
-            tags = _allowed_tags(first.constraint)
-            processor = ActionGrammar(tok, prompt_len, first.max_tokens, tags, "math_exp" in tags, self._token_strings, self._grammar_masks)
-        elif kind == "choice":
-            choices = tuple(arg.split("|"))
-            processor = ChoiceGrammar(tok, prompt_len, choices, self._token_strings, self._grammar_masks)
+        constraint = first.constraint
+        choice = constraint if isinstance(constraint, Choice) else None
+        if isinstance(constraint, Grammar):
+            processor = GrammarProcessor(self._grammar_tokenizer, constraint.lark)
+        elif choice is not None:
+            processor = GrammarProcessor(self._grammar_tokenizer, choice_lark(choice.options))
             kwargs.update(output_scores=True, return_dict_in_generate=True)
+        elif constraint is not None:
+            raise LLMError(f"an in-process model cannot apply a {constraint.kind} constraint")
         else:
             processor = None
         if processor is not None:
@@ -272,8 +208,8 @@ class TransformersBackend:
         with torch.inference_mode():
             out = model.generate(**enc, **kwargs)
         enc.pop("cache", None)
-        probs = self._choice_probs(out.scores[0], choices) if kind == "choice" else [None] * len(requests)
-        if kind == "choice":
+        probs = self._choice_probs(out.scores[0], choice.options) if choice else [None] * len(requests)
+        if choice:
             out = out.sequences
         elapsed = time.perf_counter() - started
         self.batches.append(len(requests))
@@ -297,15 +233,15 @@ class TransformersBackend:
         begin only that choice, renormalised over the choices (the grammar has already masked the rest)."""
         import torch
 
-        key = ("owners", choices, first_scores.shape[1])
-        if key not in self._grammar_masks:
+        key = (choices, first_scores.shape[1])
+        if key not in self._choice_owners:
             owner: dict[str, list[int]] = {}
             for i, s in enumerate(self._token_strings[: first_scores.shape[1]]):
                 starts = [c for c in choices if s and c.startswith(s)]
                 if len(starts) == 1:
                     owner.setdefault(starts[0], []).append(i)
-            self._grammar_masks[key] = owner
-        owner = self._grammar_masks[key]
+            self._choice_owners[key] = owner
+        owner = self._choice_owners[key]
         p = torch.softmax(first_scores.float(), dim=-1)
         mass = torch.stack([p[:, owner.get(c, [])].sum(dim=-1) for c in choices], dim=-1)
         mass = mass / mass.sum(dim=-1, keepdim=True).clamp_min(1e-12)
@@ -369,8 +305,3 @@ def _common_prefix_len(rows: list[list[int]]) -> int:
 def _group_key(r: ChatRequest) -> tuple:
     return (r.temperature, r.top_p, r.max_tokens, r.constraint, tuple(r.stop or ()))
 
-
-def _allowed_tags(constraint: str) -> tuple[str, ...]:
-    """`grammar:math_exp|answer` → the tags a message may use (all when none are named)."""
-    _, _, names = constraint.partition(":")
-    return tuple(names.split("|")) if names else tuple(t[1:-1] for t in ACTION_OPEN_TAGS)

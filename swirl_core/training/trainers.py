@@ -21,7 +21,6 @@ from pydantic import Field, model_validator
 from swirl_core.config_base import StrictConfig
 from swirl_core.constraints import STEP_TOKENS, ActionGrammar
 from swirl_core.llm.local_models import DEFAULT_LOCAL_MODEL, is_local_model, resolve_local_model
-from swirl_core.protocol import action_tags
 from swirl_core.records import TaskKind
 
 SUMMARY_FILE = "swirl_training.json"
@@ -294,17 +293,13 @@ def sample_under_grammar(model: Any, tokenizer: Any, task: TaskKind, max_new_tok
     structured outputs: the update raises the policy's own probability of the good constrained steps."""
     from transformers import LogitsProcessorList
 
-    from swirl_core.llm.transformers_backend import ActionGrammar
+    from swirl_core.llm.transformers_backend import GrammarProcessor, grammar_tokenizer
 
-    tags = action_tags(task)
-    strings = [tokenizer.decode([i]) for i in range(len(tokenizer))]
-    masks: dict = {}  # per grammar state, shared by every call of the run
+    lltok, lark = grammar_tokenizer(tokenizer), ActionGrammar.for_task(task).lark(max_new_tokens)
     unconstrained = model.generate
 
     def generate(*args: Any, **kwargs: Any) -> Any:
-        grammar = ActionGrammar(tokenizer, kwargs["input_ids"].shape[1], max_new_tokens, tags, "math_exp" in tags,
-                                strings, masks)
-        return unconstrained(*args, logits_processor=LogitsProcessorList([grammar]), **kwargs)
+        return unconstrained(*args, logits_processor=LogitsProcessorList([GrammarProcessor(lltok, lark)]), **kwargs)
 
     model.generate = generate
 
