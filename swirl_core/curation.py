@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator
 
 import pyarrow as pa
 
-from swirl_core.config import CurateConfig, JudgeEvalConfig, ModelConfig
+from swirl_core.config import CurateConfig, JudgeEvalConfig
 from swirl_core.grading import rule_grade
 from swirl_core.hashing import content_hash
 from swirl_core.judging import (

@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, InstanceOf
+from pydantic import BaseModel, SerializeAsAny
 from tqdm.auto import tqdm
 
 from swirl_core.config import ClusterConfig, ModelConfig
@@ -25,8 +25,6 @@ from swirl_core.llm.factory import run_with_client
 
 class Job(BaseModel, ABC):
     """A stage's resolved spec and one shard's items: what one client does with them."""
-
-    model_config = ConfigDict(arbitrary_types_allowed=True)
 
     stage: ClassVar[str]  # names the Prefect task (`<stage>-shard`) and the progress bar
     run_prefix: ClassVar[str]  # task runs are named `<run_prefix>-<shard_id>`
@@ -48,7 +46,7 @@ class Shard(BaseModel):
 
     shard_id: int
     run_id: str
-    job: InstanceOf[Job]
+    job: SerializeAsAny[Job]
     model: ModelConfig  # the endpoint, limits and key reference the worker builds its client from
     fingerprint: str | None  # what the results are stored under (policy or judge); None: they carry none
     journal_dir: str
@@ -107,6 +105,8 @@ class StageFailed(RuntimeError):
 
 
 # Yields each shard as it finishes, in completion order, with a call that returns its results or raises its error.
+# The writer counts what each yield completes, so an executor that streams a shard's results in batches (the
+# same shard yielded once per batch) plugs in without changing a stage's writer.
 Executor = Callable[[Sequence[Shard]], Iterator[tuple[Shard, Callable[[], Any]]]]
 # Stores one shard's results and returns how many units of work they complete.
 Writer = Callable[[Shard, Any], int]
