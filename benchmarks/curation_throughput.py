@@ -601,7 +601,7 @@ class JudgeRun:
 async def judge_run(base_url: str, items: list[StepToJudge], concurrency: int, journal_dir: Path,
                     server_pid: int, verify: bool = True) -> JudgeRun:
     reset_server(base_url)
-    tune_gc()  # as run_judge_shard does
+    tune_gc()  # as run_shard does
     cfg = ModelConfig(model=JUDGE_MODEL, api_base=base_url, concurrency=concurrency)
     client = build_client(cfg, journal_dir=journal_dir, tags={"run_id": "bench", "purpose": "judge"})
     judge = StepJudge(client, JudgeSpec(model=JUDGE_MODEL))

@@ -11,8 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.futures import as_completed
-from tqdm.auto import tqdm
 
 from flows.judge_eval import publish_probe, run_probe
 from flows.runtime import database_slot, task_runner
@@ -22,10 +20,10 @@ from swirl_core.curation import (
     curation_report,
     grade_shards,
     judge_fingerprint,
-    judge_shards,
     judge_spec,
     judgment_rows,
     llm_grade_rows,
+    pending_shards,
     pending_steps,
     probe_configs,
     register_judge,
@@ -36,15 +34,15 @@ from swirl_core.curation import (
 from swirl_core.hashing import content_hash
 from swirl_core.judging import Judgment, LLMGrade, verify_judge
 from swirl_core.plots import bar_chart_png
+from swirl_core.stage import Shard, ShardFailure, StageFailed, run_stage
 from swirl_core.store import Store
 from tasks.artifacts import png_markdown, publish_markdown, publish_tables
-from tasks.curate import calibrate_judge, grade_shard, judge_shard
+from tasks.stage import on_task_runner
 
 
 def run_curate(config: CurateConfig) -> dict[str, Any]:
     """Run the flow on the cluster its config names (the task runner is chosen per run)."""
-    workers = config.cluster.n_workers or (1 if config.judge.is_local else 2)
-    runner = task_runner(config.cluster, workers, config.resolved_work_dir / "dask")
+    runner = task_runner(config.cluster, config.judge, config.resolved_work_dir / "dask")
     return curate.with_options(task_runner=runner)(config)
 
 
@@ -58,7 +56,7 @@ def curate_on_cluster(config: CurateConfig = CurateConfig()) -> dict[str, Any]:
 def curate(config: CurateConfig = CurateConfig()) -> dict[str, Any]:
     logger = get_run_logger()
     journal_dir = config.resolved_work_dir / "journal"
-    failures: list[str] = []
+    failures: list[ShardFailure] = []
     probes: list[dict[str, Any]] = []
     with database_slot(config.db), Store(config.db) as store:
         spec, judge_probe = verify_judge(config.judge, judge_spec(config))  # one request, before any is paid for
@@ -70,9 +68,9 @@ def curate(config: CurateConfig = CurateConfig()) -> dict[str, Any]:
                 spec = spec.model_copy(update={"calibration": "labelled", "thresholds": labelled})
                 logger.info("judge P(GOOD) thresholds chosen on the probe's labelled steps: %s", labelled)
             elif (shard := calibration_shard(store.con, config, spec)) is not None:
-                spec = spec.model_copy(update={"thresholds": calibrate_judge.submit(shard).result()})
+                spec = spec.model_copy(update={"thresholds": _calibrate(shard)})
                 logger.warning("no labelled steps for every task: judge calibrated on the median P(GOOD) of %d sampled "
-                               "steps, %s (half the steps GOOD by construction)", len(shard.items), spec.thresholds)
+                               "steps, %s (half the steps GOOD by construction)", shard.job.size, spec.thresholds)
         fingerprint = config.judge_id or judge_fingerprint(spec)
         run_id = content_hash("curate-run", fingerprint, config.grader, config.run_ids, config.dataset)[:16]
         # With --judge-id the run records the judge it selects (as registered by its curation), not --judge.
@@ -93,26 +91,21 @@ def curate(config: CurateConfig = CurateConfig()) -> dict[str, Any]:
         pending = pending_steps(store.con, config, fingerprint) if judging else None
         n_pending = pending.num_rows if pending is not None else 0
         logger.info("curate run %s: %d steps to judge, %d trajectories rule-graded", run_id, n_pending, rule_rows.num_rows)
+
+        def write_judgments(shard: Shard, judgments: list[Judgment]) -> int:
+            store.upsert("judgments", judgment_rows(judgments, shard.run_id, shard.fingerprint))
+            return len({(j.trajectory_id, j.step_index) for j in judgments})
+
+        def write_grades(shard: Shard, grades: list[LLMGrade]) -> int:
+            store.upsert("grades", llm_grade_rows(grades, shard.run_id))
+            return len(grades)
+
         if n_pending:
-
-            def write_judgments(rows: list[dict]) -> int:
-                judgments = [Judgment.model_validate(r) for r in rows]
-                store.upsert("judgments", judgment_rows(judgments, run_id, fingerprint))
-                return len({(j.trajectory_id, j.step_index) for j in judgments})
-
-            futures = judge_shard.map(list(judge_shards(pending, config, spec, run_id)))
-            failures += _collect(futures, n_pending, "judge steps", config.progress, logger, write_judgments)
+            shards = pending_shards(pending, config, spec, run_id, fingerprint)
+            failures += run_stage(shards, on_task_runner, write_judgments, progress=config.progress, logger=logger)
         if config.grader == "llm":
-
-            def write_grades(rows: list[dict]) -> int:
-                store.upsert("grades", llm_grade_rows([LLMGrade.model_validate(r) for r in rows], run_id))
-                return len(rows)
-
-            shards = list(grade_shards(store.con, config, run_id))
-            if shards:
-                futures = grade_shard.map(shards)
-                failures += _collect(futures, sum(len(s.items) for s in shards), "grade trajectories",
-                                     config.progress, logger, write_grades)
+            shards = grade_shards(store.con, config, run_id)
+            failures += run_stage(shards, on_task_runner, write_grades, progress=config.progress, logger=logger)
         if judging:
             select_judge(store.con, config, fingerprint, run_id)  # the latest curation's judge is the one its sets read
         if journal_dir.exists():
@@ -148,23 +141,19 @@ def _measure_judge(store: Store, config: CurateConfig, logger) -> list[dict[str,
     return probes
 
 
-def _collect(futures, total: int, what: str, progress: bool, logger, write) -> list[str]:
-    """Write each shard's results the moment it finishes; a failed shard is reported, not fatal."""
-    failures = []
-    bar = tqdm(total=total, desc=what, disable=not progress)
-    for future in as_completed(futures):
-        try:
-            rows = future.result()
-        except Exception as exc:
-            failures.append(f"{what}: {exc.__class__.__name__}: {exc}")
-            logger.error("%s shard failed: %s", what, exc)
-            continue
-        bar.update(write(rows))
-    bar.close()
-    return failures
+def _calibrate(shard: Shard) -> dict[str, float]:
+    thresholds: dict[str, float] = {}
+
+    def keep(shard: Shard, found: dict[str, float]) -> int:
+        thresholds.update(found)
+        return shard.job.size
+
+    if failures := run_stage([shard], on_task_runner, keep):
+        raise StageFailed(failures)
+    return thresholds
 
 
-def _publish(run_id: str, config: CurateConfig, report: dict, failures: list[str], probes: list[dict]) -> None:
+def _publish(run_id: str, config: CurateConfig, report: dict, failures: list[ShardFailure], probes: list[dict]) -> None:
     publish_tables("curate", run_id, report)
     by_step = report["good_rate_by_step"]
     lines = [f"# Curation run `{run_id}`", f"- judge: `{config.judge.model}` × {config.judge_samples} sample(s), "

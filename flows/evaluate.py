@@ -70,7 +70,7 @@ def _evaluate_dataset(config: EvalConfig, plans: dict, artifact_prefix: str) -> 
                     config.dataset)
         result = run_generate(config.generate_config(m))
         generation_runs[m.label] = result["run_id"]
-        failures += [f"{m.label}: {f}" for f in result["shard_failures"]]
+        failures += result["shard_failures"]
 
     curate_config = CurateConfig(
         db=config.db, work_dir=config.work_dir, judge=config.judge or ModelConfig(), grader=config.grader,

@@ -11,21 +11,20 @@ from dataclasses import asdict
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.futures import as_completed
-from tqdm.auto import tqdm
 
 from flows.runtime import database_slot, task_runner
 from swirl_core.config import GenerateConfig
-from swirl_core.generation import default_workers, make_shards, plan_generation, run_summary, verify_constraint
+from swirl_core.generation import make_generate_shards, plan_generation, run_summary, verify_constraint
 from swirl_core.records import Trajectory
+from swirl_core.stage import Shard, ShardFailure, run_stage
 from swirl_core.store import Store
 from tasks.artifacts import publish_markdown, publish_tables
-from tasks.generate import generate_shard
+from tasks.stage import on_task_runner
 
 
 def run_generate(config: GenerateConfig) -> dict[str, Any]:
     """Run the flow on the cluster its config names (the task runner is chosen per run)."""
-    runner = task_runner(config.cluster, default_workers(config), config.resolved_work_dir / "dask")
+    runner = task_runner(config.cluster, config.policy, config.resolved_work_dir / "dask")
     return generate.with_options(task_runner=runner)(config)
 
 
@@ -62,14 +61,18 @@ def generate(config: GenerateConfig = GenerateConfig()) -> dict[str, Any]:
         store.record_seed_errors(plan.invalid, plan.run_id)
         done = store.completed_trajectory_ids(tid for _, _, tid in plan.work)
         todo = [w for w in plan.work if w[2] not in done]
-        shards = make_shards(plan, config, todo)
+        shards = make_generate_shards(plan, config, todo)
         logger.info(
             "run %s (attempt %d): %d questions × %d samples; %d trajectories already done, %d to generate in %d shards",
             plan.run_id, attempt, len(plan.questions), config.samples, len(done), len(todo), len(shards),
         )
-        failures: list[str] = []
+
+        def write(shard: Shard, trajectories: list[Trajectory]) -> int:
+            store.write_trajectories(trajectories, shard.run_id, shard.fingerprint)
+            return len(trajectories)
+
+        failures = run_stage(shards, on_task_runner, write, progress=config.progress, logger=logger)
         if shards:
-            failures = _run_shards(shards, store, plan, config.progress, logger)
             store.ingest_journals(journal_dir)
         summary = run_summary(store.con, plan.run_id, [tid for _, _, tid in plan.work])
         n_traj = sum(r["trajectories"] for r in summary["status"])
@@ -82,26 +85,7 @@ def generate(config: GenerateConfig = GenerateConfig()) -> dict[str, Any]:
             "errors": n_err, "shard_failures": failures, "summary": summary}
 
 
-def _run_shards(shards, store: Store, plan, progress: bool, logger) -> list[str]:
-    """Map shards over the flow's task runner and write each result the moment it arrives."""
-    failures = []
-    futures = generate_shard.map(shards)
-    bar = tqdm(total=sum(len(s.work) for s in shards), unit="traj", desc="generate", disable=not progress)
-    for future in as_completed(futures):
-        try:
-            rows = future.result()
-        except Exception as exc:  # one bad shard must not lose the others' results
-            failures.append(f"{exc.__class__.__name__}: {exc}")
-            logger.error("shard failed: %s", exc)
-            continue
-        trajectories = [Trajectory.model_validate(r) for r in rows]
-        store.write_trajectories(trajectories, plan.run_id, plan.policy.fingerprint)
-        bar.update(len(trajectories))
-    bar.close()
-    return failures
-
-
-def _markdown(run_id: str, config: GenerateConfig, summary: dict, failures: list[str]) -> str:
+def _markdown(run_id: str, config: GenerateConfig, summary: dict, failures: list[ShardFailure]) -> str:
     lines = [
         f"# Generation run `{run_id}`",
         f"- dataset: **{config.dataset}** ({config.split}), samples per question: {config.samples}",

@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger
 
 from flows.runtime import database_slot
 from swirl_core.config import JudgeEvalConfig
-from swirl_core.curation import JudgeShard, judge_fingerprint
+from swirl_core.curation import judge_fingerprint, judge_shards
 from swirl_core.hashing import content_hash
 from swirl_core.judge_probe import (
     PROBE_VERSION,
@@ -33,9 +33,10 @@ from swirl_core.judging import JudgeSpec, Judgment, majority, verify_judge
 from swirl_core.plots import bar_chart_png
 from swirl_core.records import ProbeMetricRow, ProbeResultRow
 from swirl_core.seeds import load_seeds
+from swirl_core.stage import Shard, StageFailed, run_stage
 from swirl_core.store import Store, query_dicts
 from tasks.artifacts import png_markdown, publish_markdown, publish_tables
-from tasks.curate import judge_shard
+from tasks.stage import on_task_runner
 
 
 def probe_spec(config: JudgeEvalConfig) -> JudgeSpec:
@@ -83,16 +84,19 @@ def run_probe(store: Store, config: JudgeEvalConfig, logger) -> dict[str, Any]:
     judged: dict[str, dict[str, Any]] = {i: r for i, r in known.items()}
     started, calls = time.perf_counter(), 0
     if todo:
-        journal = str(config.resolved_work_dir / "journal")
-        shards = [JudgeShard(shard_id=n, run_id=run_id, items=[s.to_judge() for s in todo[i:i + config.shard_size]],
-                             judge=config.judge, spec=spec, journal_dir=journal)
-                  for n, i in enumerate(range(0, len(todo), config.shard_size))]
+        chunks = ([s.to_judge() for s in todo[i:i + config.shard_size]] for i in range(0, len(todo), config.shard_size))
+        shards = judge_shards(chunks, config, spec, run_id, fingerprint)
         by_step: dict[str, list[Judgment]] = {}
-        for future in judge_shard.map(shards):
-            for j in future.result():
-                judgment = Judgment.model_validate(j)
+
+        def keep(shard: Shard, judgments: list[Judgment]) -> int:
+            for judgment in judgments:
                 by_step.setdefault(judgment.trajectory_id, []).append(judgment)
-        store.ingest_journals(journal)
+            return shard.job.size
+
+        failures = run_stage(shards, on_task_runner, keep, logger=logger)
+        store.ingest_journals(config.resolved_work_dir / "journal")
+        if failures:  # every labelled step is scored: a missing one would bias the figures
+            raise StageFailed(failures)
         for s in todo:
             judged[s.probe_step_id] = _judged(s, by_step[s.probe_step_id])
         calls = sum(len(r["call_keys"]) for i, r in judged.items() if i in by_step)

@@ -8,7 +8,7 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
-from swirl_core.config import ClusterConfig
+from swirl_core.config import ClusterConfig, ModelConfig
 from swirl_core.hashing import content_hash
 
 # Offline-safe defaults: no telemetry, no outbound calls, time for a server to start on 2 cores.
@@ -28,14 +28,17 @@ def apply_quiet_env() -> None:
         os.environ.setdefault(key, value)
 
 
-def task_runner(cluster: ClusterConfig, n_workers: int, local_directory: Path):
+def task_runner(cluster: ClusterConfig, model: ModelConfig, local_directory: Path):
+    """The Dask task runner of a stage that calls `model`."""
     from prefect_dask import DaskTaskRunner
+
+    from swirl_core.stage import default_workers
 
     if cluster.address:
         if cluster.address.startswith("tls://"):
             _check_tls_client()
         return DaskTaskRunner(address=cluster.address)
-    kwargs = {"n_workers": n_workers, "threads_per_worker": 1, "processes": True,
+    kwargs = {"n_workers": default_workers(cluster, model), "threads_per_worker": 1, "processes": True,
               "dashboard_address": ":0", "local_directory": str(local_directory)}
     kwargs.update(cluster.cluster_kwargs)
     return DaskTaskRunner(cluster_class=cluster.cluster_class or "distributed.LocalCluster", cluster_kwargs=kwargs)

@@ -7,12 +7,11 @@ rows to the process judge on Dask workers and writes verdicts and grades back (s
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import pyarrow as pa
-from pydantic import BaseModel
 
-from swirl_core.config import CurateConfig, JudgeEvalConfig, ModelConfig
+from swirl_core.config import CurateConfig, JudgeEvalConfig
 from swirl_core.grading import rule_grade
 from swirl_core.hashing import content_hash
 from swirl_core.judging import (
@@ -29,9 +28,11 @@ from swirl_core.judging import (
     TrajectoryToGrade,
     calibrate_thresholds,
 )
-from swirl_core.llm.factory import run_with_client
+from swirl_core.llm.base import Choice
+from swirl_core.llm.client import LLMClient
 from swirl_core.records import GradeRow, JudgmentRow
 from swirl_core.seeds import DATASETS
+from swirl_core.stage import Job, Shard, make_shards
 from swirl_core.store import query_dicts
 
 
@@ -48,24 +49,57 @@ def judge_fingerprint(spec: JudgeSpec) -> str:
     return content_hash("judge", asked, JUDGE_PROMPT_VERSION)[:16]
 
 
-class JudgeShard(BaseModel):
-    shard_id: int
-    run_id: str
-    items: list[StepToJudge]
-    judge: ModelConfig
+class JudgeJob(Job):
+    """Sub-trajectories for the process judge, and how it is asked."""
+
+    stage = "judge"
+    run_prefix = "judge"
+    purpose = "judge"
+    unit = "step"
+
     spec: JudgeSpec
-    journal_dir: str
-    fsync: bool = False
+    items: list[StepToJudge]
+
+    @property
+    def size(self) -> int:
+        return len(self.items)
+
+    async def run(self, client: LLMClient) -> list[Judgment]:
+        return await StepJudge(client, self.spec).judge_many(self.items)
 
 
-class GradeShard(BaseModel):
-    shard_id: int
-    run_id: str
-    items: list[TrajectoryToGrade]
-    grader: ModelConfig
+class CalibrationJob(JudgeJob):
+    """The sampled steps whose median P(GOOD) sets a calibrated judge's thresholds."""
+
+    stage = "calibrate"
+    run_prefix = "calibrate"
+
+    async def run(self, client: LLMClient) -> dict[str, float]:
+        return await calibrate_thresholds(client, self.spec, self.items)
+
+
+class GradeJob(Job):
+    """Final answers for the LLM outcome grader, and how it is asked."""
+
+    stage = "grade"
+    run_prefix = "grade"
+    purpose = "grader"
+    unit = "traj"
+
+    grader_model: str
     max_reasks: int
-    journal_dir: str
-    fsync: bool = False
+    max_tokens: int
+    constraint: Choice | None
+    items: list[TrajectoryToGrade]
+
+    @property
+    def size(self) -> int:
+        return len(self.items)
+
+    async def run(self, client: LLMClient) -> list[LLMGrade]:
+        grader = OutcomeGrader(client, self.grader_model, self.max_reasks, max_tokens=self.max_tokens,
+                               constraint=self.constraint)
+        return await grader.grade_many(self.items)
 
 
 def _scope(config: CurateConfig, alias: str = "t") -> tuple[str, list]:
@@ -132,31 +166,25 @@ def _items(rows: list[dict]) -> list[StepToJudge]:
             for r in rows]
 
 
-def _shard(n: int, items: list[StepToJudge], config: CurateConfig, spec: JudgeSpec, run_id: str) -> JudgeShard:
-    return JudgeShard(shard_id=n, run_id=run_id, items=items, judge=config.judge, spec=spec,
-                      journal_dir=str(config.resolved_work_dir / "journal"), fsync=config.fsync)
+def judge_shards(chunks: Iterable[list[StepToJudge]], config: CurateConfig | JudgeEvalConfig, spec: JudgeSpec, run_id: str,
+                 fingerprint: str | None, *, fsync: bool = False, job: type[JudgeJob] = JudgeJob) -> list[Shard]:
+    """A shard per chunk of steps; `fingerprint` (the judge's) is what their verdicts are stored under."""
+    return make_shards((job(spec=spec, items=chunk) for chunk in chunks), run_id=run_id, model=config.judge,
+                       fingerprint=fingerprint, journal_dir=str(config.resolved_work_dir / "journal"), fsync=fsync)
 
 
-def judge_shards(table: pa.Table, config: CurateConfig, spec: JudgeSpec, run_id: str) -> Iterator[JudgeShard]:
-    for n, chunk in enumerate(by_question(table.to_pylist(), config.shard_size)):
-        yield _shard(n, _items(chunk), config, spec, run_id)
+def pending_shards(table: pa.Table, config: CurateConfig, spec: JudgeSpec, run_id: str, fingerprint: str) -> list[Shard]:
+    """The pending steps (`pending_steps`) in shards of about `shard_size` that never split a question."""
+    chunks = (_items(chunk) for chunk in by_question(table.to_pylist(), config.shard_size))
+    return judge_shards(chunks, config, spec, run_id, fingerprint, fsync=config.fsync)
 
 
-def calibration_shard(con, config: CurateConfig, spec: JudgeSpec) -> JudgeShard | None:
+def calibration_shard(con, config: CurateConfig, spec: JudgeSpec) -> Shard | None:
     """The steps that set a calibrated judge's thresholds, or None when the judge needs none."""
     if spec.calibration == "none":
         return None
-    return _shard(-1, calibration_steps(con, config), config, spec, "calibration")
-
-
-def run_judge_shard(shard: JudgeShard) -> list[Judgment]:
-    return run_with_client(shard.judge, shard.journal_dir, lambda client: StepJudge(client, shard.spec).judge_many(shard.items),
-                           fsync=shard.fsync, tags={"run_id": shard.run_id, "purpose": "judge"})
-
-
-def run_calibration_shard(shard: JudgeShard) -> dict[str, float]:
-    return run_with_client(shard.judge, shard.journal_dir, lambda client: calibrate_thresholds(client, shard.spec, shard.items),
-                           fsync=shard.fsync, tags={"run_id": shard.run_id, "purpose": "judge"})
+    return judge_shards([calibration_steps(con, config)], config, spec, "calibration", None, fsync=config.fsync,
+                        job=CalibrationJob)[0]
 
 
 def judgment_rows(judgments: list[Judgment], run_id: str, fingerprint: str) -> pa.Table:
@@ -247,27 +275,17 @@ def rule_grade_rows(con, config: CurateConfig, run_id: str) -> pa.Table:
     return GradeRow.arrow_table(rows)
 
 
-def grade_shards(con, config: CurateConfig, run_id: str) -> Iterator[GradeShard]:
-    for n, chunk in enumerate(by_question(_ungraded(con, config, ("llm",)), config.shard_size)):
-        items = [
-            TrajectoryToGrade(trajectory_id=r["trajectory_id"], task=r["task"], question=r["question"],
-                              answer=r["answer"], aliases=list(r["aliases"] or []), prediction=r["final_answer"])
-            for r in chunk
-        ]
-        yield GradeShard(shard_id=n, run_id=run_id, items=items, grader=config.judge, max_reasks=config.max_reasks,
-                         journal_dir=str(config.resolved_work_dir / "journal"), fsync=config.fsync)
-
-
-def run_grade_shard(shard: GradeShard) -> list[LLMGrade]:
-    cfg = shard.grader
-
-    def work(client):
-        grader = OutcomeGrader(client, cfg.resolved_identity, shard.max_reasks, max_tokens=cfg.resolved_max_tokens,
-                               constraint=GRADE_CONSTRAINT if cfg.is_local else None)
-        return grader.grade_many(shard.items)
-
-    return run_with_client(cfg, shard.journal_dir, work, fsync=shard.fsync,
-                           tags={"run_id": shard.run_id, "purpose": "grader"})
+def grade_shards(con, config: CurateConfig, run_id: str) -> list[Shard]:
+    cfg = config.judge
+    jobs = (GradeJob(grader_model=cfg.resolved_identity, max_reasks=config.max_reasks, max_tokens=cfg.resolved_max_tokens,
+                     constraint=GRADE_CONSTRAINT if cfg.is_local else None, items=[
+                         TrajectoryToGrade(trajectory_id=r["trajectory_id"], task=r["task"], question=r["question"],
+                                           answer=r["answer"], aliases=list(r["aliases"] or []),
+                                           prediction=r["final_answer"])
+                         for r in chunk])
+            for chunk in by_question(_ungraded(con, config, ("llm",)), config.shard_size))
+    return make_shards(jobs, run_id=run_id, model=cfg, fingerprint=None,
+                       journal_dir=str(config.resolved_work_dir / "journal"), fsync=config.fsync)
 
 
 def llm_grade_rows(grades: list[LLMGrade], run_id: str) -> pa.Table:

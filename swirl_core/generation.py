@@ -1,49 +1,63 @@
-"""Generation as plain functions: plan the work, run one shard, summarise a run.
+"""Generation as plain functions: plan the work, the shards' job, summarise a run.
 
-The flow (`flows/generate.py`) maps `run_shard` over Dask workers and is the only DuckDB writer;
-shards only read seeds they are handed, call models and tools, and journal every paid response.
+The flow (`flows/generate.py`) runs the shards as one stage (`swirl_core/stage.py`) on Dask workers and is
+the only DuckDB writer; shards only read seeds they are handed, call models and tools, and journal every
+paid response.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel
+from pydantic import InstanceOf
 
 from swirl_core.agent import Agent, PolicySpec
 from swirl_core.config import GenerateConfig, ModelConfig
 from swirl_core.constraints import ProbeResult, probe_constraint
 from swirl_core.hashing import content_hash
-from swirl_core.llm.factory import run_with_client, served_key
+from swirl_core.llm.client import LLMClient
+from swirl_core.llm.factory import served_key
 from swirl_core.records import InvalidRow, Question, TaskKind, Trajectory
 from swirl_core.seeds import DATASETS, corpus_from_questions, load_seeds
+from swirl_core.stage import Job, Shard, make_shards
 from swirl_core.store import query_dicts
 from swirl_core.tools import Tool
 from swirl_core.tools.calculator import Calculator
 from swirl_core.tools.search import SearchTool, corpus_hash, load_corpus
 
 
-class Shard(BaseModel):
-    """A unit of work for one Dask task: some (question, sample) pairs and how to run them."""
+class GenerateJob(Job):
+    """Some (question, sample) pairs of one run and the policy that answers them."""
 
-    shard_id: int
-    run_id: str
+    stage = "generate"
+    run_prefix = "shard"
+    purpose = "policy"
+    unit = "traj"
+
+    policy: InstanceOf[PolicySpec]  # resolved by the plan, its fingerprint computed there and shipped with it
     questions: list[Question]
     work: list[tuple[int, int]]  # (index into questions, sample index)
-    policy: ModelConfig
-    task: TaskKind
-    max_steps: int
     corpus_path: str | None
     search_k: int
-    tools_fingerprint: str
-    journal_dir: str
-    fsync: bool = False
-    tools: bool = True
+
+    @property
+    def size(self) -> int:
+        return len(self.work)
+
+    def tools(self) -> dict[str, Tool]:
+        if not self.policy.tools:
+            return {}
+        if self.policy.task == "math":
+            return {"math": Calculator()}
+        return {"search": _search_tool(self.corpus_path, self.search_k)} if self.corpus_path else {}
+
+    async def run(self, client: LLMClient) -> list[Trajectory]:
+        work = [(self.questions[j], s) for j, s in self.work]
+        return await Agent(client, self.policy, self.tools()).run_many(work)
 
 
 @dataclass
@@ -136,7 +150,7 @@ def plan_generation(config: GenerateConfig) -> GenerationPlan:
     return GenerationPlan(run_id, spec.task, seeds.questions, seeds.invalid, policy, corpus_path, work)
 
 
-def make_shards(plan: GenerationPlan, config: GenerateConfig, todo: list[tuple[Question, int, str]]) -> list[Shard]:
+def make_generate_shards(plan: GenerationPlan, config: GenerateConfig, todo: list[tuple[Question, int, str]]) -> list[Shard]:
     """Group pending pairs by question into shards of `shard_size` questions (contexts stripped)."""
     by_question: dict[str, list[int]] = {}
     questions: dict[str, Question] = {}
@@ -144,46 +158,17 @@ def make_shards(plan: GenerationPlan, config: GenerateConfig, todo: list[tuple[Q
         by_question.setdefault(q.question_id, []).append(sample)
         questions[q.question_id] = q
     ids = list(by_question)
-    shards = []
-    for n, start in enumerate(range(0, len(ids), config.shard_size)):
-        chunk = ids[start : start + config.shard_size]
-        qs = [questions[i].model_copy(update={"context": ()}) for i in chunk]
-        shards.append(Shard(
-            shard_id=n, run_id=plan.run_id, questions=qs,
-            work=[(j, s) for j, qid in enumerate(chunk) for s in by_question[qid]],
-            policy=config.policy, task=plan.task, max_steps=plan.policy.max_steps, corpus_path=plan.corpus_path,
-            search_k=config.search_k, tools_fingerprint=plan.policy.tools_fingerprint,
-            journal_dir=str(config.resolved_work_dir / "journal"), fsync=config.fsync, tools=config.tools,
-        ))
-    return shards
+    chunks = [ids[start : start + config.shard_size] for start in range(0, len(ids), config.shard_size)]
+    jobs = (GenerateJob(policy=plan.policy, questions=[questions[i].model_copy(update={"context": ()}) for i in chunk],
+                        work=[(j, s) for j, qid in enumerate(chunk) for s in by_question[qid]],
+                        corpus_path=plan.corpus_path, search_k=config.search_k) for chunk in chunks)
+    return make_shards(jobs, run_id=plan.run_id, model=config.policy, fingerprint=plan.policy.fingerprint,
+                       journal_dir=str(config.resolved_work_dir / "journal"), fsync=config.fsync)
 
 
 @functools.lru_cache(maxsize=8)
 def _search_tool(path: str, k: int) -> SearchTool:
     return SearchTool.from_file(path, k=k)
-
-
-def shard_tools(shard: Shard) -> dict[str, Tool]:
-    if not shard.tools:
-        return {}
-    if shard.task == "math":
-        return {"math": Calculator()}
-    return {"search": _search_tool(shard.corpus_path, shard.search_k)} if shard.corpus_path else {}
-
-
-def run_shard(shard: Shard, on_done: Callable[[Trajectory], None] | None = None) -> list[Trajectory]:
-    """Run one shard to completion in this process (a Dask worker, or the flow itself)."""
-    policy = policy_spec(shard.policy, shard.task, shard.max_steps, shard.tools_fingerprint, shard.tools)
-    work = [(shard.questions[j], s) for j, s in shard.work]
-    return run_with_client(
-        shard.policy, shard.journal_dir, lambda client: Agent(client, policy, shard_tools(shard)).run_many(work, on_done),
-        fsync=shard.fsync, tags={"run_id": shard.run_id, "purpose": "policy"},
-    )
-
-
-def default_workers(config: GenerateConfig) -> int:
-    # One in-process model per worker: on a small machine one worker with batching beats two copies.
-    return config.cluster.n_workers or (1 if config.policy.is_local else 2)
 
 
 def run_summary(con, run_id: str, trajectory_ids: list[str]) -> dict[str, list[dict]]:

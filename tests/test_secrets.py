@@ -180,8 +180,8 @@ def test_a_secret_block_key_is_read_by_the_worker_that_makes_the_calls(prefect_a
     from prefect.blocks.system import Secret
 
     from swirl_core.config import EvalConfig, GenerateConfig, ModelConfig
-    from swirl_core.generation import make_shards, plan_generation
-    from tasks.generate import generate_shard
+    from swirl_core.generation import make_generate_shards, plan_generation
+    from tasks.stage import shard_task
 
     key, block = "sk-canary-block-" + secrets.token_hex(12), "swirl-test-policy-key"
     Secret(value=key).save(block, overwrite=True)
@@ -190,11 +190,11 @@ def test_a_secret_block_key_is_read_by_the_worker_that_makes_the_calls(prefect_a
         config = GenerateConfig(dataset="gsm8k", data_files=[GSM8K], split="test", limit=2, samples=1, policy=policy,
                                 db=str(tmp_path / "s.duckdb"), progress=False)
         plan = plan_generation(config)
-        shards = make_shards(plan, config, plan.work)
+        shards = make_generate_shards(plan, config, plan.work)
         wire = cloudpickle.dumps(shards)
         assert block.encode() in wire and key.encode() not in wire
-        rows = generate_shard.fn(shards[0])  # exactly what a Dask worker runs
-        assert rows and all(r["status"] == "answered" for r in rows)
+        rows = shard_task.fn(shards[0])  # exactly what a Dask worker runs
+        assert rows and all(r.status == "answered" for r in rows)
         assert srv.authorization_seen and set(srv.authorization_seen) == {f"Bearer {key}"}
     from swirl_core.llm.factory import build_client
 

@@ -1,0 +1,75 @@
+"""The one sharded LLM stage: a shard that raises is recorded as a typed failure while the others land, under the
+fingerprint shipped with them, and each shard is a Prefect task run named after it."""
+
+from __future__ import annotations
+
+import pickle
+
+from conftest import FIXTURES
+from helpers import math_policy
+from scripted_server import ScriptedServer
+
+from swirl_core.config import GenerateConfig, ModelConfig
+from swirl_core.records import Trajectory
+
+GSM8K = str(FIXTURES / "gsm8k_test20.jsonl")
+
+
+def test_a_failing_shard_is_a_typed_failure_and_the_others_land_under_the_shipped_fingerprint(prefect_api, tmp_path,
+                                                                                               monkeypatch):
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from swirl_core.generation import make_generate_shards, plan_generation
+    from swirl_core.stage import ShardFailure, run_stage
+    from swirl_core.store import Store
+    from tasks.stage import on_task_runner
+
+    monkeypatch.delenv("SWIRL_TEST_UNSET_KEY", raising=False)
+    with ScriptedServer(responder=math_policy) as srv:
+        config = GenerateConfig(dataset="gsm8k", data_files=[GSM8K], split="test", limit=6, samples=2, shard_size=2,
+                                policy=ModelConfig(model="openai/policy", api_base=srv.base_url, concurrency=4),
+                                db=str(tmp_path / "s.duckdb"), progress=False)
+        plan = plan_generation(config)
+        shards = make_generate_shards(plan, config, plan.work)
+        assert [s.name for s in shards] == ["shard-0", "shard-1", "shard-2"]
+        assert {s.fingerprint for s in shards} == {plan.policy.fingerprint}
+        # What a worker receives carries the fingerprint computed by the plan: it derives none of its own.
+        shipped = pickle.loads(pickle.dumps(shards[0]))
+        assert vars(shipped.job.policy)["fingerprint"] == shipped.fingerprint
+        # A worker without the key the config names: its shard raises before any call is made.
+        shards[1] = shards[1].model_copy(update={"model": config.policy.model_copy(
+            update={"api_key_env": "SWIRL_TEST_UNSET_KEY"})})
+        written: dict[int, list[Trajectory]] = {}
+
+        @flow
+        def stage() -> tuple[list[ShardFailure], str]:
+            from prefect.runtime import flow_run
+
+            with Store(config.db) as store:
+
+                def write(shard, trajectories: list[Trajectory]) -> int:
+                    store.write_trajectories(trajectories, shard.run_id, shard.fingerprint)
+                    written[shard.shard_id] = trajectories
+                    return len(trajectories)
+
+                return run_stage(shards, on_task_runner, write), flow_run.id
+
+        failures, flow_run_id = stage()
+
+        assert failures == [ShardFailure(stage="generate", shard_id=1, run_id=plan.run_id, size=4, unit="traj",
+                                         error="ValueError", message="environment variable SWIRL_TEST_UNSET_KEY is not set")]
+        assert str(failures[0]).startswith(f"generate shard 1 of run {plan.run_id} (4 traj): ValueError: ")
+        assert sorted(written) == [0, 2] and srv.stats()["completed"] == 8 * 3  # 8 trajectories × 3 calls
+        expected = {Trajectory.make_id(shards[n].job.questions[j].question_id, s, shards[n].fingerprint)
+                    for n in (0, 2) for j, s in shards[n].job.work}
+        with Store(config.db) as store:
+            stored = store.query("SELECT trajectory_id, policy_fingerprint, run_id FROM trajectories")
+        assert {r[0] for r in stored} == expected
+        assert {(r[1], r[2]) for r in stored} == {(plan.policy.fingerprint, plan.run_id)}
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    states = {r.name: r.state.type.value for r in runs}
+    assert states == {"shard-0": "COMPLETED", "shard-1": "FAILED", "shard-2": "COMPLETED"}
