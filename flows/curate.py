@@ -55,7 +55,7 @@ def curate_on_cluster(config: CurateConfig = CurateConfig()) -> dict[str, Any]:
 @flow(name="curate", log_prints=True)
 def curate(config: CurateConfig = CurateConfig()) -> dict[str, Any]:
     logger = get_run_logger()
-    journal_dir = config.resolved_work_dir / "journal"
+    journal_dir = config.journal_dir
     failures: list[ShardFailure] = []
     probes: list[dict[str, Any]] = []
     with database_slot(config.db), Store(config.db) as store:

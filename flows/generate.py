@@ -44,8 +44,7 @@ def generate(config: GenerateConfig = GenerateConfig()) -> dict[str, Any]:
                     "enforced" if probe.enforced else "NOT enforced, continuing unconstrained", probe.latency_s)
         config = config.model_copy(update={"policy": policy})
         plan = plan_generation(config)
-    work_dir = config.resolved_work_dir
-    journal_dir = work_dir / "journal"
+    journal_dir = config.journal_dir
     with database_slot(config.db), Store(config.db) as store:
         if journal_dir.exists():  # calls paid by an interrupted earlier attempt join the ledger first
             store.ingest_journals(journal_dir)

@@ -170,7 +170,7 @@ def judge_shards(chunks: Iterable[list[StepToJudge]], config: CurateConfig | Jud
                  fingerprint: str | None, *, fsync: bool = False, job: type[JudgeJob] = JudgeJob) -> list[Shard]:
     """A shard per chunk of steps; `fingerprint` (the judge's) is what their verdicts are stored under."""
     return make_shards((job(spec=spec, items=chunk) for chunk in chunks), run_id=run_id, model=config.judge,
-                       fingerprint=fingerprint, journal_dir=str(config.resolved_work_dir / "journal"), fsync=fsync)
+                       fingerprint=fingerprint, journal_dir=str(config.journal_dir), fsync=fsync)
 
 
 def pending_shards(table: pa.Table, config: CurateConfig, spec: JudgeSpec, run_id: str, fingerprint: str) -> list[Shard]:
@@ -285,7 +285,7 @@ def grade_shards(con, config: CurateConfig, run_id: str) -> list[Shard]:
                          for r in chunk])
             for chunk in by_question(_ungraded(con, config, ("llm",)), config.shard_size))
     return make_shards(jobs, run_id=run_id, model=cfg, fingerprint=None,
-                       journal_dir=str(config.resolved_work_dir / "journal"), fsync=config.fsync)
+                       journal_dir=str(config.journal_dir), fsync=config.fsync)
 
 
 def llm_grade_rows(grades: list[LLMGrade], run_id: str) -> pa.Table:

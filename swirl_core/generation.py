@@ -163,7 +163,7 @@ def make_generate_shards(plan: GenerationPlan, config: GenerateConfig, todo: lis
                         work=[(j, s) for j, qid in enumerate(chunk) for s in by_question[qid]],
                         corpus_path=plan.corpus_path, search_k=config.search_k) for chunk in chunks)
     return make_shards(jobs, run_id=plan.run_id, model=config.policy, fingerprint=plan.policy.fingerprint,
-                       journal_dir=str(config.resolved_work_dir / "journal"), fsync=config.fsync)
+                       journal_dir=str(config.journal_dir), fsync=config.fsync)
 
 
 @functools.lru_cache(maxsize=8)

@@ -18,8 +18,9 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, SerializeAsAny
 from tqdm.auto import tqdm
 
-from swirl_core.config import ClusterConfig, ModelConfig
+from swirl_core.config import ClusterConfig
 from swirl_core.llm.client import LLMClient
+from swirl_core.llm.config import ModelConfig
 from swirl_core.llm.factory import run_with_client
 
 
