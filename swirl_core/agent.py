@@ -54,6 +54,8 @@ class PolicySpec:
     @functools.cached_property
     def fingerprint(self) -> str:
         later = [self.server_kind] if self.server_kind else []  # set only under a served constraint
+        if self.constraint:  # the grammar itself: a changed grammar never shares trajectory ids with the old one
+            later.append(ActionGrammar.for_task(self.task, self.tools).regex())
         return content_hash(
             "policy", self.model, self.task, self.max_steps, self.few_shot, self.constraint,
             self.temperature, self.top_p, self.max_tokens, self.prompt_version, self.tools_fingerprint, *later,
