@@ -29,12 +29,12 @@ from swirl_core.judge_probe import (
     probe_metrics,
     reliability,
 )
-from swirl_core.judging import JudgeSpec, Judgment, majority, verify_judge
+from swirl_core.judging import JudgeSpec, Judgment, verify_judge
 from swirl_core.plots import bar_chart_png
 from swirl_core.records import ProbeMetricRow, ProbeResultRow
 from swirl_core.seeds import load_seeds
 from swirl_core.stage import Shard, StageFailed, run_stage
-from swirl_core.store import Store, query_dicts
+from swirl_core.store import Store, query_dicts, step_votes
 from tasks.artifacts import png_markdown, publish_markdown, publish_tables
 from tasks.stage import on_task_runner
 
@@ -57,7 +57,7 @@ def build_steps(config: JudgeEvalConfig) -> list[LabelledStep]:
 def _judged(step: LabelledStep, judgments: list[Judgment]) -> dict[str, Any]:
     votes = Counter(j.verdict for j in judgments)
     probs = [j.p_good for j in judgments if j.p_good is not None]
-    return {"verdict": majority(judgments), "p_good": sum(probs) / len(probs) if len(probs) == len(judgments) else None,
+    return {"p_good": sum(probs) / len(probs) if len(probs) == len(judgments) else None,
             "good_votes": votes["GOOD"], "bad_votes": votes["BAD"], "votes": len(judgments),
             "reasoning": judgments[0].reasoning[:2000],
             # a failed call's error, if any sample failed: the step is then judged again by the next run
@@ -99,6 +99,9 @@ def run_probe(store: Store, config: JudgeEvalConfig, logger) -> dict[str, Any]:
             raise StageFailed(failures)
         for s in todo:
             judged[s.probe_step_id] = _judged(s, by_step[s.probe_step_id])
+        fresh = [judged[s.probe_step_id] for s in todo]
+        for r, verdict in zip(fresh, step_votes(store.con, [(r["good_votes"], r["bad_votes"]) for r in fresh]), strict=True):
+            r["verdict"] = verdict
         calls = sum(len(r["call_keys"]) for i, r in judged.items() if i in by_step)
     elapsed = time.perf_counter() - started
 

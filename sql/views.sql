@@ -62,13 +62,18 @@ SELECT trajectory_id, question_id, k::INTEGER AS step_index,
        pv[ord[k + 1]] AS prompt_version
 FROM expanded;
 
+-- The one vote rule of a step's judge samples: the majority of the known votes; a tie or no known vote is UNKNOWN.
+-- Used for curated steps (below) and for the judge probe's labelled steps (`store.step_votes`).
+CREATE OR REPLACE MACRO step_vote(good, bad) AS
+    CASE WHEN good > bad THEN 'GOOD' WHEN bad > good THEN 'BAD' ELSE 'UNKNOWN' END;
+
 -- Majority vote of the judge samples of each step, per judge: every judge's verdicts stay queryable.
 CREATE OR REPLACE VIEW step_verdicts_by_judge AS
 SELECT judge_fingerprint, trajectory_id, step_index,
        count(*) FILTER (WHERE verdict = 'GOOD') AS good,
        count(*) FILTER (WHERE verdict = 'BAD') AS bad,
        count(*) AS votes,
-       CASE WHEN good > bad THEN 'GOOD' WHEN bad > good THEN 'BAD' ELSE 'UNKNOWN' END AS verdict
+       step_vote(good, bad) AS verdict
 FROM judgments GROUP BY judge_fingerprint, trajectory_id, step_index;
 
 -- The one judge each generation run's curated sets read: the judge its latest curation selected, else (judgments

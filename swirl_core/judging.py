@@ -15,7 +15,6 @@ import asyncio
 import logging
 import re
 import statistics
-from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -455,17 +454,6 @@ def _p_good(response: LLMResponse, model: str) -> float:
     if not response.choice_probs:
         raise ValueError(f"judge calibration needs choice probabilities, which {model} does not report")
     return response.choice_probs["GOOD"]
-
-
-def majority(judgments: Iterable[Judgment]) -> StepVerdict:
-    """The majority of the known votes; a tie or no known vote is UNKNOWN. For the judge probe's labelled steps,
-    which are not in `judgments`; curated steps are voted by the SQL view `step_verdicts_by_judge`, same rule."""
-    votes = Counter(j.verdict for j in judgments if j.verdict != "UNKNOWN")
-    if votes["GOOD"] > votes["BAD"]:
-        return "GOOD"
-    if votes["BAD"] > votes["GOOD"]:
-        return "BAD"
-    return "UNKNOWN"
 
 
 class OutcomeGrader:

@@ -55,6 +55,13 @@ def query_dicts(con, sql: str, params: Sequence[Any] | None = None) -> list[dict
     return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 
 
+def step_votes(con, counts: Sequence[tuple[int, int]]) -> list[str]:
+    """The verdict of each (GOOD votes, BAD votes) pair by the one vote rule, the `step_vote` macro of views.sql."""
+    if not counts:
+        return []
+    return con.execute("SELECT [step_vote(v[1], v[2]) FOR v IN ?::INTEGER[][]]", [[list(c) for c in counts]]).fetchall()[0][0]
+
+
 # `llm_calls` columns the call journal names otherwise (journals outlive releases: their names stay).
 _JOURNAL_NAMES = {"call_key": "key", "response_text": "text"}
 _DUCKDB_TYPES = {pa.string(): "VARCHAR", pa.int64(): "BIGINT", pa.float64(): "DOUBLE", pa.bool_(): "BOOLEAN",

@@ -15,19 +15,18 @@ from swirl_core.judging import (
     GRADER_PROMPT_VERSION,
     JUDGE_PROMPT_VERSION,
     JudgeSpec,
-    Judgment,
     OutcomeGrader,
     StepJudge,
     StepToJudge,
     TrajectoryToGrade,
     grader_messages,
     judge_messages,
-    majority,
     parse_verdict,
     parse_yes_no,
 )
 from swirl_core.llm.factory import build_client
 from swirl_core.protocol import observation_message, policy_messages
+from swirl_core.store import Store, step_votes
 
 QUESTION = "In which village was the composer of the opera Rusalka born?"
 GOLD = "Nelahozeves"
@@ -155,15 +154,11 @@ def test_parse_yes_no(text, expected):
     assert parse_yes_no(text) == expected
 
 
-def test_majority():
-    def j(verdict: str, step: int = 0, sample: int = 0) -> Judgment:
-        return Judgment(trajectory_id="t", step_index=step, sample_index=sample, verdict=verdict, reasoning="",
-                        attempts=1, call_keys=[], judge_model="m", prompt_version="v")
-
-    assert majority([j("GOOD"), j("BAD"), j("GOOD")]) == "GOOD"
-    assert majority([j("BAD"), j("UNKNOWN"), j("UNKNOWN")]) == "BAD"
-    assert majority([j("GOOD"), j("BAD"), j("UNKNOWN")]) == "UNKNOWN"  # tie
-    assert majority([j("UNKNOWN")]) == majority([]) == "UNKNOWN"
+def test_the_one_vote_rule_is_sqls_step_vote(tmp_path):
+    with Store(tmp_path / "v.duckdb") as store:
+        # (GOOD votes, BAD votes): majority of the known votes; a tie or no known vote is UNKNOWN
+        assert step_votes(store.con, [(2, 1), (0, 1), (1, 1), (0, 0)]) == ["GOOD", "BAD", "UNKNOWN", "UNKNOWN"]
+        assert step_votes(store.con, []) == []
 
 
 def test_judge_spec_temperature_defaults():
@@ -252,7 +247,9 @@ async def test_k_samples_vote_by_majority(tmp_path):
         elapsed = time.perf_counter() - started
         await client.aclose()
         assert [(j.sample_index, j.verdict) for j in judgments] == [(0, "GOOD"), (1, "BAD"), (2, "GOOD")]
-        assert majority(judgments) == "GOOD"
+        with Store(tmp_path / "v.duckdb") as store:
+            verdicts = [j.verdict for j in judgments]
+            assert step_votes(store.con, [(verdicts.count("GOOD"), verdicts.count("BAD"))]) == ["GOOD"]
         assert len({j.call_keys[0] for j in judgments}) == 3 and srv.completed_twice() == []
         assert {b["temperature"] for b in srv.requests} == {0.7}
         assert elapsed < 0.8  # the three samples were in flight together, not one after another
