@@ -79,7 +79,7 @@ def write_results(con, run_id: str, config: EvalConfig, plans: Mapping[str, Gene
         )
     finally:
         con.unregister("_eval_plan")
-    return con.execute("SELECT count(*) FROM eval_results WHERE eval_run_id = ?", [run_id]).fetchone()[0]
+    return con.execute("SELECT count(*) FROM eval_results WHERE eval_run_id = ?", [run_id]).fetchall()[0][0]
 
 
 def _score(row: dict, metric: str) -> float | None:

@@ -111,7 +111,7 @@ def schema_version(con) -> int | None:
     before versions were recorded, by swirl 0.1.0 or earlier)."""
     tables = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main'").fetchall()}
     if "schema_version" in tables:
-        return con.execute("SELECT max(version) FROM schema_version").fetchone()[0] or 0
+        return con.execute("SELECT max(version) FROM schema_version").fetchall()[0][0] or 0
     return 0 if tables else None
 
 
