@@ -65,17 +65,26 @@ class ActionGrammar:
             return _char_class(_MATH_CHARS)
         return _char_class(_NUMBER_CHARS) if tag == "answer" and self.math else _LINE
 
+    def first(self, tag: str) -> str:
+        """The content's first character: never blank, since the parser finds blank content invalid."""
+        if tag == "math_exp":
+            return _char_class(_MATH_CHARS.replace(" ", ""))
+        return _char_class(_NUMBER_CHARS.replace(" ", "")) if tag == "answer" and self.math else r"[^<>\n\t\r ]"
+
+    def body(self, tag: str) -> str:
+        return f"{self.first(tag)}{self.content(tag)}{{0,{CONTENT_MAX - 1}}}"
+
     @property
     def label(self) -> str:
         """What a step's `constraint` column records for it in-process."""
         return "grammar:" + "|".join(self.tags)
 
     def regex(self) -> str:
-        forms = "|".join(f"<{t}>{self.content(t)}{{1,{CONTENT_MAX}}}</{t}>" for t in self.tags)
+        forms = "|".join(f"<{t}>{self.body(t)}</{t}>" for t in self.tags)
         return rf"[^<]{{0,{REASONING_MAX}}}({forms})"
 
     def gbnf(self) -> str:
-        forms = " | ".join(f'"<{t}>" {self.content(t)}{{1,{CONTENT_MAX}}} "</{t}>"' for t in self.tags)
+        forms = " | ".join(f'"<{t}>" {self.body(t)} "</{t}>"' for t in self.tags)
         return f"root ::= [^<]{{0,{REASONING_MAX}}} ({forms})"
 
     def lark(self, max_tokens: int) -> str:
@@ -84,8 +93,7 @@ class ActionGrammar:
         reasoning = int(max_tokens * REASONING_SHARE)
         content = max(1, max_tokens - reasoning - 2 * TAG_TOKENS)
         forms = " | ".join(f'"<{t}>" c_{t} "</{t}>"' for t in self.tags)
-        rules = "\n".join(f"c_{t}[max_tokens={content}]: /{self.content(t).replace('/', chr(92) + '/')}{{1,{CONTENT_MAX}}}/"
-                          for t in self.tags)
+        rules = "\n".join(f"c_{t}[max_tokens={content}]: /{self.body(t).replace('/', chr(92) + '/')}/" for t in self.tags)
         lead = f"reasoning[max_tokens={reasoning}]: /[^<]{{1,{REASONING_MAX}}}/\n" if reasoning else ""
         return f"start: {'reasoning? ' if reasoning else ''}({forms})\n{lead}{rules}\n"
 

@@ -73,8 +73,10 @@ def test_each_server_kind_gets_the_action_grammar_in_its_own_field(tmp_path, kin
     assert not any(f in b for b in bodies for f in others)  # one field, the kind's own
     # The replies the server gave under the constraint are ones the grammar allows.
     assert all(re.fullmatch(grammar.regex(), s.message) for s in traj.steps)
-    assert grammar.gbnf() == ('root ::= [^<]{0,400} ("<math_exp>" [ $%()*+,./0123456789^-]{1,300} "</math_exp>" | '
-                              '"<answer>" [ $,./0123456789-]{1,300} "</answer>")')
+    # Content never starts blank: the parser finds blank content invalid.
+    assert grammar.gbnf() == ('root ::= [^<]{0,400} ("<math_exp>" [$%()*+,./0123456789^-][ $%()*+,./0123456789^-]{0,299} '
+                              '"</math_exp>" | "<answer>" [$,./0123456789-][ $,./0123456789-]{0,299} "</answer>")')
+    assert not re.fullmatch(grammar.regex(), "<answer> </answer>") and re.fullmatch(grammar.regex(), "<answer>5 </answer>")
 
 
 def test_auto_detects_the_server_kind_and_refuses_a_server_that_ignores_the_constraint():
