@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, SerializeAsAny
+from pydantic import BaseModel, Field, SerializeAsAny
 from tqdm.auto import tqdm
 
 from swirl_core.config import ClusterConfig
@@ -52,6 +52,7 @@ class Shard(BaseModel):
     fingerprint: str | None  # what the results are stored under (policy or judge); None: they carry none
     journal_dir: str
     fsync: bool = False
+    processes: int = Field(1, ge=1)  # that run the stage's shards at once: each gets an even share of the limits
 
     @property
     def name(self) -> str:
@@ -67,13 +68,14 @@ def make_shards(jobs: Iterable[Job], *, run_id: str, model: ModelConfig, fingerp
 
 def run_shard(shard: Shard) -> Any:
     """Run one shard to completion in this process (a Dask worker, or the flow itself)."""
-    return run_with_client(shard.model, shard.journal_dir, shard.job.run, fsync=shard.fsync,
+    return run_with_client(shard.model.shared_by(shard.processes), shard.journal_dir, shard.job.run, fsync=shard.fsync,
                            tags={"run_id": shard.run_id, "purpose": shard.job.purpose})
 
 
 def default_workers(cluster: ClusterConfig, model: ModelConfig) -> int:
-    # One in-process model per worker: on a small machine one worker with batching beats two copies.
-    return cluster.n_workers or (1 if model.is_local else 2)
+    # One in-process model per worker: on a small machine one worker with batching beats two copies. No more
+    # workers than requests allowed in flight: each holds at least one.
+    return min(cluster.n_workers or (1 if model.is_local else 2), model.concurrency)
 
 
 class ShardFailure(BaseModel):

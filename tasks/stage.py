@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from prefect import task
+from prefect.context import FlowRunContext
 from prefect.futures import as_completed
 
 from swirl_core.stage import Shard, run_shard
@@ -18,8 +19,21 @@ def shard_task(shard: Shard) -> Any:
     return run_shard(shard)
 
 
+def worker_processes() -> int:
+    """How many processes the flow's task runner runs tasks in: Dask's workers (each a process); any other
+    runner runs them in this process, whose threads share its limiters."""
+    from prefect_dask import DaskTaskRunner
+
+    context = FlowRunContext.get()
+    runner = context.task_runner if context else None
+    return max(1, len(runner.client.nthreads())) if isinstance(runner, DaskTaskRunner) else 1
+
+
 def on_task_runner(shards: Sequence[Shard]) -> Iterator[tuple[Shard, Callable[[], Any]]]:
-    """Map the shards over the flow's task runner (Dask workers) and yield each as soon as it finishes."""
+    """Map the shards over the flow's task runner (Dask workers) and yield each as soon as it finishes. The
+    model's limits are split between the processes that can hold its shards at once."""
+    processes = min(worker_processes(), len(shards))
+    shards = [shard.model_copy(update={"processes": processes}) for shard in shards]
     futures = shard_task.with_options(name=f"{shards[0].job.stage}-shard").map(list(shards))
     owner = {future.task_run_id: shard for future, shard in zip(futures, shards, strict=True)}
     for future in as_completed(futures):

@@ -186,3 +186,24 @@ def test_offline_default_makes_real_data(prefect_api, tmp_path):
     assert steps > 0 and parsed / steps >= 0.8 and constrained == steps
     assert (model, backend) == ("smollm2", "transformers")
     assert "parsed as one action" in out
+
+
+@pytest.mark.slow
+def test_rpm_holds_for_the_whole_run_across_two_workers(prefect_api, tmp_path):
+    """`--rpm 600` on two Dask workers, measured where it matters, at the server: no 60 s window of arrivals
+    holds more than 1.05 × 600, though the work (660 calls) would go through in seconds without the limit."""
+    with ScriptedServer(responder=math_policy) as srv:
+        proc = _swirl("generate", "--dataset", "gsm8k", "--data-files", GSM8K, "--split", "test", "--limit", "20",
+                      "--samples", "11", "--policy", "openai/policy", "--policy-api-base", srv.base_url,
+                      "--db", str(tmp_path / "swirl.duckdb"), "--rpm", "600", "--concurrency", "8",
+                      "--shard-size", "2", "--workers", "2", "--no-progress")
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out
+        arrived = sorted(a["arrived"] for a in srv.attempt_log())
+    assert len(arrived) == 660  # 20 questions × 11 samples × 3 steps
+    j, busiest = 0, 0
+    for i, start in enumerate(arrived):  # the window that starts at each arrival
+        while j < len(arrived) and arrived[j] < start + 60:
+            j += 1
+        busiest = max(busiest, j - i)
+    assert 540 <= busiest <= 630, busiest  # held, and not by starving the run

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 
 import pytest
@@ -13,6 +14,7 @@ from swirl_core.config import ModelConfig
 from swirl_core.llm.base import ChatRequest, LLMError
 from swirl_core.llm.cache import CallJournal
 from swirl_core.llm.factory import build_client
+from swirl_core.llm.limits import ProcessSemaphore, RateLimiter
 
 MESSAGES = [{"role": "user", "content": "Question: what is 2+2?"}]
 
@@ -126,14 +128,69 @@ async def test_unknown_price_is_null_not_zero(tmp_path):
         assert response.cost_usd is None
 
 
-async def test_requests_per_minute_limit(tmp_path):
+async def test_requests_per_minute_limit_measured_at_the_server(tmp_path):
     with ScriptedServer(default="<answer>4</answer>") as srv:
-        client = _client(srv, tmp_path, requests_per_minute=120)  # 2 per second, bucket of 120
-        client._rpm.level = 1  # start nearly empty so the refill rate shows
-        started = time.perf_counter()
-        await asyncio.gather(*(client.complete(_request(sample_index=i, seed=i)) for i in range(3)))
+        client = _client(srv, tmp_path, requests_per_minute=120)  # 2 per second, a burst of one second's worth
+        await asyncio.gather(*(client.complete(_request(sample_index=i, seed=i)) for i in range(5)))
         await client.aclose()
-        assert time.perf_counter() - started >= 0.9
+        arrived = sorted(a["arrived"] for a in srv.attempt_log())
+    assert len(arrived) == 5
+    assert [round(t - arrived[0], 1) for t in arrived] == [0.0, 0.0, 0.5, 1.0, 1.5]
+
+
+def test_a_fresh_rate_limiter_bursts_one_second_not_a_minute():
+    limiter = RateLimiter(600)  # 10 per second
+    waits = [limiter.reserve() for _ in range(30)]
+    assert waits[:10] == [0.0] * 10
+    assert waits[10:] == pytest.approx([0.1 * k for k in range(1, 21)], abs=0.01)
+    tokens = RateLimiter(60_000)  # 1,000 tokens per second
+    assert tokens.reserve(3_000) == pytest.approx(2.0, abs=0.01)  # larger than the burst: it waits, it is not cut
+
+
+def test_limits_split_evenly_across_the_processes_of_a_run():
+    cfg = ModelConfig(model="openai/x", concurrency=64, requests_per_minute=600, tokens_per_minute=90_000)
+    share = cfg.shared_by(2)
+    assert (share.concurrency, share.requests_per_minute, share.tokens_per_minute) == (32, 300, 45_000)
+    assert cfg.shared_by(1) is cfg
+    assert ModelConfig(model="openai/x", concurrency=3).shared_by(2).concurrency == 1  # never more than the total
+    assert ModelConfig(model="openai/x").shared_by(4).requests_per_minute is None
+
+
+def test_requests_in_flight_hold_across_the_event_loops_of_one_process(tmp_path):
+    """Each shard runs its own event loop: two at once in one process (threads) share its one bound."""
+    with ScriptedServer(default="<answer>4</answer>", faults=Faults(latency_s=0.1)) as srv:
+        cfg = ModelConfig(model="openai/scripted", api_base=srv.base_url, concurrency=3)
+
+        def shard(first: int) -> None:
+            async def main() -> None:
+                client = build_client(cfg, None)
+                await asyncio.gather(*(client.complete(_request(sample_index=first + i, seed=first + i)) for i in range(9)))
+                await client.aclose()
+
+            asyncio.run(main())
+
+        threads = [threading.Thread(target=shard, args=(n * 100,)) for n in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        log = srv.attempt_log()
+    assert len(log) == 18 and all(a["completed"] for a in log)
+    in_flight = [sum(1 for b in log if b["arrived"] <= a["arrived"] < b["replied"]) for a in log]
+    assert max(in_flight) == 3
+
+
+async def test_a_cancelled_waiter_gives_its_slot_on():
+    slots = ProcessSemaphore(1)
+    await slots.__aenter__()
+    waiter = asyncio.create_task(slots.__aenter__())
+    await asyncio.sleep(0.01)
+    waiter.cancel()
+    await slots.__aexit__()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    await asyncio.wait_for(slots.__aenter__(), 1)  # the slot came back
+    await slots.__aexit__()
 
 
 async def test_litellm_backend_over_real_http(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ from typing import Any
 from swirl_core.llm.base import Backend, ChatRequest, LLMError, RetryableError
 from swirl_core.llm.cache import CallJournal
 from swirl_core.llm.cost import call_cost
-from swirl_core.llm.limits import TokenBucket, backoff_delay
+from swirl_core.llm.limits import ProcessLimits, backoff_delay
 from swirl_core.records import LLMResponse
 
 
@@ -18,10 +18,8 @@ class LLMClient:
         self,
         backend: Backend,
         journal: CallJournal | None,
+        limits: ProcessLimits,
         *,
-        concurrency: int = 16,
-        requests_per_minute: float | None = None,
-        tokens_per_minute: float | None = None,
         timeout_s: float = 120.0,
         max_retries: int = 6,
         prices: tuple[float, float] | None = None,
@@ -33,10 +31,7 @@ class LLMClient:
         self.max_retries = max_retries
         self.prices = prices
         self.tags = dict(tags or {})  # e.g. run_id, purpose: copied into every ledger row
-        self._concurrency = concurrency
-        self._semaphore: asyncio.Semaphore | None = None
-        self._rpm = TokenBucket(requests_per_minute) if requests_per_minute else None
-        self._tpm = TokenBucket(tokens_per_minute) if tokens_per_minute else None
+        self.limits = limits  # this process's, shared with every other client of the model in it
         self._inflight: dict[str, asyncio.Future] = {}
         self.stats = {"sent": 0, "cache_hits": 0, "retries": 0, "failures": 0}
 
@@ -62,16 +57,17 @@ class LLMClient:
             del self._inflight[key]
 
     async def _send(self, request: ChatRequest, key: str) -> LLMResponse:
-        if self._semaphore is None:
-            self._semaphore = asyncio.Semaphore(self._concurrency)
+        limits = self.limits
         last_error: Exception | None = None
         for attempt in range(self.max_retries + 1):
-            if self._rpm:
-                await self._rpm.acquire(1)
-            if self._tpm:
-                await self._tpm.acquire(_estimate_tokens(request))
             try:
-                async with self._semaphore:
+                # A slot first, then the rate: a request that waited for a slot cannot spend a token earned
+                # long before, so requests leave at the limiter's pace, never in a burst of saved-up tokens.
+                async with limits.in_flight:
+                    if limits.requests:
+                        await limits.requests.acquire(1)
+                    if limits.tokens:
+                        await limits.tokens.acquire(_estimate_tokens(request))
                     self.stats["sent"] += 1
                     response = await self.backend.complete(request, self.timeout_s)
             except RetryableError as exc:

@@ -6,7 +6,7 @@ flow configs all read the same fields.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from pydantic import Field, model_validator
 
@@ -68,12 +68,22 @@ class SamplingConfig(StrictConfig):
 class LimitsConfig(StrictConfig):
     """How hard the model is driven: requests in flight, rate limits, timeouts, retries, in-process batches."""
 
-    concurrency: int = Field(32, ge=1, le=4096, description="max requests in flight per process")
-    requests_per_minute: float | None = Field(None, gt=0)
-    tokens_per_minute: float | None = Field(None, gt=0)
+    concurrency: int = Field(64, ge=1, le=4096, description="max requests in flight for the whole run, across its workers "
+                                                             "(at least one per worker)")
+    requests_per_minute: float | None = Field(None, gt=0, description="for the whole run, across its workers")
+    tokens_per_minute: float | None = Field(None, gt=0, description="for the whole run, across its workers (estimated: prompt characters / 4 + max tokens)")
     timeout_s: float = Field(120.0, gt=0, description="seconds per request attempt")
     max_retries: int = Field(6, ge=0, le=50, description="retries on 429/5xx/timeouts")
     local_batch_size: int = Field(16, ge=1)
+
+    def shared_by(self, processes: int) -> Self:
+        """One process's share when `processes` run a stage's shards at once: the run's limits split evenly."""
+        if processes <= 1:
+            return self
+        rpm, tpm = self.requests_per_minute, self.tokens_per_minute
+        return self.model_copy(update={"concurrency": max(1, self.concurrency // processes),
+                                       "requests_per_minute": rpm / processes if rpm else None,
+                                       "tokens_per_minute": tpm / processes if tpm else None})
 
 
 class ModelConfig(LimitsConfig, SamplingConfig, EndpointConfig):

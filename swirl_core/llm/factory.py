@@ -13,6 +13,7 @@ from swirl_core.llm.cache import shared_journal
 from swirl_core.llm.client import LLMClient
 from swirl_core.llm.config import ModelConfig
 from swirl_core.llm.cost import price_per_token
+from swirl_core.llm.limits import process_limits
 
 # Reads a named secret (a Prefect Secret block): plugged in by the orchestration layer (tasks/), because
 # this library imports no orchestrator. Keys are looked up where the client is built: on the Dask worker.
@@ -98,8 +99,5 @@ def build_client(cfg: ModelConfig, journal_dir: str | Path | None, *, fsync: boo
 
         backend = LiteLLMBackend(cfg.model, api_base=cfg.api_base, api_key=_api_key(cfg))
     journal = shared_journal(journal_dir, fsync=fsync) if journal_dir is not None else None
-    return LLMClient(
-        backend, journal, concurrency=cfg.concurrency, requests_per_minute=cfg.requests_per_minute,
-        tokens_per_minute=cfg.tokens_per_minute, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
-        prices=prices, tags=tags,
-    )
+    limits = process_limits(cfg.resolved_identity, cfg.concurrency, cfg.requests_per_minute, cfg.tokens_per_minute)
+    return LLMClient(backend, journal, limits, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries, prices=prices, tags=tags)
