@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Sequence
@@ -86,7 +87,9 @@ class JudgeReward:
         # aiohttp sessions belong to the loop that made them: TRL calls every batch on one loop, so this
         # builds once per run; a caller on another loop (a notebook's asyncio.run per batch) gets its own.
         if self._client is None or self._loop is not loop:
-            self._client = build_client(self.judge, self.journal_dir, fsync=self.fsync, tags=self.tags)
+            # Every rank of `accelerate launch` judges its own completions: each takes its share of the limits.
+            judge = self.judge.shared_by(int(os.environ.get("WORLD_SIZE", "1")))
+            self._client = build_client(judge, self.journal_dir, fsync=self.fsync, tags=self.tags)
             self._loop = loop
             self.clients_built += 1
         return self._client
