@@ -361,7 +361,7 @@ def evaluate(*, config: ConfigFile = None, opts: Annotated[EvalOptions, Paramete
     Args:
         temperature: of every --model (default: the model config's, greedy)
         max_tokens: tokens per step of every --model (default: 256 API, 64 in-process)
-        concurrency: max requests in flight per worker, of every --model
+        concurrency: max requests in flight for the whole run (split across its workers), of every --model
     """
     ev_config = evaluate_config(config, opts, temperature, max_tokens, concurrency)
     _check_db_free(ev_config.db)
