@@ -86,7 +86,10 @@ class ProcessSemaphore:
             while self._waiters:
                 loop, future = self._waiters.popleft()
                 try:
-                    loop.call_soon_threadsafe(self._grant, future)
+                    if asyncio.get_running_loop() is loop:  # the common case: no wake-up through the loop's pipe
+                        loop.call_soon(self._grant, future)
+                    else:
+                        loop.call_soon_threadsafe(self._grant, future)
                     return
                 except RuntimeError:  # its loop has closed: the next waiter
                     continue
