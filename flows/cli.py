@@ -27,7 +27,7 @@ from cyclopts.config import Env
 from cyclopts.exceptions import CycloptsError
 from pydantic import BaseModel, Field, ValidationError, create_model
 
-from flows.runtime import apply_quiet_env
+from flows.runtime import apply_quiet_env, prefect_api
 from swirl_core.config import (
     ClusterConfig,
     CurateConfig,
@@ -249,11 +249,11 @@ def run(**options: Any) -> int:
     config = pipeline_config(**options)
     # Not held for the whole command like generate's: training opens the database read-only in this process.
     _check_db_free(config.db)
-    from flows.pipeline import check_inputs, pipeline
-    from flows.runtime import prefect_api
+    with prefect_api() as api_ready:
+        from flows.pipeline import check_inputs, pipeline
 
-    check_inputs(config)  # bad seeds or options: a one-line error before any flow or call
-    with prefect_api():
+        check_inputs(config)  # bad seeds or options: a one-line error before any flow or call
+        api_ready()
         result = pipeline(config)
     _print_rows(f"pipeline: {result['status']}", result["stages"])
     _print_probes(result["probes"])
@@ -278,14 +278,15 @@ def generate(*, config: ConfigFile = None, opts: Annotated[GenerateOptions, Para
     """Generate multi-step trajectories into DuckDB."""
     gen_config = load_config(GenerateConfig, config, given(opts))
     _check_db_free(gen_config.db)
-    from flows.generate import run_generate
-    from flows.runtime import prefect_api
-    from swirl_core.generation import plan_generation, verify_constraint
+    with prefect_api() as api_ready:
+        from flows.generate import run_generate
+        from swirl_core.generation import plan_generation, verify_constraint
 
-    plan_generation(gen_config)  # bad seeds or options: a one-line error here, before any flow or call
-    verify_constraint(gen_config.policy)  # a server that ignores the constraint: a one-line error, before the flow
-    with _hold_db(gen_config.db), prefect_api():
-        result = run_generate(gen_config)
+        plan_generation(gen_config)  # bad seeds or options: a one-line error here, before any flow or call
+        verify_constraint(gen_config.policy)  # a server that ignores the constraint: a one-line error, before the flow
+        with _hold_db(gen_config.db):
+            api_ready()
+            result = run_generate(gen_config)
     _print_generation(result)
     return EXIT_OK if result["status"] == "completed" else EXIT_FAILED
 
@@ -297,11 +298,12 @@ def curate(*, config: ConfigFile = None, opts: Annotated[CurateOptions, Paramete
     if not Path(cur_config.db).exists():
         raise FileNotFoundError(f"{cur_config.db} does not exist: run `swirl generate --db {cur_config.db}` first")
     _check_db_free(cur_config.db)
-    from flows.curate import run_curate
-    from flows.runtime import prefect_api
+    with prefect_api() as api_ready:
+        from flows.curate import run_curate
 
-    with _hold_db(cur_config.db), prefect_api():
-        result = run_curate(cur_config)
+        with _hold_db(cur_config.db):
+            api_ready()
+            result = run_curate(cur_config)
     _print_probes(result["probes"])
     print(f"judge {result['fingerprint']} (select an earlier judge's verdicts with --judge-id FINGERPRINT)")
     _print_rows(f"curation run {result['run_id']}: {result['status']}", result["report"]["retention"])
@@ -320,13 +322,14 @@ def judge_eval(*, config: ConfigFile = None, opts: Annotated[JudgeEvalOptions, P
     """Measure a judge on labelled GOOD/BAD steps built from gold solutions."""
     je_config = load_config(JudgeEvalConfig, config, given(opts))
     _check_db_free(je_config.db)
-    from flows.judge_eval import build_steps
-    from flows.judge_eval import judge_eval as judge_eval_flow
-    from flows.runtime import prefect_api
+    with prefect_api() as api_ready:
+        from flows.judge_eval import build_steps
+        from flows.judge_eval import judge_eval as judge_eval_flow
 
-    build_steps(je_config)  # bad seeds, or a dataset without gold steps: a one-line error before any call
-    with _hold_db(je_config.db), prefect_api():
-        result = judge_eval_flow(je_config)
+        build_steps(je_config)  # bad seeds, or a dataset without gold steps: a one-line error before any call
+        with _hold_db(je_config.db):
+            api_ready()
+            result = judge_eval_flow(je_config)
     _print_rows(f"judge probe {result['run_id']}: {result['steps']} labelled steps ({result['judged_now']} judged now)",
                 [{"group": m["grp"], "metric": m["metric"], "n": m["n"],
                   "value": "NULL" if m["value"] is None else f"{m['value']:.3f}",
@@ -365,15 +368,16 @@ def evaluate(*, config: ConfigFile = None, opts: Annotated[EvalOptions, Paramete
     """
     ev_config = evaluate_config(config, opts, temperature, max_tokens, concurrency)
     _check_db_free(ev_config.db)
-    from flows.evaluate import evaluate as evaluate_flow
-    from flows.runtime import prefect_api
-    from swirl_core.generation import plan_generation
+    with prefect_api() as api_ready:
+        from flows.evaluate import evaluate as evaluate_flow
+        from swirl_core.generation import plan_generation
 
-    for c in ev_config.per_dataset():  # bad seeds, options or checkpoints: a one-line error before any call
-        for m in c.models:
-            plan_generation(c.generate_config(m))
-    with _hold_db(ev_config.db), prefect_api():
-        result = evaluate_flow(ev_config)
+        for c in ev_config.per_dataset():  # bad seeds, options or checkpoints: a one-line error before any call
+            for m in c.models:
+                plan_generation(c.generate_config(m))
+        with _hold_db(ev_config.db):
+            api_ready()
+            result = evaluate_flow(ev_config)
     print(Path(result["report"]).read_text().rsplit("\n![", 1)[0])  # the report's tables, without the plot link
     runs = ", ".join(f"'{r['run_id']}'" for r in result.get("datasets", [result]))
     print(f"report: {result['report']} (plot: {result['plot']})\n"
@@ -402,10 +406,10 @@ def train(*, config: ConfigFile = None, opts: Annotated[TrainOptions, Parameter(
     if not Path(train_config.db).exists():
         raise FileNotFoundError(f"{train_config.db} does not exist")
     _check_db_free(train_config.db, read_only=True)
-    from flows.runtime import prefect_api
-    from flows.train import train_flow
+    with prefect_api() as api_ready:
+        from flows.train import train_flow
 
-    with prefect_api():
+        api_ready()
         result = train_flow(train_config)
     if result["skipped"]:
         print(f"{result['output_dir']} already holds this training run (same settings, same data): nothing to do; "
@@ -424,10 +428,10 @@ def publish(*, config: ConfigFile = None, opts: Annotated[PublishOptions, Parame
     if not Path(pub_config.db).exists():
         raise FileNotFoundError(f"{pub_config.db} does not exist")
     _check_db_free(pub_config.db, read_only=True)
-    from flows.publish import publish as publish_flow
-    from flows.runtime import prefect_api
+    with prefect_api() as api_ready:
+        from flows.publish import publish as publish_flow
 
-    with prefect_api():
+        api_ready()
         result = publish_flow(pub_config)
     _print_rows("exported rows", [{"config": c, **v} for c, v in result["rows"].items()])
     print(f"Hub folder: {result['folder']}")

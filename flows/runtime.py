@@ -5,7 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-from collections.abc import Iterator
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from swirl_core.config import ClusterConfig, ModelConfig
@@ -79,43 +84,106 @@ def _check_tls_client() -> None:
                                  "config (distributed.comm.tls): export DASK_CONFIG=<the folder docker/dask-tls.sh wrote>")
 
 
+class TemporaryAPI:
+    """A Prefect API server for one command and its Dask workers: Prefect's own app under uvicorn, as Prefect's
+    `SubprocessASGIServer` runs it (UI off, ephemeral services), launched by a plain `Popen` the moment the
+    command knows it needs one. Importing Prefect's server module to launch it would cost this process seconds
+    and memory, and launching early lets the server start while the command imports its flows and checks its
+    inputs. Every user of a shared host reaches 127.0.0.1, and the API serves Secret blocks: it requires a
+    credential of its own, which only this process and its workers (the environment) present."""
+
+    def __init__(self) -> None:
+        with socket.socket() as probe:  # a free port: taken again by the server a moment later
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}/api"
+        self.credential = "swirl:" + secrets.token_urlsafe(24)
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
+               "PREFECT_SERVER_API_AUTH_STRING": self.credential}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
+             "--port", str(port), "--log-level", "error", "--lifespan", "on"],
+            env=env, stdin=subprocess.DEVNULL)  # its errors reach this command's stderr, as Prefect's own launch does
+
+    def wait(self, timeout_s: float) -> None:
+        """Until the server answers its health check (which needs no credential)."""
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never route 127.0.0.1 via a proxy
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the temporary Prefect API exited with code {self.process.returncode} (its error is above)")
+            with contextlib.suppress(OSError):
+                with opener.open(f"{self.url}/health", timeout=2) as reply:
+                    if reply.status == 200:
+                        return
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"the temporary Prefect API did not answer within {timeout_s:.0f} s "
+                           "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
 @contextlib.contextmanager
-def prefect_api() -> Iterator[str | None]:
-    """Use the configured Prefect API, or start a local one for this process and its Dask workers.
+def prefect_api() -> Iterator[Callable[[], str]]:
+    """The Prefect API of one command: the exported one (PREFECT_API_URL, or the Prefect profile's), or a
+    temporary server started now, in the background. Yields `ready()`, to call just before the first flow: it
+    waits until the API answers (a configured one: that this process is let in) and points this process and
+    the Dask workers it starts (the environment) at it; leaving stops a temporary server.
 
-    Without an exported API URL each Dask worker would start its own temporary server (~26 s).
+    Without an exported API URL each Dask worker would start its own temporary server.
     """
-    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
-
-    existing = os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()
+    existing = os.environ.get("PREFECT_API_URL") or _profile_api_url()
     if existing:
-        _check_access(existing)
-        yield existing
+        def check() -> str:
+            _check_access(existing)
+            return existing
+
+        yield check
         return
-    from prefect.server.api.server import SubprocessASGIServer
+    server = TemporaryAPI()
+    with contextlib.ExitStack() as stack:
+        stack.callback(server.stop)
 
-    # Every user of a shared host reaches 127.0.0.1, and the API serves Secret blocks: the temporary server
-    # requires a credential of its own, which this process and its Dask workers (the environment) present.
-    credential = "swirl:" + secrets.token_urlsafe(24)
-    saved = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "PREFECT_SERVER_API_AUTH_STRING")}
-    os.environ["PREFECT_SERVER_API_AUTH_STRING"] = credential
-    server = SubprocessASGIServer()
-    try:
-        server.start(timeout=int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")))
-        os.environ.pop("PREFECT_SERVER_API_AUTH_STRING")  # the server's setting, read at its start
-        os.environ.update({"PREFECT_API_URL": server.api_url, "PREFECT_API_AUTH_STRING": credential})
-        with temporary_settings(updates={PREFECT_API_URL: server.api_url, PREFECT_API_AUTH_STRING: credential}):
-            yield server.api_url
-    finally:
-        from prefect.logging.handlers import APILogWorker
+        def ready() -> str:
+            from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
-        APILogWorker.drain_all(timeout=5)  # ship buffered run logs while the server is still up
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        server.stop()
+            server.wait(float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")))
+            saved = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING")}
+            stack.callback(_restore_env, saved)
+            os.environ.update({"PREFECT_API_URL": server.url, "PREFECT_API_AUTH_STRING": server.credential})
+            stack.enter_context(temporary_settings(updates={PREFECT_API_URL: server.url,
+                                                            PREFECT_API_AUTH_STRING: server.credential}))
+            stack.callback(_drain_logs)  # first on the way out: while the server is still up
+            return server.url
+
+        yield ready
+
+
+def _profile_api_url() -> str | None:
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value()
+
+
+def _drain_logs() -> None:
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=5)  # ship buffered run logs while the server is still up
+
+
+def _restore_env(saved: dict[str, str | None]) -> None:
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def database_limit_name(db: str | Path) -> str:
