@@ -16,6 +16,7 @@ import pytest
 from conftest import FIXTURES, ROOT
 from helpers import math_policy
 from scripted_server import ScriptedServer
+from test_faults import report
 
 from swirl_core.config import ClusterConfig, GenerateConfig, ModelConfig
 
@@ -189,7 +190,7 @@ def test_offline_default_makes_real_data(prefect_api, tmp_path):
 
 
 @pytest.mark.slow
-def test_rpm_holds_for_the_whole_run_across_two_workers(prefect_api, tmp_path):
+def test_rpm_holds_for_the_whole_run_across_two_workers(prefect_api, tmp_path, record_property):
     """`--rpm 600` on two Dask workers, measured where it matters, at the server: no 60 s window of arrivals
     holds more than 1.05 × 600, though the work (660 calls) would go through in seconds without the limit."""
     with ScriptedServer(responder=math_policy) as srv:
@@ -206,4 +207,6 @@ def test_rpm_holds_for_the_whole_run_across_two_workers(prefect_api, tmp_path):
         while j < len(arrived) and arrived[j] < start + 60:
             j += 1
         busiest = max(busiest, j - i)
+    report("rpm_two_workers", {"requests": len(arrived), "busiest_60s": busiest,
+                               "sending_s": round(arrived[-1] - arrived[0], 1)}, record_property)
     assert 540 <= busiest <= 630, busiest  # held, and not by starving the run
