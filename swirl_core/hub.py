@@ -115,12 +115,11 @@ def upload_folder(folder: str | Path, repo_id: str, *, token: str | None, privat
 
     api = HfApi(token=token)
     api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
-    before = api.list_repo_commits(repo_id, repo_type=repo_type)
-    api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type=repo_type, commit_message=message,
-                      ignore_patterns=ignore_patterns)
-    after = api.list_repo_commits(repo_id, repo_type=repo_type)
-    return {"repo_id": repo_id, "commit": after[0].commit_id if after else None,
-            "new_commit": len(after) > len(before), "private": private}
+    head = api.repo_info(repo_id, repo_type=repo_type).sha
+    # When every file is unchanged the client makes no commit and returns a CommitInfo naming the current head.
+    info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type=repo_type, commit_message=message,
+                             ignore_patterns=ignore_patterns)
+    return {"repo_id": repo_id, "commit": info.oid, "new_commit": info.oid != head, "private": private}
 
 
 def contamination(con, eval_splits: tuple[str, ...] = ("test", "validation", "dev"), ngram: int = NGRAM) -> dict[str, Any]:
