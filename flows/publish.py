@@ -8,7 +8,7 @@ from prefect import flow, get_run_logger
 
 from flows.runtime import database_slot
 from swirl_core.config import PublishConfig
-from swirl_core.hub import contamination, dataset_card, export_folder
+from swirl_core.hub import contamination, dataset_card, export_folder, write_run_config
 from swirl_core.store import Store
 from tasks.artifacts import publish_markdown
 from tasks.publish import hub_token, upload
@@ -21,12 +21,13 @@ def publish(config: PublishConfig) -> dict[str, Any]:
     with database_slot(config.db), Store(config.db, read_only=True) as store:
         summary = export_folder(store.con, folder)
         report = contamination(store.con, tuple(config.eval_splits))
+        write_run_config(store.con, folder)
         card = dataset_card(store.con, summary, config.repo_id, report)
-    (folder / "README.md").write_text(card, encoding="utf-8")
+    card.save(folder / "README.md")
     logger.info("exported %s to %s", {c: sum(v.values()) for c, v in summary.rows.items()}, folder)
     result: dict[str, Any] = {"folder": str(folder), "rows": summary.rows, "contamination": report,
                               "repo_id": config.repo_id, "uploaded": False}
     if not config.dry_run:
         result |= upload(str(folder), config.repo_id, config.private, hub_token(config.token_secret)) | {"uploaded": True}
-    publish_markdown("publish", card.split("---", 2)[-1], f"dataset card for {config.repo_id}", name="card")
+    publish_markdown("publish", card.text, f"dataset card for {config.repo_id}", name="card")
     return result

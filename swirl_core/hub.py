@@ -14,8 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import DatasetCard, DatasetCardData
+
 from swirl_core.contamination import NGRAM, overlaps
 from swirl_core.records import CuratedFilter
+from swirl_core.seeds import DATASETS
 from swirl_core.store import query_dicts
 
 LICENCES = {  # of the seed datasets; the generated text inherits them
@@ -105,6 +108,18 @@ def export_folder(con, folder: str | Path, *, max_file_bytes: str = "256MB") -> 
     return summary
 
 
+RUN_CONFIG_FILE = "swirl_runs.json"
+
+
+def write_run_config(con, folder: str | Path) -> Path:
+    """`swirl_runs.json` beside the data: every run's stored configuration (secrets are never stored), to rerun it."""
+    runs = [{"run_id": run_id, "kind": kind, "config": json.loads(config)} for run_id, kind, config in con.execute(
+        "SELECT run_id, kind, config FROM runs ORDER BY kind, run_id").fetchall()]
+    path = Path(folder) / RUN_CONFIG_FILE
+    path.write_text(json.dumps(runs, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path
+
+
 def upload_folder(folder: str | Path, repo_id: str, *, token: str | None, private: bool,
                   message: str = "Publish SWiRL curated data", repo_type: str = "dataset",
                   ignore_patterns: list[str] | None = None) -> dict[str, Any]:
@@ -138,6 +153,16 @@ def contamination(con, eval_splits: tuple[str, ...] = ("test", "validation", "de
             "exact_overlap": sum(o.exact for o in found), f"{ngram}gram_overlap": sum(o.near for o in found)}
 
 
+# The Hub's size buckets (its validate-yaml rejects any other value).
+SIZE_CATEGORIES = ("n<1K", "1K<n<10K", "10K<n<100K", "100K<n<1M", "1M<n<10M", "10M<n<100M", "100M<n<1B",
+                   "1B<n<10B", "10B<n<100B", "100B<n<1T", "n>1T")
+
+
+def size_category(n: int) -> str:
+    """The bucket of `n` rows: one per power of ten from 1K, then `n>1T`."""
+    return SIZE_CATEGORIES[min(max(len(str(max(n, 1))) - 3, 0), len(SIZE_CATEGORIES) - 1)]
+
+
 def _table(rows: list[dict]) -> str:
     if not rows:
         return "_none_"
@@ -147,7 +172,7 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def dataset_card(con, summary: ExportSummary, repo_id: str, contamination_report: dict[str, Any]) -> str:
+def dataset_card(con, summary: ExportSummary, repo_id: str, contamination_report: dict[str, Any]) -> DatasetCard:
     """README.md: YAML metadata with the configs, then how the data was made and what is in it."""
     datasets = [r[0] for r in con.execute(
         "SELECT DISTINCT dataset FROM trajectory_labels ORDER BY 1").fetchall()]
@@ -160,29 +185,21 @@ def dataset_card(con, summary: ExportSummary, repo_id: str, contamination_report
     policies = query_dicts(con, "SELECT model, prompt_version, count(*) AS trajectories FROM trajectories GROUP BY ALL ORDER BY ALL")
     example = query_dicts(con, "SELECT trajectory_id, step_index, action_kind, action FROM sub_trajectories "
                          "ORDER BY trajectory_id, step_index LIMIT 3")
-    configs_yaml = []
-    for config in (*CuratedFilter, "steps"):
-        if config not in summary.files:
-            continue
-        configs_yaml.append(f"- config_name: {config}")
-        if config == CuratedFilter.PROCESS:
-            configs_yaml.append("  default: true")
-        configs_yaml.append("  data_files:")
-        for split in sorted(summary.files[config]):
-            configs_yaml += [f"  - split: {split}", f"    path: data/{config}/{split}-*.parquet"]
-    total = sum(summary.rows.get("none", {}).values())
-    size = "n<1K" if total < 1000 else "1K<n<10K" if total < 10_000 else "10K<n<100K" if total < 100_000 else "100K<n<1M"
-    front = "\n".join([
-        "---",
-        f"license: {licences[0] if len(licences) == 1 else 'other'}",
-        f"pretty_name: SWiRL multi-step tool-use trajectories ({', '.join(datasets)})",
-        "language:\n- en",
-        "task_categories:\n- question-answering\n- text-generation",
-        "tags:\n- swirl\n- tool-use\n- multi-step-reasoning\n- synthetic\n- process-supervision",
-        f"size_categories:\n- {size}",
-        "configs:", *configs_yaml,
-        "---",
-    ])
+    configs = [{"config_name": str(config), **({"default": True} if config == CuratedFilter.PROCESS else {}),
+                "data_files": [{"split": split, "path": f"data/{config}/{split}-*.parquet"}
+                               for split in sorted(summary.files[config])]}
+               for config in (*CuratedFilter, "steps") if config in summary.files]
+    licence = licences[0] if len(licences) == 1 else "other"
+    sources = sorted({DATASETS[d].hub_name for d in datasets if d in DATASETS and DATASETS[d].hub_name})
+    card_data = DatasetCardData(
+        license=licence, pretty_name=f"SWiRL multi-step tool-use trajectories ({', '.join(datasets)})",
+        language=["en"], task_categories=["question-answering", "text-generation"],
+        tags=["swirl", "tool-use", "multi-step-reasoning", "synthetic", "process-supervision"],
+        size_categories=[size_category(sum(summary.rows.get("none", {}).values()))],
+        source_datasets=sources or None, configs=configs,
+        # The Hub asks an `other` licence to be named and linked: the seeds' own terms, listed in the card.
+        **({"license_name": "seed-datasets-licences", "license_link": "LICENSE.md"} if licence == "other" else {}),
+    )
     snippets = "\n".join(f'load_dataset("{repo_id}", "{c}")' for c in summary.files)
     settings = [
         {"dataset": c.get("dataset"), "split": c.get("split"), "samples_per_question": c.get("samples"),
@@ -239,6 +256,8 @@ Tools: a BM25 search engine returning the top paragraph(s) of the corpus for eac
 that parses arithmetic and never evaluates code (math). Tools ran live during generation; each step's
 observation is stored as `INPUT → RESULT`.
 
+The configuration of every run behind this data is in `{RUN_CONFIG_FILE}` beside it.
+
 ## Retention per filter
 
 {_table(query_dicts(con, "SELECT * FROM curation_retention"))}
@@ -288,4 +307,4 @@ text is released under the same terms as the seed data it was made from.
 {CITATION}
 ```
 """
-    return front + "\n" + body
+    return DatasetCard(f"---\n{card_data.to_yaml()}\n---\n{body}")

@@ -24,8 +24,8 @@ def _export(db, folder):
         card = dataset_card(con, summary, "me/swirl-test", report)
     finally:
         con.close()
-    (folder / "README.md").write_text(card)
-    return summary, card
+    card.save(folder / "README.md")
+    return summary, str(card)
 
 
 def test_export_loads_with_datasets_and_matches_duckdb(labeled_db, tmp_path):
