@@ -37,6 +37,33 @@ _REASONS = {200: "OK", 206: "Partial Content", 400: "Bad Request", 401: "Unautho
             409: "Conflict", 412: "Precondition Failed", 416: "Range Not Satisfiable", 422: "Unprocessable Entity"}
 
 
+# What the Hub's /api/validate-yaml accepts, written out here and not imported from the code under test, so a
+# card the Hub would reject fails the test. Licences: a subset of the Hub's ids.
+_HUB_LICENCES = frozenset({"apache-2.0", "mit", "cc-by-4.0", "cc-by-sa-4.0", "cc-by-nc-4.0", "cc-by-nc-sa-4.0",
+                           "cc0-1.0", "odc-by", "odbl", "gpl-3.0", "bsd-3-clause", "llama3.1", "other", "unknown"})
+_HUB_SIZES = frozenset({"n<1K", "1K<n<10K", "10K<n<100K", "100K<n<1M", "1M<n<10M", "10M<n<100M", "100M<n<1B",
+                        "1B<n<10B", "10B<n<100B", "100B<n<1T", "n>1T"})
+
+
+def _card_errors(content: str) -> list[str]:
+    """The Hub's checks of a dataset card's metadata that this fake knows: licence, size bucket, configs."""
+    import yaml
+
+    if not content.startswith("---\n") or "\n---" not in content[3:]:
+        return ["the card has no YAML metadata block"]
+    meta = yaml.safe_load(content[4:content.index("\n---", 3)]) or {}
+    listed = lambda key: [meta[key]] if isinstance(meta.get(key), str) else meta.get(key) or []  # noqa: E731
+    errors = [f'"license" must be one of the Hub licence ids, got {v!r}' for v in listed("license") if v not in _HUB_LICENCES]
+    errors += [f'"size_categories" must be one of the Hub buckets, got {v!r}' for v in listed("size_categories")
+               if v not in _HUB_SIZES]
+    if "other" in listed("license") and not (meta.get("license_name") and meta.get("license_link")):
+        errors.append('"license: other" needs "license_name" and "license_link"')
+    for c in meta.get("configs") or []:
+        if not c.get("config_name") or not c.get("data_files"):
+            errors.append(f'each of "configs" needs "config_name" and "data_files", got {c!r}')
+    return errors
+
+
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
@@ -243,7 +270,10 @@ class FakeHub:
             h.require_auth()
             return h._json({"type": "user", "name": self.username, "fullname": self.username, "orgs": [],
                             "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": "write"}}})
-        if parts[:2] == ["api", "validate-yaml"]:
+        if parts[:2] == ["api", "validate-yaml"] and method == "POST":
+            errors = _card_errors(json.loads(body)["content"])
+            if errors:  # the Hub answers 400 with the errors; DatasetCard.validate raises them as a ValueError
+                raise _HubError(400, "; ".join(errors))
             return h._json({"errors": [], "warnings": []})
         if parts[:2] == ["api", "repos"] and method in ("POST", "DELETE"):
             h.require_auth()

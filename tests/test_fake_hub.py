@@ -221,3 +221,45 @@ def test_resolve_headers_and_ranges(hub: FakeHub, in_process_client) -> None:
     assert _request(hub, "GET", "/datasets/user/ranges/resolve/main/blob.parquet", headers={"Range": "bytes=-5"})[2] == data[-5:]
     status, headers, _ = _request(hub, "GET", "/datasets/user/ranges/resolve/main/missing.txt")
     assert (status, headers.get("X-Error-Code")) == (404, "EntryNotFound")
+
+
+def test_the_card_validates_through_the_hub_endpoint_and_a_bad_one_is_rejected(
+        hub: FakeHub, in_process_client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import duckdb
+    from helpers import build_labeled_db
+    from huggingface_hub import DatasetCard
+
+    from swirl_core.hub import contamination, dataset_card, export_folder
+
+    db = tmp_path / "card.duckdb"
+    build_labeled_db(db)
+    with duckdb.connect(str(db), read_only=True) as con:
+        card = dataset_card(con, export_folder(con, tmp_path / "out"), "user/card", contamination(con))
+    card.validate(repo_type="dataset")  # the fake Hub's /api/validate-yaml: licence, size bucket, configs
+    assert "POST /api/validate-yaml" in hub.requests_seen
+    for field, bad in (("license", "free-for-all"), ("size_categories", ["2M<n<3M"])):
+        broken = DatasetCard(str(card))
+        setattr(broken.data, field, bad)
+        with pytest.raises(ValueError, match=field):
+            broken.validate(repo_type="dataset")
+    broken = DatasetCard(str(card))
+    broken.data.license = "other"  # the Hub wants an `other` licence named and linked
+    with pytest.raises(ValueError, match="license_name"):
+        broken.validate(repo_type="dataset")
+
+
+def test_upload_folder_reports_a_new_commit_only_when_the_data_changed(hub: FakeHub, in_process_client,
+                                                                     tmp_path: Path) -> None:
+    from swirl_core.hub import upload_folder
+
+    folder = _write_folder(tmp_path / "folder")
+    first = upload_folder(folder, "user/changed", token=hub.token, private=False)
+    again = upload_folder(folder, "user/changed", token=hub.token, private=False)
+    assert first["new_commit"] and not again["new_commit"]
+    assert first["commit"] == again["commit"] == hub.repo_info("user/changed")["sha"]
+    assert not any(r.endswith("/commits/main") for r in hub.requests_seen)  # no history paging
+    # Xet is off (hub.env): the parquet files took the LFS path, uploaded once, through the batch endpoint.
+    assert "POST /datasets/user/changed.git/info/lfs/objects/batch" in hub.requests_seen
+    assert any(r.startswith("PUT /lfs-upload/") for r in hub.requests_seen)
+    (folder / "README.md").write_text(README + "\nEdited.\n")
+    assert upload_folder(folder, "user/changed", token=hub.token, private=False)["new_commit"]

@@ -144,3 +144,10 @@ def test_token_can_come_from_a_prefect_secret_block(prefect_api):
     Secret(value="hf_from_block").save("swirl-test-hf-token", overwrite=True)
     assert hub_token("swirl-test-hf-token") == "hf_from_block"  # datasets (publish) and models (train) alike
     assert hub_token(None) is None  # huggingface_hub then reads HF_TOKEN itself
+
+
+def test_size_categories_follow_the_hubs_buckets_past_a_million():
+    from swirl_core.hub import size_category
+
+    assert [size_category(n) for n in (0, 999, 1000, 999_999, 1_000_000, 5 * 10**9, 10**12 - 1, 10**12, 10**15)] == [
+        "n<1K", "n<1K", "1K<n<10K", "100K<n<1M", "1M<n<10M", "1B<n<10B", "100B<n<1T", "n>1T", "n>1T"]
