@@ -239,7 +239,12 @@ class FakeHub:
         self.stop()
 
     def env(self) -> dict[str, str]:
-        """Variables for a client process; the offline switches are turned off since tests set them on."""
+        """Variables for a client process; the offline switches are turned off since tests set them on.
+
+        Xet is turned off: with hf_xet installed the client's default upload is Xet (a write token from the Hub,
+        then content-defined chunks, xorbs and shards sent by hf_xet's Rust client to a CAS server), a protocol
+        this standard-library fake does not emulate. With it off the client takes the LFS path (preupload, LFS
+        batch, PUT, commit), which tests/test_fake_hub.py asserts was taken."""
         return {"HF_ENDPOINT": self.url, "HF_TOKEN": self.token, "HF_HUB_DISABLE_XET": "1",
                 "HF_HUB_DISABLE_TELEMETRY": "1", "HF_UPDATE_DOWNLOAD_COUNTS": "0",
                 "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0", "NO_PROXY": "127.0.0.1,localhost"}

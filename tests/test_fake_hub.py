@@ -87,7 +87,7 @@ def in_process_client(hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(constants, "ENDPOINT", hub.url)
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # no Xet CAS here: see FakeHub.env
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
     from huggingface_hub import HfApi
 
@@ -253,13 +253,29 @@ def test_upload_folder_reports_a_new_commit_only_when_the_data_changed(hub: Fake
     from swirl_core.hub import upload_folder
 
     folder = _write_folder(tmp_path / "folder")
+    start = len(hub.requests_seen)  # the hub is shared by the module's tests
     first = upload_folder(folder, "user/changed", token=hub.token, private=False)
     again = upload_folder(folder, "user/changed", token=hub.token, private=False)
     assert first["new_commit"] and not again["new_commit"]
     assert first["commit"] == again["commit"] == hub.repo_info("user/changed")["sha"]
-    assert not any(r.endswith("/commits/main") for r in hub.requests_seen)  # no history paging
-    # Xet is off (hub.env): the parquet files took the LFS path, uploaded once, through the batch endpoint.
-    assert "POST /datasets/user/changed.git/info/lfs/objects/batch" in hub.requests_seen
-    assert any(r.startswith("PUT /lfs-upload/") for r in hub.requests_seen)
+    seen = hub.requests_seen[start:]
+    assert not any("/commits/" in r for r in seen)  # no history paging
+    # Xet is off (FakeHub.env): the parquet files took the LFS path, the batch endpoint (the fake stores each
+    # object once, so earlier tests' identical files are not PUT again), and no Xet token was asked for.
+    assert "POST /datasets/user/changed.git/info/lfs/objects/batch" in seen
+    assert not any("xet" in r for r in seen)
     (folder / "README.md").write_text(README + "\nEdited.\n")
     assert upload_folder(folder, "user/changed", token=hub.token, private=False)["new_commit"]
+
+
+def test_xet_is_the_clients_default_and_is_turned_off_for_the_fake(monkeypatch: pytest.MonkeyPatch) -> None:
+    """hf_xet is installed, so without the switch the client would upload through Xet, which the fake cannot
+    serve; FakeHub.env turns it off and the upload tests assert the LFS path instead."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils._runtime import is_xet_available
+
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
+    assert is_xet_available()
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    assert not is_xet_available()
+    assert FakeHub().env()["HF_HUB_DISABLE_XET"] == "1"
