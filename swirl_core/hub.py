@@ -197,8 +197,8 @@ def dataset_card(con, summary: ExportSummary, repo_id: str, contamination_report
         tags=["swirl", "tool-use", "multi-step-reasoning", "synthetic", "process-supervision"],
         size_categories=[size_category(sum(summary.rows.get("none", {}).values()))],
         source_datasets=sources or None, configs=configs,
-        # The Hub asks an `other` licence to be named and linked: the seeds' own terms, listed in the card.
-        **({"license_name": "seed-datasets-licences", "license_link": "LICENSE.md"} if licence == "other" else {}),
+        # The Hub asks an `other` licence to be named and linked: the seeds' own terms, in the card's Licence section.
+        **({"license_name": "seed-datasets-licences", "license_link": "README.md#licence"} if licence == "other" else {}),
     )
     snippets = "\n".join(f'load_dataset("{repo_id}", "{c}")' for c in summary.files)
     settings = [

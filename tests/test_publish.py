@@ -6,7 +6,7 @@ import duckdb
 import pytest
 from helpers import build_labeled_db
 
-from swirl_core.hub import contamination, dataset_card, export_folder
+from swirl_core.hub import RUN_CONFIG_FILE, contamination, dataset_card, export_folder, write_run_config
 
 
 @pytest.fixture()
@@ -20,6 +20,7 @@ def _export(db, folder):
     con = duckdb.connect(str(db), read_only=True)
     try:
         summary = export_folder(con, folder)
+        write_run_config(con, folder)
         report = contamination(con)
         card = dataset_card(con, summary, "me/swirl-test", report)
     finally:
@@ -54,6 +55,8 @@ def test_card_carries_configs_licence_retention_contamination_and_citation(label
     _, card = _export(labeled_db, tmp_path / "hub")
     front, body = card.split("---\n", 2)[1:]
     assert "license: cc-by-sa-4.0" in front and "config_name: process_outcome" in front
+    assert "source_datasets:\n- hotpotqa/hotpot_qa" in front and "size_categories:\n- n<1K" in front
+    assert "license_name" not in front  # only an `other` licence is named
     for needle in ("## Retention per filter", "## Judge quality", "## Contamination check", "## Lineage",
                    'load_dataset("me/swirl-test", "steps")', "arXiv:2504.04736", "goldie2025swirl", "hotpotqa (cc-by-sa-4.0)"):
         assert needle in body
@@ -151,3 +154,20 @@ def test_size_categories_follow_the_hubs_buckets_past_a_million():
 
     assert [size_category(n) for n in (0, 999, 1000, 999_999, 1_000_000, 5 * 10**9, 10**12 - 1, 10**12, 10**15)] == [
         "n<1K", "n<1K", "1K<n<10K", "100K<n<1M", "1M<n<10M", "1B<n<10B", "100B<n<1T", "n>1T", "n>1T"]
+
+
+def test_run_configurations_are_written_beside_the_data(labeled_db, tmp_path):
+    import json
+
+    from swirl_core.store import Store
+
+    with Store(labeled_db) as store:  # scrubbed on the way in, as every run's config is
+        store.start_run("gen-1", "generate", {"dataset": "hotpotqa", "samples": 2, "policy": {"api_key": "sk-x"}})
+    folder = tmp_path / "hub"
+    _, card = _export(labeled_db, folder)
+    runs = json.loads((folder / RUN_CONFIG_FILE).read_text())
+    with duckdb.connect(str(labeled_db), read_only=True) as con:
+        stored = {r: json.loads(c) for r, c in con.execute("SELECT run_id, config FROM runs").fetchall()}
+    assert [r["run_id"] for r in runs] == ["gen-1"] and {r["run_id"]: r["config"] for r in runs} == stored
+    assert runs[0]["config"]["samples"] == 2 and "sk-x" not in (folder / RUN_CONFIG_FILE).read_text()
+    assert RUN_CONFIG_FILE in card

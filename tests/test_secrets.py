@@ -254,6 +254,7 @@ def test_api_key_and_hub_token_appear_nowhere_but_on_the_wire(prefect_api, tmp_p
     export = db.with_suffix(".work") / "hub" / REPO_ID.replace("/", "__")
     parquet = sorted(export.rglob("*.parquet"))
     assert (export / "README.md").is_file() and parquet and "README.md" in hub_files
+    assert "swirl_runs.json" in hub_files  # the run configurations uploaded beside the data: scanned below too
     assert "new commit" in outputs["publish"]
 
     leaks: dict[str, object] = {}
