@@ -69,6 +69,15 @@ LEFT JOIN judge_probe_summary p ON p.judge_fingerprint = j.probe_fingerprint
 ORDER BY ALL
 """
 
+# How each of those judges turned P(GOOD) into a verdict: its calibration method and per-task thresholds.
+_CALIBRATION_SQL = """
+SELECT j.judge_model AS judge, s.judge_fingerprint AS judge_id, coalesce(j.spec->>'calibration', 'none') AS calibration,
+       CAST(j.spec->'thresholds' AS VARCHAR) AS p_good_thresholds
+FROM (SELECT DISTINCT judge_fingerprint FROM selected_judges) s JOIN judges j USING (judge_fingerprint)
+ORDER BY ALL
+"""
+
+
 @dataclass
 class ExportSummary:
     folder: Path
@@ -270,6 +279,10 @@ accuracy with its 95% bootstrap CI, F1 for detecting BAD steps; a judge whose CI
 chance, and its process filter then means little:
 
 {_table(query_dicts(con, _PROBE_SQL))}
+
+Judge calibration (a calibrated judge's verdict is GOOD when P(GOOD) reaches its task's threshold):
+
+{_table(query_dicts(con, _CALIBRATION_SQL))}
 
 Process verdict vs outcome (trajectories judged and graded):
 

@@ -68,7 +68,8 @@ def test_card_carries_the_judges_probe_figures(labeled_db, tmp_path):
     from swirl_core.store import Store
 
     with Store(labeled_db) as store:  # the judge "f" of the labelled data, measured by probe "p"
-        store.con.execute("INSERT INTO judges VALUES ('f', 'openai/judge', '{}', 'p', current_timestamp)")
+        store.con.execute("INSERT INTO judges VALUES ('f', 'openai/judge', "
+                          "'{\"calibration\": \"median\", \"thresholds\": {\"qa\": 0.62}}', 'p', current_timestamp)")
         store.upsert("judge_probe_metrics", pa.Table.from_pylist([
             {"judge_fingerprint": "p", "dataset": "hotpotqa", "split": "train", "grp": "all", "metric": m, "n": 40,
              "value": v, "ci_low": lo, "ci_high": hi}
@@ -77,6 +78,8 @@ def test_card_carries_the_judges_probe_figures(labeled_db, tmp_path):
     _, card = _export(labeled_db, tmp_path / "hub")
     probe = card.split("The judge probe", 1)[1].split("Process verdict vs outcome", 1)[0]
     assert "| openai/judge | f | hotpotqa | 40 | 0.75 | [0.61, 0.88] | 0.7 |" in probe and "| True |" in probe
+    calibration = card.split("Judge calibration", 1)[1].split("Process verdict vs outcome", 1)[0]
+    assert '| openai/judge | f | median | {"qa":0.62} |' in calibration
 
 
 def test_export_is_deterministic(labeled_db, tmp_path):
