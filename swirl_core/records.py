@@ -189,6 +189,8 @@ def _arrow_type(annotation: Any) -> pa.DataType:
         return _arrow_type(type(get_args(annotation)[0]))
     if origin is list:
         return pa.list_(_arrow_type(get_args(annotation)[0]))
+    if isinstance(annotation, type) and issubclass(annotation, StrEnum):
+        return pa.string()
     return {str: pa.string(), int: pa.int64(), float: pa.float64(), bool: pa.bool_(),
             datetime: pa.timestamp("us", tz="UTC")}[annotation]
 
@@ -255,6 +257,7 @@ class TrajectoryRow(TableRow):
     completion_tokens: int
     error: str | None
     prompt_messages: str  # JSON
+    protocol: StepProtocol
 
 
 class StepRow(TableRow):
@@ -273,6 +276,7 @@ class StepRow(TableRow):
     model: str
     prompt_version: str
     constraint: str | None
+    tool_calls: str | None  # JSON: the message's tool calls as sent (tools protocol)
     prompt_tokens: int | None
     completion_tokens: int | None
     latency_s: float | None
