@@ -22,6 +22,7 @@ from swirl_core.protocol import (
     parse_tool_calls,
     policy_messages,
     prompt_version,
+    render_tool_calls,
     tool_definitions,
     tools_feedback,
     tools_policy_messages,
@@ -126,7 +127,8 @@ class Agent:
                 break
             native = policy.protocol == StepProtocol.TOOLS
             if native:
-                action, message = parse_tool_calls(response.text, response.tool_calls, policy.task), response.text
+                action = parse_tool_calls(response.text, response.tool_calls, policy.task)
+                message = render_tool_calls(response.text, response.tool_calls)
             else:
                 parsed = parse_action(response.text, policy.task, policy.tools)
                 action, message = parsed.action, parsed.message
@@ -153,7 +155,7 @@ class Agent:
             if action.kind == "answer":
                 status, final = "answered", action.content
                 break
-            messages += _next_turns(message, response.tool_calls, observation) if native else [
+            messages += _next_turns(response.text, response.tool_calls, observation) if native else [
                 {"role": "assistant", "content": message}, {"role": "user", "content": observation}]
         return Trajectory(
             trajectory_id=Trajectory.make_id(question.question_id, sample_index, policy.fingerprint),

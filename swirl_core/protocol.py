@@ -287,5 +287,16 @@ def parse_tool_calls(text: str, tool_calls: list[dict] | None, task: TaskKind) -
     return Action(kind=kind, reasoning=reasoning, content=str(content).strip(), call_id=call_id)
 
 
+def render_tool_calls(text: str, tool_calls: list[dict] | None) -> str:
+    """A tools-protocol message as one readable text (for the judge, the views and the tag-style exports): its
+    content, then each call as `name(arguments)`; the calls as sent are kept beside it."""
+    calls = []
+    for call in tool_calls or []:
+        function = call.get("function") if isinstance(call, dict) else None
+        function = function if isinstance(function, dict) else {}
+        calls.append(f"{function.get('name')}({function.get('arguments') or ''})")
+    return "\n".join(p for p in [text.strip(), *calls] if p)
+
+
 def _call_id(call: object) -> str | None:
     return str(call["id"]) if isinstance(call, dict) and call.get("id") else None

@@ -90,7 +90,7 @@ class Step(BaseModel):
     """One agent step: the model's message, its parsed action and the tool observation."""
 
     step_index: int
-    message: str  # the assistant message as it enters the conversation
+    message: str  # the assistant message as it enters the conversation (tools protocol: its calls rendered in)
     action: Action
     observation: str | None = None  # tool result text (None for answers)
     tool_calls: list[dict[str, Any]] | None = None  # under the tools protocol: the message's calls as sent

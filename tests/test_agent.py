@@ -135,6 +135,7 @@ async def test_tools_protocol_sends_tools_runs_calls_and_records_malformed_ones(
         ("invalid", "no tool call"), ("invalid", "more than one action in one message"), ("math", None), ("answer", None),
     ]
     assert traj.steps[4].observation == "42" and traj.steps[4].action.call_id == "c5"
+    assert traj.steps[1].message == 'Let me look.\nsearch({"query": "x"})'
     assert all(s.prompt_version == "policy-math-v1+tools-v1" for s in traj.steps)
     # every request offered the task's functions and no tag instructions
     assert all(r["tools"] == tool_definitions("math") for r in srv.requests)
