@@ -64,6 +64,7 @@ CREATE TABLE IF NOT EXISTS trajectories (
     completion_tokens   BIGINT,
     error               VARCHAR,
     prompt_messages     JSON NOT NULL,        -- s_0: the messages before the first action
+    protocol            VARCHAR DEFAULT 'tags',  -- tags (the paper's) | tools (native function calling)
     created_at          TIMESTAMPTZ DEFAULT current_timestamp
 );
 
@@ -85,6 +86,7 @@ CREATE TABLE IF NOT EXISTS steps (
     prompt_tokens     INTEGER,
     completion_tokens INTEGER,
     latency_s         DOUBLE,
+    tool_calls        JSON,                   -- tools protocol: the message's tool calls as sent
     PRIMARY KEY (trajectory_id, step_index)
 );
 

@@ -19,10 +19,15 @@ from swirl_core.protocol import (
     invalid_action_feedback,
     observation_message,
     parse_action,
+    parse_tool_calls,
     policy_messages,
     prompt_version,
+    render_tool_calls,
+    tool_definitions,
+    tools_feedback,
+    tools_policy_messages,
 )
-from swirl_core.records import Question, Step, TaskKind, Trajectory
+from swirl_core.records import Question, Step, StepProtocol, TaskKind, Trajectory
 from swirl_core.tools import Tool, ToolResult
 
 
@@ -41,10 +46,21 @@ class PolicySpec:
     max_tokens: int = 256
     tools_fingerprint: str = ""
     tools: bool = True  # False: no-tool mode, answer only (its own prompt version, so its own fingerprint)
+    protocol: StepProtocol = StepProtocol.TAGS
+
+    def __post_init__(self) -> None:
+        if self.protocol == StepProtocol.TOOLS:  # refused, never silently dropped
+            if self.constraint:
+                raise ValueError(f"the {self.constraint!r} constraint shapes tag actions and does not apply under "
+                                 "--protocol tools (the server parses tool calls)")
+            if not self.tools:
+                raise ValueError("no-tool mode has no tools to call: use --protocol tags with it")
+            if self.few_shot:
+                raise ValueError("few-shot demonstrations are written in the tag protocol: use --protocol tags with them")
 
     @property
     def prompt_version(self) -> str:
-        return prompt_version(self.task, self.few_shot, self.tools)
+        return prompt_version(self.task, self.few_shot, self.tools, self.protocol)
 
     @property
     def max_turns(self) -> int:
@@ -74,6 +90,7 @@ class PolicySpec:
             model=self.model, messages=messages, temperature=self.temperature, top_p=self.top_p,
             max_tokens=self.max_tokens, sample_index=sample_index, seed=sample_index,
             prompt_version=self.prompt_version, constraint=constraint, extra_body=extra,
+            tools=tool_definitions(self.task) if self.protocol == StepProtocol.TOOLS else None,
         )
 
 
@@ -85,6 +102,8 @@ class Agent:
 
     def initial_messages(self, question: Question) -> list[dict[str, str]]:
         p = self.policy
+        if p.protocol == StepProtocol.TOOLS:
+            return tools_policy_messages(p.task, question.question, p.max_steps)
         return policy_messages(p.task, question.question, p.max_steps, p.few_shot, p.tools)
 
     def _run_tool(self, kind: str, tool_input: str) -> ToolResult:
@@ -106,19 +125,27 @@ class Agent:
             except LLMError as exc:
                 status, error = "error", str(exc)
                 break
-            parsed = parse_action(response.text, policy.task, policy.tools)
-            action = parsed.action
+            native = policy.protocol == StepProtocol.TOOLS
+            if native:
+                action = parse_tool_calls(response.text, response.tool_calls, policy.task)
+                message = render_tool_calls(response.text, response.tool_calls)
+            else:
+                parsed = parse_action(response.text, policy.task, policy.tools)
+                action, message = parsed.action, parsed.message
             observation, tool_error = None, False
             # After the last allowed tool call only an answer is taken: anything else is recorded, not run.
             capped = k == policy.max_turns - 1
             if action.kind == "invalid" and not capped:
-                observation, tool_error = invalid_action_feedback(policy.task, action.error or "invalid", policy.tools), True
+                error = action.error or "invalid"
+                feedback = tools_feedback(policy.task, error) if native else invalid_action_feedback(policy.task, error, policy.tools)
+                observation, tool_error = feedback, True
             elif action.kind not in ("answer", "invalid") and not capped:
                 result = self._run_tool(action.kind, action.content)
-                observation, tool_error = observation_message(action.content, result.output), result.error
+                output = result.output if native else observation_message(action.content, result.output)
+                observation, tool_error = output, result.error
             steps.append(
                 Step(
-                    step_index=k, message=parsed.message, action=action, observation=observation,
+                    step_index=k, message=message, action=action, tool_calls=response.tool_calls, observation=observation,
                     tool_error=tool_error, call_key=response.key, model=policy.model,
                     prompt_version=policy.prompt_version, constraint=request.constraint_label,
                     prompt_tokens=response.prompt_tokens, completion_tokens=response.completion_tokens,
@@ -128,12 +155,13 @@ class Agent:
             if action.kind == "answer":
                 status, final = "answered", action.content
                 break
-            messages += [{"role": "assistant", "content": parsed.message}, {"role": "user", "content": observation}]
+            messages += _next_turns(response.text, response.tool_calls, observation) if native else [
+                {"role": "assistant", "content": message}, {"role": "user", "content": observation}]
         return Trajectory(
             trajectory_id=Trajectory.make_id(question.question_id, sample_index, policy.fingerprint),
             question_id=question.question_id, sample_index=sample_index, model=policy.model,
             prompt_version=policy.prompt_version, prompt_messages=prompt, steps=steps, status=status,
-            final_answer=final, error=error,
+            final_answer=final, error=error, protocol=policy.protocol,
         )
 
     async def run_many(
@@ -151,3 +179,14 @@ class Agent:
             return t
 
         return list(await asyncio.gather(*(one(q, i) for q, i in work)))
+
+
+def _next_turns(text: str, tool_calls: list[dict] | None, observation: str | None) -> list[dict]:
+    """Under the tools protocol: the assistant turn as sent, then a `tool` result for every call it made (the
+    API requires one per call id; a second call of a message gets the same error), or a user turn when it
+    made no call."""
+    turns: list[dict] = [{"role": "assistant", "content": text or None, **({"tool_calls": tool_calls} if tool_calls else {})}]
+    ids = [c.get("id") for c in tool_calls or [] if isinstance(c, dict) and c.get("id")]
+    if not ids:
+        return turns + [{"role": "user", "content": observation}]
+    return turns + [{"role": "tool", "tool_call_id": i, "content": observation} for i in ids]

@@ -12,6 +12,7 @@ from pydantic import Field, field_validator, model_validator
 
 from swirl_core.config_base import StrictConfig, Workspace
 from swirl_core.llm.config import GreedyModelConfig, ModelConfig, parse_model_spec
+from swirl_core.records import StepProtocol
 from swirl_core.training.trainers import TrainSettings
 
 __all__ = ["ModelConfig", "GreedyModelConfig", "parse_model_spec", "Workspace"]  # re-exported: flows and tests import them here
@@ -71,7 +72,12 @@ class Bootstrap(StrictConfig):
     confidence: float = Field(0.95, gt=0.5, lt=1)
 
 
-class GenerateConfig(SeedSource, OnCluster, Workspace):
+class ActionProtocol(StrictConfig):
+    protocol: StepProtocol = Field(StepProtocol.TAGS, description="how the policy calls tools: tags (the paper's "
+                                   "<search_query>/<math_exp>/<answer>) or tools (native function calling)")
+
+
+class GenerateConfig(ActionProtocol, SeedSource, OnCluster, Workspace):
     """Parameters of the `generate` flow."""
 
     skip_invalid: bool = False
@@ -164,7 +170,7 @@ class EvalDataset(SeedFiles):
     corpus: str | None = Field(None, description="search corpus; default: the dataset's own")
 
 
-class EvalConfig(SeedSource, Bootstrap, OnCluster, Workspace):
+class EvalConfig(ActionProtocol, SeedSource, Bootstrap, OnCluster, Workspace):
     """Parameters of the `evaluate` flow: the same agent loop and step caps for every model, on one dataset or a
     grid of several (`also`)."""
 
@@ -216,7 +222,7 @@ class EvalConfig(SeedSource, Bootstrap, OnCluster, Workspace):
             dataset=self.dataset, data_files=self.data_files, split=self.split, hub_name=self.hub_name,
             hub_config=self.hub_config, limit=self.limit, samples=1, max_steps=self.max_steps, policy=model.model,
             corpus=self.corpus, search_k=self.search_k, db=self.db, work_dir=self.work_dir, cluster=self.cluster,
-            shard_size=self.shard_size, progress=self.progress, tools=self.tools, purpose="eval",
+            shard_size=self.shard_size, progress=self.progress, tools=self.tools, protocol=self.protocol, purpose="eval",
         )
 
 

@@ -21,7 +21,7 @@ from swirl_core.constraints import ProbeResult, probe_constraint
 from swirl_core.hashing import content_hash
 from swirl_core.llm.client import LLMClient
 from swirl_core.llm.factory import served_key
-from swirl_core.records import InvalidRow, Question, TaskKind, Trajectory
+from swirl_core.records import InvalidRow, Question, StepProtocol, TaskKind, Trajectory
 from swirl_core.seeds import DATASETS, corpus_from_questions, load_seeds
 from swirl_core.stage import Job, Shard, make_shards
 from swirl_core.store import query_dicts
@@ -71,13 +71,14 @@ class GenerationPlan:
     work: list[tuple[Question, int, str]]  # (question, sample index, trajectory id)
 
 
-def policy_spec(cfg: ModelConfig, task: TaskKind, max_steps: int, tools_fingerprint: str, tools: bool = True) -> PolicySpec:
+def policy_spec(cfg: ModelConfig, task: TaskKind, max_steps: int, tools_fingerprint: str, tools: bool = True,
+                protocol: StepProtocol = StepProtocol.TAGS) -> PolicySpec:
     served = cfg.resolved_constraint == "regex" and cfg.server_kind != "auto"
     return PolicySpec(
         model=cfg.resolved_identity, task=task, max_steps=max_steps, few_shot=cfg.resolved_few_shot,
         constraint=cfg.resolved_constraint, temperature=cfg.temperature, top_p=cfg.top_p,
         max_tokens=cfg.resolved_max_tokens, tools_fingerprint=tools_fingerprint, tools=tools,
-        server_kind=cfg.server_kind if served else None,
+        server_kind=cfg.server_kind if served else None, protocol=protocol,
     )
 
 
@@ -137,7 +138,7 @@ def plan_generation(config: GenerateConfig) -> GenerationPlan:
     corpus_path = resolve_corpus(config, spec.task, seeds.questions) if config.tools else None
     tools_fp = content_hash("tools", corpus_hash(load_corpus(corpus_path)) if corpus_path else None, config.search_k)
     max_steps = config.max_steps or (spec.max_steps if config.tools else 1)
-    policy = policy_spec(config.policy, spec.task, max_steps, tools_fp, config.tools)
+    policy = policy_spec(config.policy, spec.task, max_steps, tools_fp, config.tools, config.protocol)
     # Evaluation runs are kept apart from training data (the curated views read `generate` runs only).
     run_id = content_hash(
         "generate-run", config.dataset, config.split, sorted(q.question_id for q in seeds.questions),

@@ -6,10 +6,11 @@ user turn as `INPUT → RESULT` (arXiv 2504.04736, Appendix prompts; reworded he
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
-from swirl_core.records import Action, ActionKind, TaskKind
+from swirl_core.records import Action, ActionKind, StepProtocol, TaskKind
 
 ARROW = "→"
 TAGS: dict[ActionKind, str] = {"search": "search_query", "math": "math_exp", "answer": "answer"}
@@ -107,7 +108,10 @@ def actions(task: TaskKind, tools: bool = True) -> tuple[ActionKind, ...]:
     return TASK_ACTIONS[task] if tools else ("answer",)
 
 
-def prompt_version(task: TaskKind, few_shot: bool, tools: bool = True) -> str:
+def prompt_version(task: TaskKind, few_shot: bool, tools: bool = True,
+                   protocol: StepProtocol = StepProtocol.TAGS) -> str:
+    if protocol == StepProtocol.TOOLS:
+        return POLICY_PROMPT_VERSION[task] + TOOLS_PROMPT_SUFFIX
     base = POLICY_PROMPT_VERSION if tools else NO_TOOL_PROMPT_VERSION
     return base[task] + (FEW_SHOT_SUFFIX if few_shot else "")
 
@@ -202,3 +206,97 @@ def parse_action(text: str, task: TaskKind, tools: bool = True) -> Parsed:
 def action_tags(task: TaskKind, tools: bool = True) -> tuple[str, ...]:
     """The tags a step of this task may use (the action grammar's alphabet)."""
     return tuple(TAGS[k] for k in actions(task, tools))
+
+
+# --------------------------------------------------------------------------------------------------
+# The tools protocol: the same actions as native function calls
+# --------------------------------------------------------------------------------------------------
+
+TOOLS_PROMPT_SUFFIX = "+tools-v1"
+# Function name -> (action, argument name, description). The answer is a tool too, so every step is one call.
+FUNCTIONS: dict[str, tuple[ActionKind, str, str]] = {
+    "search": ("search", "query", "Search the corpus; returns the best-matching paragraph."),
+    "calculator": ("math", "expression", "Evaluate a plain arithmetic expression (numbers, + - * / ^, parentheses, sqrt)."),
+    "answer": ("answer", "answer", "Give the final answer; ends the conversation."),
+}
+_FUNCTION_OF = {kind: name for name, (kind, _, _) in FUNCTIONS.items()}
+
+_TOOLS_INSTRUCTIONS: dict[TaskKind, str] = {
+    "qa": """\
+Answer the question below in just a few words. Call the `search` tool to look facts up; some questions need \
+several searches in a row. You may search at most {max_steps} times; never repeat a query. When you know \
+enough, call the `answer` tool with the final answer. Make exactly one tool call per message.""",
+    "math": """\
+Solve the math problem below. Call the `calculator` tool for arithmetic, at most {max_steps} times; never \
+repeat an expression. When you know the result, call the `answer` tool with the final answer as a number. \
+Make exactly one tool call per message.""",
+}
+
+
+def tool_definitions(task: TaskKind) -> list[dict]:
+    """The task's actions as OpenAI-style JSON-schema function definitions."""
+    defs = []
+    for kind in TASK_ACTIONS[task]:
+        name = _FUNCTION_OF[kind]
+        _, arg, description = FUNCTIONS[name]
+        defs.append({"type": "function", "function": {
+            "name": name, "description": description,
+            "parameters": {"type": "object", "properties": {arg: {"type": "string"}}, "required": [arg]},
+        }})
+    return defs
+
+
+def tools_policy_messages(task: TaskKind, question: str, max_steps: int) -> list[dict[str, str]]:
+    text = _TOOLS_INSTRUCTIONS[task].format(max_steps=max_steps)
+    return [{"role": "user", "content": f"{text}\n\nQuestion: {question}"}]
+
+
+def tools_feedback(task: TaskKind, error: str) -> str:
+    names = " or ".join(f"`{_FUNCTION_OF[k]}`" for k in TASK_ACTIONS[task])
+    return f"Format error: {error}. Reply with exactly one tool call: {names}."
+
+
+def parse_tool_calls(text: str, tool_calls: list[dict] | None, task: TaskKind) -> Action:
+    """One reply's `tool_calls` as exactly one action; never raises. No call, several calls, an unknown or
+    unavailable function, arguments that are not a JSON object or lack the argument: `invalid`."""
+    reasoning = text.strip()
+    if not tool_calls:
+        return Action(kind="invalid", content=reasoning[:500], error="no tool call")
+    if len(tool_calls) > 1:
+        return Action(kind="invalid", reasoning=reasoning, error=TWO_ACTIONS, call_id=_call_id(tool_calls[0]))
+    call = tool_calls[0]
+    function = call.get("function") if isinstance(call, dict) else None
+    function = function if isinstance(function, dict) else {}
+    name, raw, call_id = str(function.get("name") or ""), function.get("arguments"), _call_id(call)
+    spec = FUNCTIONS.get(name)
+    if spec is None or spec[0] not in TASK_ACTIONS[task]:
+        return Action(kind="invalid", reasoning=reasoning, content=str(raw or "")[:500], call_id=call_id,
+                      error=f"unknown tool {name!r}")
+    kind, arg, _ = spec
+    try:
+        args = json.loads(raw) if isinstance(raw, str) else raw
+    except ValueError:
+        args = None
+    if not isinstance(args, dict):
+        return Action(kind="invalid", reasoning=reasoning, content=str(raw)[:500], call_id=call_id,
+                      error=f"arguments of {name} are not a JSON object")
+    content = args.get(arg)
+    if not isinstance(content, str | int | float) or not str(content).strip():
+        return Action(kind="invalid", reasoning=reasoning, content=str(raw)[:500], call_id=call_id,
+                      error=f"{name} needs a non-empty {arg!r}")
+    return Action(kind=kind, reasoning=reasoning, content=str(content).strip(), call_id=call_id)
+
+
+def render_tool_calls(text: str, tool_calls: list[dict] | None) -> str:
+    """A tools-protocol message as one readable text (for the judge, the views and the tag-style exports): its
+    content, then each call as `name(arguments)`; the calls as sent are kept beside it."""
+    calls = []
+    for call in tool_calls or []:
+        function = call.get("function") if isinstance(call, dict) else None
+        function = function if isinstance(function, dict) else {}
+        calls.append(f"{function.get('name')}({function.get('arguments') or ''})")
+    return "\n".join(p for p in [text.strip(), *calls] if p)
+
+
+def _call_id(call: object) -> str | None:
+    return str(call["id"]) if isinstance(call, dict) and call.get("id") else None

@@ -20,6 +20,13 @@ TaskKind = Literal["qa", "math"]
 ActionKind = Literal["search", "math", "answer", "invalid"]
 
 
+class StepProtocol(StrEnum):
+    """How a policy takes its actions: the paper's tags in the text, or native function calling."""
+
+    TAGS = "tags"
+    TOOLS = "tools"  # a `tools` list in the request, `tool_calls` in the reply, `tool` messages with results
+
+
 class Paragraph(BaseModel):
     """One searchable paragraph: a title and its text."""
 
@@ -76,15 +83,17 @@ class Action(BaseModel):
     content: str = ""  # query / expression / answer; for `invalid`, what was seen
     error: str | None = None  # why the message did not parse as exactly one action
     truncated: bool = False  # text after the first action was cut off
+    call_id: str | None = None  # under the tools protocol: the tool call's id, which its `tool` result names
 
 
 class Step(BaseModel):
     """One agent step: the model's message, its parsed action and the tool observation."""
 
     step_index: int
-    message: str  # the assistant message as it enters the conversation
+    message: str  # the assistant message as it enters the conversation (tools protocol: its calls rendered in)
     action: Action
     observation: str | None = None  # tool result text (None for answers)
+    tool_calls: list[dict[str, Any]] | None = None  # under the tools protocol: the message's calls as sent
     tool_error: bool = False
     call_key: str | None = None
     model: str
@@ -107,11 +116,12 @@ class Trajectory(BaseModel):
     sample_index: int
     model: str
     prompt_version: str
-    prompt_messages: list[dict[str, str]]
+    prompt_messages: list[dict[str, Any]]
     steps: list[Step]
     status: TrajectoryStatus
     final_answer: str | None = None
     error: str | None = None
+    protocol: StepProtocol = StepProtocol.TAGS
 
     @staticmethod
     def make_id(question_id: str, sample_index: int, policy_fingerprint: str) -> str:
@@ -132,6 +142,8 @@ class LLMResponse(BaseModel):
     # token; served with `logprob_choices`: at the token where the reply's last choice word starts.
     # Renormalised over the choices. A judge calibrates on these instead of the argmax.
     choice_probs: dict[str, float] | None = None
+    # Native function calling: the assistant message's `tool_calls` as the server sent them (arguments unparsed).
+    tool_calls: list[dict[str, Any]] | None = None
     cached: bool = False
     key: str = ""
 
@@ -177,6 +189,8 @@ def _arrow_type(annotation: Any) -> pa.DataType:
         return _arrow_type(type(get_args(annotation)[0]))
     if origin is list:
         return pa.list_(_arrow_type(get_args(annotation)[0]))
+    if isinstance(annotation, type) and issubclass(annotation, StrEnum):
+        return pa.string()
     return {str: pa.string(), int: pa.int64(), float: pa.float64(), bool: pa.bool_(),
             datetime: pa.timestamp("us", tz="UTC")}[annotation]
 
@@ -243,6 +257,7 @@ class TrajectoryRow(TableRow):
     completion_tokens: int
     error: str | None
     prompt_messages: str  # JSON
+    protocol: StepProtocol
 
 
 class StepRow(TableRow):
@@ -261,6 +276,7 @@ class StepRow(TableRow):
     model: str
     prompt_version: str
     constraint: str | None
+    tool_calls: str | None  # JSON: the message's tool calls as sent (tools protocol)
     prompt_tokens: int | None
     completion_tokens: int | None
     latency_s: float | None

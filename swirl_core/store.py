@@ -271,6 +271,7 @@ class Store:
                 "prompt_tokens": sum(s.prompt_tokens or 0 for s in t.steps),
                 "completion_tokens": sum(s.completion_tokens or 0 for s in t.steps),
                 "error": t.error, "prompt_messages": json.dumps(t.prompt_messages, ensure_ascii=False),
+                "protocol": t.protocol,
             })
             for s in t.steps:
                 step_rows.append({
@@ -280,6 +281,7 @@ class Store:
                     "tool_error": s.tool_error, "call_key": s.call_key, "model": s.model,
                     "prompt_version": s.prompt_version, "constraint": s.constraint, "prompt_tokens": s.prompt_tokens,
                     "completion_tokens": s.completion_tokens, "latency_s": s.latency_s,
+                    "tool_calls": json.dumps(s.tool_calls, ensure_ascii=False) if s.tool_calls else None,
                 })
         ids = pa.table({"trajectory_id": pa.array([t.trajectory_id for t in trajectories], pa.string())})
         self.con.execute("BEGIN TRANSACTION")

@@ -185,7 +185,7 @@ class ScriptedServer:
 
     def __init__(self, *, scripts: dict[str, list[str]] | None = None, rules: list[tuple[str, str]] | None = None,
                  default: str = "<answer>unknown</answer>", faults: Faults | None = None, port: int = 0,
-                 responder: Callable[[dict], str] | None = None, stamp_replies: bool = False,
+                 responder: Callable[[dict], str | dict] | None = None, stamp_replies: bool = False,
                  alternatives: Callable[[dict, str], list[tuple[str, float]] | None] | None = None,
                  owned_by: str = "tests", rejects: tuple[str, ...] = ()) -> None:
         self.scripts = dict(scripts or {})
@@ -281,7 +281,7 @@ class ScriptedServer:
             self._first_key_cache[text] = hit
         return hit
 
-    def _reply(self, body: dict, messages: list, texts: list[str]) -> str:
+    def _reply(self, body: dict, messages: list, texts: list[str]) -> str | dict:
         if self.responder is not None:
             return self.responder(body)
         if self._keys:
@@ -379,20 +379,24 @@ class ScriptedServer:
             return self._count(CLIENT_GONE), b"", "", None  # not "completed": nobody was there to receive it
         texts = [_text(m.get("content")) if isinstance(m, dict) else "" for m in messages]
         try:
-            text = self._reply(body, messages, texts)
+            reply = self._reply(body, messages, texts)
         except Exception as exc:  # a broken responder should fail the request visibly, not kill the connection
             return self._count(500), _error(f"responder failed: {exc!r}", "server_error"), "", None
+        # A responder may script a function-calling reply: {"content": ..., "tool_calls": [...]}, sent as given
+        # (malformed arguments included).
+        message = {"role": "assistant", "content": reply} if isinstance(reply, str) else {"role": "assistant", **reply}
+        text = message.get("content") or ""
         if self.stamp_replies:
-            text = f"[req:{digest[:16]}] {text}"
+            text = message["content"] = f"[req:{digest[:16]}] {text}"
         n = body.get("n")
         n = n if isinstance(n, int) and n > 1 else 1
         prompt_tokens, completion_tokens = sum(len(t.split()) for t in texts), len(text.split()) * n
         payload = json.dumps({
             "id": f"chatcmpl-{next(self._ids):012d}", "object": "chat.completion", "created": int(time.time()),
             "model": body.get("model", "scripted"),
-            "choices": [{"index": i, "message": {"role": "assistant", "content": text},
+            "choices": [{"index": i, "message": message,
                          "logprobs": self._logprobs(body, text) if body.get("logprobs") and self.alternatives else None,
-                         "finish_reason": "stop"} for i in range(n)],
+                         "finish_reason": "tool_calls" if message.get("tool_calls") else "stop"} for i in range(n)],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens},
         }).encode()

@@ -103,3 +103,55 @@ async def test_k_samples_are_distinct_requests_and_ids(tmp_path):
         await agent.client.aclose()
         assert len({t.trajectory_id for t in trajs}) == 3
         assert srv.stats()["completed"] == 9 and srv.completed_twice() == []
+
+
+def _call(call_id: str, name: str, arguments: str) -> dict:
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+async def test_tools_protocol_sends_tools_runs_calls_and_records_malformed_ones(tmp_path):
+    from swirl_core.protocol import tool_definitions
+    from swirl_core.records import StepProtocol
+
+    replies = iter([
+        {"content": "", "tool_calls": [_call("c1", "calculator", '{"expression": "3 + 4"')]},  # broken JSON
+        {"content": "Let me look.", "tool_calls": [_call("c2", "search", '{"query": "x"}')]},  # not this task's tool
+        {"content": "I think 7."},  # no call at all
+        {"content": None, "tool_calls": [_call("c3", "calculator", '{"expression": "3 + 4"}'),
+                                         _call("c4", "calculator", '{"expression": "1"}')]},  # two calls
+        {"content": None, "tool_calls": [_call("c5", "calculator", '{"expression": "(3 + 4) * 6"}')]},
+        {"content": "Done.", "tool_calls": [_call("c6", "answer", '{"answer": "42"}')]},
+    ])
+    with ScriptedServer(responder=lambda body: next(replies)) as srv:
+        client = build_client(ModelConfig(model="openai/policy", api_base=srv.base_url), tmp_path)
+        spec = PolicySpec(model="openai/policy", task="math", max_steps=10, protocol=StepProtocol.TOOLS)
+        agent = Agent(client, spec, {"math": Calculator()})
+        traj = await agent.run(_question("Add 3 and 4, then times 6."), sample_index=0)
+        await client.aclose()
+    assert traj.status == "answered" and traj.final_answer == "42" and traj.protocol == StepProtocol.TOOLS
+    kinds = [(s.action.kind, s.action.error) for s in traj.steps]
+    assert kinds == [
+        ("invalid", "arguments of calculator are not a JSON object"), ("invalid", "unknown tool 'search'"),
+        ("invalid", "no tool call"), ("invalid", "more than one action in one message"), ("math", None), ("answer", None),
+    ]
+    assert traj.steps[4].observation == "42" and traj.steps[4].action.call_id == "c5"
+    assert traj.steps[1].message == 'Let me look.\nsearch({"query": "x"})'
+    assert all(s.prompt_version == "policy-math-v1+tools-v1" for s in traj.steps)
+    # every request offered the task's functions and no tag instructions
+    assert all(r["tools"] == tool_definitions("math") for r in srv.requests)
+    assert [t["function"]["name"] for t in srv.requests[0]["tools"]] == ["calculator", "answer"]
+    last = srv.requests[-1]["messages"]
+    # each call got its `tool` result by id; the reply with no call got a user turn
+    assert last[-2]["tool_calls"][0]["id"] == "c5" and last[-1] == {"role": "tool", "tool_call_id": "c5", "content": "42"}
+    assert [m["tool_call_id"] for m in last if m["role"] == "tool"] == ["c1", "c2", "c3", "c4", "c5"]
+    assert last[6] == {"role": "user", "content": traj.steps[2].observation}
+    assert "Format error: no tool call" in traj.steps[2].observation
+
+
+def test_tools_protocol_refuses_a_constraint_it_cannot_apply():
+    import pytest
+
+    from swirl_core.records import StepProtocol
+
+    with pytest.raises(ValueError, match="does not apply under --protocol tools"):
+        PolicySpec(model="m", task="math", max_steps=3, constraint="grammar", protocol=StepProtocol.TOOLS)

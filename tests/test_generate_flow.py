@@ -210,3 +210,35 @@ def test_rpm_holds_for_the_whole_run_across_two_workers(prefect_api, tmp_path, r
     report("rpm_two_workers", {"requests": len(arrived), "busiest_60s": busiest,
                                "sending_s": round(arrived[-1] - arrived[0], 1)}, record_property)
     assert 540 <= busiest <= 630, busiest  # held, and not by starving the run
+
+
+def _tool_calling_policy(body: dict) -> dict:
+    """A function-calling policy: a calculation, a call with broken JSON arguments, then the answer."""
+    assert [t["function"]["name"] for t in body["tools"]] == ["calculator", "answer"]
+    step = sum(m["role"] == "assistant" for m in body["messages"])
+    call = [("calculator", '{"expression": "6 * 7"}'), ("calculator", '{"expression": '), ("answer", '{"answer": "42"}')][min(step, 2)]
+    return {"content": None, "tool_calls": [{"id": f"call_{step}", "type": "function",
+                                              "function": {"name": call[0], "arguments": call[1]}}]}
+
+
+@pytest.mark.slow
+def test_generate_with_the_tools_protocol_over_http_records_protocol_and_calls(prefect_api, tmp_path):
+    db = tmp_path / "swirl.duckdb"
+    with ScriptedServer(responder=_tool_calling_policy) as srv:
+        proc = _swirl("generate", "--dataset", "gsm8k", "--data-files", GSM8K, "--split", "test", "--limit", "2",
+                      "--samples", "1", "--policy", "openai/policy", "--policy-api-base", srv.base_url,
+                      "--protocol", "tools", "--db", str(db), "--no-progress", "--workers", "1")
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out
+        assert all(r["tools"] for r in srv.requests)
+    con = duckdb.connect(str(db), read_only=True)
+    assert con.execute("SELECT protocol, status, final_answer, count(*) FROM trajectories GROUP BY ALL").fetchall() == \
+        [("tools", "answered", "42", 2)]
+    steps = con.execute("SELECT action_kind, action_input, parse_error, observation, tool_calls->>'$[0].id' FROM steps "
+                        "ORDER BY trajectory_id, step_index").fetchall()
+    con.close()
+    assert steps[:3] == [("math", "6 * 7", None, "42", "call_0"),
+                         ("invalid", '{"expression": ', "arguments of calculator are not a JSON object",
+                          steps[1][3], "call_1"),
+                         ("answer", "42", None, None, "call_2")]
+    assert "Format error" in steps[1][3]

@@ -73,6 +73,9 @@ def test_a_database_of_release_0_1_0_opens_with_every_row_and_view(tmp_path):
         assert probe_failed["n"] != [(0,)]
         assert store.query("SELECT count(*) FROM judge_probe_results WHERE error IS NOT NULL AND reasoning = ''") == \
             probe_failed["n"]
+        # The rows of that release were the paper's tag protocol, and no step made a native tool call.
+        assert store.query("SELECT protocol, count(*) FROM trajectories GROUP BY 1") == [("tags", 6)]
+        assert store.query("SELECT count(*) FROM steps WHERE tool_calls IS NOT NULL") == [(0,)]
         # ... and the next curation hands exactly those steps to the judge again.
         fingerprint = store.query("SELECT DISTINCT judge_fingerprint FROM judgments")[0][0]
         assert pending_steps(store.con, CurateConfig(db=str(db)), fingerprint).num_rows == 6

@@ -105,3 +105,24 @@ def test_store_writes_any_row_type(tmp_path):
                                                                                        ("numeric", None, None)]
         with pytest.raises(Exception, match="int|bool"):  # Arrow refuses a value of the wrong type
             store.write(GradeRow, [row | {"correct": "yes"}])
+
+
+def test_a_tools_protocol_trajectory_keeps_its_calls_and_decomposes_like_a_tagged_one(tmp_path):
+    from swirl_core.records import StepProtocol
+
+    call = {"id": "c1", "type": "function", "function": {"name": "calculator", "arguments": '{"expression": "2+2"}'}}
+    steps = [Step(step_index=0, message='calculator({"expression": "2+2"})', tool_calls=[call],
+                  action=Action(kind="math", content="2+2", call_id="c1"), observation="4", model="m", prompt_version="v"),
+             Step(step_index=1, message='answer({"answer": "4"})', action=Action(kind="answer", content="4"),
+                  model="m", prompt_version="v")]
+    traj = Trajectory(trajectory_id="t1", question_id="q1", sample_index=0, model="m", prompt_version="v",
+                      prompt_messages=[{"role": "user", "content": "hi"}], steps=steps, status="answered",
+                      protocol=StepProtocol.TOOLS)
+    with Store(tmp_path / "s.duckdb") as store:
+        store.write_trajectories([traj], "r1", "fp")
+        assert store.query("SELECT protocol FROM trajectories") == [("tools",)]
+        stored = store.query("SELECT tool_calls FROM steps ORDER BY step_index")
+        assert json.loads(stored[0][0]) == [call] and stored[1][0] is None
+        # the judge's view: each step's state and its action as readable text
+        rows = store.query("SELECT step_index, action, len(state) FROM sub_trajectories ORDER BY 1")
+        assert rows == [(0, 'calculator({"expression": "2+2"})', 1), (1, 'answer({"answer": "4"})', 3)]

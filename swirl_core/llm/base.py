@@ -47,7 +47,9 @@ class ChatRequest(BaseModel):
     """One chat request. Its `key` identifies it in the call cache: same key, same paid answer."""
 
     model: str
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
+    # Function definitions (OpenAI's JSON-schema form) offered to the model under the tools protocol.
+    tools: list[dict[str, Any]] | None = None
     temperature: float = 0.7
     top_p: float | None = None
     max_tokens: int = 256
@@ -66,6 +68,8 @@ class ChatRequest(BaseModel):
     def key(self) -> str:
         # Fields added later join the key only when set, so journal entries written before keep their keys.
         later = [self.logprob_choices] if self.logprob_choices else []
+        if self.tools:  # a different offer of tools is a different request
+            later.append(self.tools)
         constraint = self.constraint.model_dump() if self.constraint else None  # unconstrained: None, as always
         return content_hash(
             "chat", self.model, self.messages, self.temperature, self.top_p, self.max_tokens,

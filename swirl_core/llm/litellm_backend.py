@@ -40,6 +40,8 @@ class LiteLLMBackend:
             kwargs["stop"] = request.stop
         if request.seed is not None:
             kwargs["seed"] = request.seed
+        if request.tools:
+            kwargs["tools"] = request.tools
         try:
             resp = await litellm.acompletion(
                 model=self.model, messages=request.messages, temperature=request.temperature,
@@ -63,8 +65,10 @@ class LiteLLMBackend:
             cost = litellm.completion_cost(completion_response=resp)
         except Exception:  # litellm raises many types for unmapped models; the price is unknown
             cost = None
+        calls = getattr(choice.message, "tool_calls", None)
         return LLMResponse(
             text=choice.message.content or "",
+            tool_calls=[c.model_dump() if hasattr(c, "model_dump") else dict(c) for c in calls] if calls else None,
             finish_reason=choice.finish_reason,
             prompt_tokens=getattr(usage, "prompt_tokens", None),
             completion_tokens=getattr(usage, "completion_tokens", None),

@@ -59,6 +59,8 @@ class OpenAICompatBackend:
             body["stop"] = request.stop
         if request.seed is not None:
             body["seed"] = request.seed
+        if request.tools:
+            body["tools"] = request.tools
         if request.logprob_choices and not self.logprobs_refused:
             body.update(LOGPROB_FIELDS)
         body.update(request.extra_body)
@@ -98,6 +100,7 @@ class OpenAICompatBackend:
             data = orjson.loads(raw)
             choice = data["choices"][0]
             text = choice["message"]["content"] or ""
+            tool_calls = choice["message"].get("tool_calls") or None
         except (ValueError, KeyError, IndexError, TypeError) as exc:
             raise RetryableError("malformed response body") from exc
         usage = data.get("usage") or {}
@@ -109,6 +112,7 @@ class OpenAICompatBackend:
             completion_tokens=usage.get("completion_tokens"),
             latency_s=time.perf_counter() - started,
             choice_probs=choice_probs(choice.get("logprobs"), asked) if asked else None,
+            tool_calls=tool_calls,
             model=request.model,
         )
 

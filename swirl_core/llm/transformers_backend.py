@@ -177,6 +177,9 @@ class TransformersBackend:
 
         model, tok = self._model
         first = requests[0]
+        if first.tools:  # refused, not dropped: the model would answer without the tools it was promised
+            raise LLMError("the in-process backend does not run the tools protocol; serve the model (vLLM "
+                           "--tool-call-parser) or use --protocol tags")
         started = time.perf_counter()
         prompts = [tok.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=False) for r in requests]
         enc = self._encode(prompts)
