@@ -133,10 +133,10 @@ class RSSSampler(threading.Thread):
 
     def __init__(self, pid: int) -> None:
         super().__init__(daemon=True)
-        self.root, self.peak_one, self.peak_all, self._stop = pid, 0, 0, threading.Event()
+        self.root, self.peak_one, self.peak_all, self._done = pid, 0, 0, threading.Event()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._done.is_set():
             try:
                 root = psutil.Process(self.root)
                 procs = [root, *root.children(recursive=True)]
@@ -149,10 +149,10 @@ class RSSSampler(threading.Thread):
                 except psutil.NoSuchProcess:
                     pass
             self.peak_one, self.peak_all = max(self.peak_one, max(rss, default=0)), max(self.peak_all, sum(rss))
-            self._stop.wait(RSS_PERIOD_S)
+            self._done.wait(RSS_PERIOD_S)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._done.set()
         self.join()
 
 
