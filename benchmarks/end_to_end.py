@@ -16,6 +16,14 @@ every trajectory takes exactly 2 calls (10k trajectories = 20k calls). Against i
 Peak RSS is sampled (psutil, every 0.2 s) over the CLI's whole process tree (flow process, Dask workers,
 Prefect API): the largest single process, and the largest sum. The server is measured separately.
 
+Measured on branch i16b (2 cores shared with other jobs, load average 16-21 during the runs, so absolute
+rates are low; compare the ratio):
+
+| trajectories | latency | raw calls/s | CLI calls/s | CLI/raw | CLI wall s | peak RSS one / all MB |
+|---:|---:|---:|---:|---:|---:|---:|
+| 10,000 | 0 ms   | 573 | 74 | 0.13 | 270 | 461 / 1,311 |
+| 10,000 | 200 ms | 270 | 42 | 0.15 | 479 | 467 / 1,343 |
+
     .venv/bin/python benchmarks/end_to_end.py                       # 10k trajectories at 0 and 200 ms
     .venv/bin/python benchmarks/end_to_end.py --full                # adds the 100k rows (long)
     .venv/bin/python benchmarks/end_to_end.py --trajectories 1000 --latency 0
