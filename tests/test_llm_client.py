@@ -16,7 +16,7 @@ from scripted_server import Faults, ScriptedServer
 
 from swirl_core.config import ModelConfig
 from swirl_core.llm.base import ChatRequest, LLMError
-from swirl_core.llm.cache import JOURNAL_GLOB, REPLAY_FIELDS, CallJournal
+from swirl_core.llm.cache import _OPEN_READERS, JOURNAL_GLOB, REPLAY_FIELDS, CallJournal
 from swirl_core.llm.factory import build_client
 from swirl_core.llm.limits import ProcessSemaphore, RateLimiter
 
@@ -122,6 +122,17 @@ def test_journal_index_reads_each_response_from_its_line(tmp_path):
     assert reader.get("late") is None and reader.refresh() == 1 and reader.get("late")["text"] == "z"
     assert set(reader.get("k3")) == set(REPLAY_FIELDS)  # a replay gets its fields, not the ledger's
     writer.close()
+    reader.close()
+
+
+def test_journal_replays_from_more_journals_than_it_keeps_open(tmp_path):
+    for i in range(_OPEN_READERS + 8):  # one journal per process, as a work directory gains over runs
+        writer = CallJournal(tmp_path)
+        writer.append({"key": f"k{i}", "text": str(i)})
+        writer.close()
+    reader = CallJournal(tmp_path)
+    for _ in range(2):
+        assert [reader.get(f"k{i}")["text"] for i in range(_OPEN_READERS + 8)] == [str(i) for i in range(_OPEN_READERS + 8)]
     reader.close()
 
 

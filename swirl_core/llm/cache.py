@@ -27,6 +27,7 @@ REPLAY_FIELDS = ("key", "text", "finish_reason", "prompt_tokens", "completion_to
                  "choice_probs")
 _OFFSET_BITS = 40  # a journal file may grow to 1 TiB; the file number takes the bits above
 _OFFSET_MASK = (1 << _OFFSET_BITS) - 1
+_OPEN_READERS = 32  # journals kept open for replay: a work directory gains a journal per process per run
 
 
 class CallJournal:
@@ -98,9 +99,10 @@ class CallJournal:
             if where is None:
                 return None
             number, offset = where >> _OFFSET_BITS, where & _OFFSET_MASK
-            if number not in self._readers:
-                self._readers[number] = open(self._paths[number], "rb")
-            reader = self._readers[number]
+            reader = self._readers.pop(number, None) or open(self._paths[number], "rb")
+            self._readers[number] = reader  # the most recently used last
+            if len(self._readers) > _OPEN_READERS:
+                self._readers.pop(next(iter(self._readers))).close()
             reader.seek(offset)
             record = orjson.loads(reader.readline())
         return {k: record.get(k) for k in REPLAY_FIELDS}
