@@ -111,6 +111,12 @@ CREATE TABLE IF NOT EXISTS llm_calls (
     created_at        TIMESTAMPTZ
 );
 
+-- How much of each call journal `llm_calls` holds: an ingest reads only the bytes past `bytes`.
+CREATE TABLE IF NOT EXISTS journal_ingested (
+    path              VARCHAR PRIMARY KEY,    -- the journal file's name in the work directory's journal folder
+    bytes             BIGINT NOT NULL         -- its first `bytes` bytes are in llm_calls (whole lines only)
+);
+
 CREATE TABLE IF NOT EXISTS judgments (
     judgment_id     VARCHAR PRIMARY KEY,      -- hash(trajectory, step, judge fingerprint, sample)
     run_id          VARCHAR,

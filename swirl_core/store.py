@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import orjson
 import pyarrow as pa
 
 from swirl_core import __version__
@@ -60,6 +61,35 @@ def step_votes(con, counts: Sequence[tuple[int, int]]) -> list[str]:
     if not counts:
         return []
     return con.execute("SELECT [step_vote(v[1], v[2]) FOR v IN ?::INTEGER[][]]", [[list(c) for c in counts]]).fetchall()[0][0]
+
+
+_INGEST_CHUNK = "ingest.jsonl.part"  # the new journal lines of one ingest, beside the journals (not one of them)
+_COPY_BLOCK = 1 << 20
+
+
+def _copy_whole_lines(path: Path, start: int, out) -> int:
+    """Copy the lines of `path` from byte `start` into `out`; returns the bytes taken.
+
+    A last line without its newline is taken when it is whole JSON (its writer died before the newline);
+    one torn mid-write, or still being written, is left to be read next time."""
+    taken = 0
+    tail = b""
+    with open(path, "rb") as fh:
+        fh.seek(start)
+        while block := fh.read(_COPY_BLOCK):
+            block = tail + block
+            cut = block.rfind(b"\n") + 1
+            out.write(block[:cut])
+            taken += cut
+            tail = block[cut:]
+    if tail:
+        try:
+            orjson.loads(tail)
+        except orjson.JSONDecodeError:
+            return taken
+        out.write(tail + b"\n")
+        taken += len(tail)
+    return taken
 
 
 # `llm_calls` columns the call journal names otherwise (journals outlive releases: their names stay).
@@ -134,6 +164,7 @@ def _curated_views_sql() -> str:
 class Store:
     def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
         self.path = Path(path)
+        self.journal_bytes_read = 0  # by this store's ingests: each reads only what the journals gained
         if read_only:
             self.con = connect(self.path, read_only=True)
             version = schema_version(self.con)
@@ -299,22 +330,52 @@ class Store:
 
     # ---------------------------------------------------------------- LLM call ledger
     def ingest_journals(self, journal_dir: str | Path) -> int:
-        """Copy every journaled call into `llm_calls` (idempotent); returns the rows added."""
-        files = sorted(str(p) for p in Path(journal_dir).glob(JOURNAL_GLOB) if p.stat().st_size > 0)
-        if not files:
+        """Copy the journaled calls not yet ingested into `llm_calls` (idempotent); returns the rows added.
+
+        Only the bytes each journal gained since the last ingest are read (`journal_ingested` holds how far
+        each was read, in the same transaction as the rows, so a kill leaves both as they were)."""
+        journal_dir = Path(journal_dir)
+        if not journal_dir.is_dir():
             return 0
+        done = dict(self.query("SELECT path, bytes FROM journal_ingested"))
+        fresh = journal_dir / _INGEST_CHUNK
+        reached: dict[str, int] = {}
+        with open(fresh, "wb") as out:
+            for path in sorted(journal_dir.glob(JOURNAL_GLOB)):
+                start = done.get(path.name, 0)
+                if path.stat().st_size > start:
+                    reached[path.name] = start + _copy_whole_lines(path, start, out)
+        self.journal_bytes_read += fresh.stat().st_size
+        try:
+            if not reached:
+                return 0
+            return self._insert_journal_lines(fresh, reached)
+        finally:
+            fresh.unlink()
+
+    def _insert_journal_lines(self, lines: Path, reached: dict[str, int]) -> int:
         before = self.query("SELECT count(*) FROM llm_calls")[0][0]
         fields = LLMCallRow.arrow_schema()
         columns = {_JOURNAL_NAMES.get(f.name, f.name): _DUCKDB_TYPES[f.type] for f in fields}
         select = ", ".join(f'"{_JOURNAL_NAMES[f.name]}" AS "{f.name}"' if f.name in _JOURNAL_NAMES else f'"{f.name}"'
                            for f in fields)
-        self.con.execute(
-            f"""
-            INSERT OR IGNORE INTO llm_calls BY NAME
-            SELECT DISTINCT ON (key) {select}
-            FROM read_json(?, format = 'newline_delimited', ignore_errors = true, columns = {columns!r})
-            WHERE key IS NOT NULL
-            """,
-            [files],
-        )
+        self.con.execute("BEGIN TRANSACTION")
+        try:
+            if lines.stat().st_size:
+                self.con.execute(
+                    f"""
+                    INSERT OR IGNORE INTO llm_calls BY NAME
+                    SELECT DISTINCT ON (key) {select}
+                    FROM read_json(?, format = 'newline_delimited', ignore_errors = true, columns = {columns!r})
+                    WHERE key IS NOT NULL
+                    """,
+                    [str(lines)],
+                )
+            self.con.register("_reached", pa.table({"path": list(reached), "bytes": list(reached.values())}))
+            self.con.execute("INSERT OR REPLACE INTO journal_ingested BY NAME SELECT * FROM _reached")
+            self.con.unregister("_reached")
+            self.con.execute("COMMIT")
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
         return self.query("SELECT count(*) FROM llm_calls")[0][0] - before

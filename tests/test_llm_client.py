@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -12,7 +16,7 @@ from scripted_server import Faults, ScriptedServer
 
 from swirl_core.config import ModelConfig
 from swirl_core.llm.base import ChatRequest, LLMError
-from swirl_core.llm.cache import CallJournal
+from swirl_core.llm.cache import _OPEN_READERS, JOURNAL_GLOB, REPLAY_FIELDS, CallJournal
 from swirl_core.llm.factory import build_client
 from swirl_core.llm.limits import ProcessSemaphore, RateLimiter
 
@@ -105,6 +109,53 @@ def test_torn_journal_line_is_ignored(tmp_path):
     (tmp_path / "calls-host-1-x.jsonl").write_text(json.dumps(good) + "\n" + '{"key": "k2", "te')
     journal = CallJournal(tmp_path)
     assert journal.get("k1")["text"] == "a" and journal.get("k2") is None
+
+
+def test_journal_index_reads_each_response_from_its_line(tmp_path):
+    writer = CallJournal(tmp_path)
+    for i in range(50):
+        writer.append({"key": f"k{i}", "text": f"answer {i}" * (i + 1), "model": "m"})
+    assert writer.get("k7")["text"] == "answer 7" * 8  # its own journal, just written
+    reader = CallJournal(tmp_path)
+    assert len(reader) == 50 and reader.get("k49")["text"] == "answer 49" * 50
+    writer.append({"key": "late", "text": "z"})
+    assert reader.get("late") is None and reader.refresh() == 1 and reader.get("late")["text"] == "z"
+    assert set(reader.get("k3")) == set(REPLAY_FIELDS)  # a replay gets its fields, not the ledger's
+    writer.close()
+    reader.close()
+
+
+def test_journal_replays_from_more_journals_than_it_keeps_open(tmp_path):
+    for i in range(_OPEN_READERS + 8):  # one journal per process, as a work directory gains over runs
+        writer = CallJournal(tmp_path)
+        writer.append({"key": f"k{i}", "text": str(i)})
+        writer.close()
+    reader = CallJournal(tmp_path)
+    for _ in range(2):
+        assert [reader.get(f"k{i}")["text"] for i in range(_OPEN_READERS + 8)] == [str(i) for i in range(_OPEN_READERS + 8)]
+    reader.close()
+
+
+def test_journal_index_survives_a_writer_killed_mid_append(tmp_path):
+    # A writer appending as fast as it can is killed at a random moment: every whole line is indexed and
+    # replays its own response; a line torn by the kill is not there.
+    script = (
+        "import sys\nfrom swirl_core.llm.cache import CallJournal\nj = CallJournal(sys.argv[1])\n"
+        "print('ready', flush=True)\ni = 0\n"
+        "while True:\n    j.append({'key': f'k{i}', 'text': str(i) * 500})\n    i += 1\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert proc.stdout.readline() == b"ready\n"
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (path,) = tmp_path.glob(JOURNAL_GLOB)
+    whole = path.read_bytes().count(b"\n")
+    journal = CallJournal(tmp_path)
+    assert whole > 0 and len(journal) == whole
+    assert all(journal.get(f"k{i}")["text"] == str(i) * 500 for i in range(whole))
+    assert journal.get(f"k{whole}") is None
+    journal.close()
 
 
 async def test_concurrency_bound_and_cost(tmp_path):

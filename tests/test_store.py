@@ -58,6 +58,27 @@ def test_journal_ingestion_is_idempotent_and_skips_torn_lines(tmp_path):
         assert store.query("SELECT count(*), count(cost_usd) FROM llm_calls") == [(3, 0)]
 
 
+def test_journal_ingestion_reads_only_the_bytes_journals_gained(tmp_path):
+    journal = tmp_path / "journal"
+    journal.mkdir()
+    row = {"model": "m", "text": "x", "run_id": "r1", "purpose": "policy", "created_at": "2026-01-01T00:00:00+00:00"}
+    path = journal / "calls-a-1-x.jsonl"
+    first = json.dumps({**row, "key": "k0"}) + "\n"
+    torn = json.dumps({**row, "key": "k1"})
+    path.write_text(first + torn[:10])  # k1's writer is mid-line
+    with Store(tmp_path / "s.duckdb") as store:
+        assert store.ingest_journals(journal) == 1
+        assert store.journal_bytes_read == len(first)
+        assert store.ingest_journals(journal) == 0
+        assert store.journal_bytes_read == len(first)  # the unchanged journal was not read again
+        path.write_text(first + torn + "\n")  # the line is finished
+        assert store.ingest_journals(journal) == 1
+        assert store.journal_bytes_read == len(first) + len(torn) + 1
+        assert store.query("SELECT call_key FROM llm_calls ORDER BY 1") == [("k0",), ("k1",)]
+    with Store(tmp_path / "s.duckdb") as store:  # how far each journal was read outlives the process
+        assert store.ingest_journals(journal) == 0 and store.journal_bytes_read == 0
+
+
 def test_scrub_drops_secret_fields_at_any_depth():
     assert scrub({"a": [{"token": "t", "hf_token_env": "HF"}], "password": "p", "b": 1}) == {
         "a": [{"hf_token_env": "HF"}], "b": 1}
