@@ -81,7 +81,7 @@ class GenerateConfig(SeedSource, OnCluster, Workspace):
     policy: ModelConfig = Field(default_factory=ModelConfig)
     corpus: str | None = Field(None, description="search corpus (JSONL/Parquet of title,text); 'seeds' = the questions' own context paragraphs; default: the dataset's own")
     search_k: int = Field(1, ge=1, le=20)
-    shard_size: int | None = Field(None, ge=1, description="questions per shard; default: sized by the work (see make_generate_shards)")
+    shard_size: int | None = Field(None, ge=1, description="questions per shard; default: sized by the work (at least one worker's share of the requests in flight)")
     fsync: bool = Field(False, description="fsync the call journal after each response (power-loss safety)")
     tools: bool = Field(True, description="False: no-tool mode, the answer in one message (the paper's Figure 6)")
     purpose: Literal["train", "eval"] = Field("train", description="eval runs never enter the curated training sets")
