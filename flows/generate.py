@@ -19,7 +19,7 @@ from swirl_core.records import Trajectory
 from swirl_core.stage import Shard, ShardFailure, run_stage
 from swirl_core.store import Store
 from tasks.artifacts import publish_markdown, publish_tables
-from tasks.stage import on_task_runner
+from tasks.stage import on_task_runner, worker_processes
 
 
 def run_generate(config: GenerateConfig) -> dict[str, Any]:
@@ -60,7 +60,7 @@ def generate(config: GenerateConfig = GenerateConfig()) -> dict[str, Any]:
         store.record_seed_errors(plan.invalid, plan.run_id)
         done = store.completed_trajectory_ids(tid for _, _, tid in plan.work)
         todo = [w for w in plan.work if w[2] not in done]
-        shards = make_generate_shards(plan, config, todo)
+        shards = make_generate_shards(plan, config, todo, processes=worker_processes())
         logger.info(
             "run %s (attempt %d): %d questions × %d samples; %d trajectories already done, %d to generate in %d shards",
             plan.run_id, attempt, len(plan.questions), config.samples, len(done), len(todo), len(shards),

@@ -37,13 +37,13 @@ def task_runner(cluster: ClusterConfig, model: ModelConfig, local_directory: Pat
     """The Dask task runner of a stage that calls `model`."""
     from prefect_dask import DaskTaskRunner
 
-    from swirl_core.stage import default_workers
+    from swirl_core.stage import default_workers, shards_per_worker
 
     if cluster.address:
         if cluster.address.startswith("tls://"):
             _check_tls_client()
         return DaskTaskRunner(address=cluster.address)
-    kwargs = {"n_workers": default_workers(cluster, model), "threads_per_worker": 1, "processes": True,
+    kwargs = {"n_workers": default_workers(cluster, model), "threads_per_worker": shards_per_worker(cluster, model), "processes": True,
               "dashboard_address": ":0", "local_directory": str(local_directory)}
     kwargs.update(cluster.cluster_kwargs)
     return DaskTaskRunner(cluster_class=cluster.cluster_class or "distributed.LocalCluster", cluster_kwargs=kwargs)

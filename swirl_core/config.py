@@ -27,6 +27,7 @@ class ClusterConfig(StrictConfig):
     cluster_class: str | None = Field(None, description="e.g. dask_jobqueue.SLURMCluster; default distributed.LocalCluster")
     cluster_kwargs: dict[str, Any] = Field(default_factory=dict)
     n_workers: int | None = Field(None, ge=1, description="local workers; default 2 (1 for in-process models)")
+    shards_per_worker: int | None = Field(None, ge=1, description="shards a local worker runs at once, sharing its limits; default 3 (1 for in-process models)")
 
 
 class OnCluster(StrictConfig):
@@ -86,7 +87,7 @@ class GenerateConfig(ActionProtocol, SeedSource, OnCluster, Workspace):
     policy: ModelConfig = Field(default_factory=ModelConfig)
     corpus: str | None = Field(None, description="search corpus (JSONL/Parquet of title,text); 'seeds' = the questions' own context paragraphs; default: the dataset's own")
     search_k: int = Field(1, ge=1, le=20)
-    shard_size: int = Field(8, ge=1, description="questions per shard")
+    shard_size: int | None = Field(None, ge=1, description="questions per shard; default: sized by the work (at least one worker's share of the requests in flight)")
     fsync: bool = Field(False, description="fsync the call journal after each response (power-loss safety)")
     tools: bool = Field(True, description="False: no-tool mode, the answer in one message (the paper's Figure 6)")
     purpose: Literal["train", "eval"] = Field("train", description="eval runs never enter the curated training sets")

@@ -78,6 +78,21 @@ def default_workers(cluster: ClusterConfig, model: ModelConfig) -> int:
     return min(cluster.n_workers or (1 if model.is_local else 2), model.concurrency)
 
 
+def shards_per_worker(cluster: ClusterConfig, model: ModelConfig) -> int:
+    # No barrier between shards: a worker runs several at once (its threads), and they share the process's
+    # limiter and in-flight semaphore, so while one shard tails on its slowest trajectory the next one already
+    # fills the slots it frees. An in-process model batches within one shard instead: a second one would contend.
+    return cluster.shards_per_worker or (1 if model.is_local else 3)
+
+
+def units_per_shard(total: int, processes: int, overlap: int, concurrency: int) -> int:
+    """A shard holds at least one process's share of the requests in flight (so its fixed orchestration cost is
+    spread over that many units), and the work makes about four rounds of shards per worker thread (so a
+    rerun, a retry and the progress bar see it move)."""
+    share = max(1, concurrency // max(1, processes))
+    return max(share, -(-total // (4 * processes * overlap)))
+
+
 class ShardFailure(BaseModel):
     """A shard that raised (after the orchestrator's retries): its results are missing, the others landed.
     Every call it paid for is journaled, so a rerun resumes it for free."""

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from prefect import task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.context import FlowRunContext
 from prefect.futures import as_completed
 
@@ -30,11 +31,18 @@ def worker_processes() -> int:
 
 
 def on_task_runner(shards: Sequence[Shard]) -> Iterator[tuple[Shard, Callable[[], Any]]]:
-    """Map the shards over the flow's task runner (Dask workers) and yield each as soon as it finishes. The
-    model's limits are split between the processes that can hold its shards at once."""
+    """Map the shards over the flow's task runner (Dask workers) and yield each as soon as it finishes, moving
+    the flow run's progress artifact. The model's limits are split between the processes that can hold its
+    shards at once."""
     processes = min(worker_processes(), len(shards))
     shards = [shard.model_copy(update={"processes": processes}) for shard in shards]
     futures = shard_task.with_options(name=f"{shards[0].job.stage}-shard").map(list(shards))
     owner = {future.task_run_id: shard for future, shard in zip(futures, shards, strict=True)}
+    job, total, done = shards[0].job, sum(shard.job.size for shard in shards), 0
+    describe = f"{job.stage}: {{}} of {total} {job.unit} in {len(shards)} shards".format
+    artifact = create_progress_artifact(0.0, description=describe(0))
     for future in as_completed(futures):
-        yield owner[future.task_run_id], future.result
+        shard = owner[future.task_run_id]
+        yield shard, future.result
+        done += shard.job.size  # finished, whether its results landed or it failed: the run moved past it
+        update_progress_artifact(artifact, 100.0 * done / total, description=describe(done))

@@ -19,7 +19,8 @@ def test_a_failing_shard_is_a_typed_failure_and_the_others_land_under_the_shippe
                                                                                                monkeypatch):
     from prefect import flow
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterType,
+                                                FlowRunFilter, FlowRunFilterId)
 
     from swirl_core.generation import make_generate_shards, plan_generation
     from swirl_core.stage import ShardFailure, run_stage
@@ -71,5 +72,18 @@ def test_a_failing_shard_is_a_typed_failure_and_the_others_land_under_the_shippe
 
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), type=ArtifactFilterType(any_=["progress"])))
     states = {r.name: r.state.type.value for r in runs}
     assert states == {"shard-0": "COMPLETED", "shard-1": "FAILED", "shard-2": "COMPLETED"}
+    # The flow run's progress moved past every shard, the failed one included.
+    assert [(a.data, a.description) for a in artifacts] == [(100.0, "generate: 12 of 12 traj in 3 shards")]
+
+
+def test_shards_are_sized_by_the_work():
+    from swirl_core.stage import units_per_shard
+
+    # At least one process's share of the requests in flight (32 of 64 over 2 workers) ...
+    assert units_per_shard(100, processes=2, overlap=3, concurrency=64) == 32
+    # ... and about four rounds of shards per worker thread when the work is large.
+    assert units_per_shard(10_000, processes=2, overlap=3, concurrency=64) == 417
