@@ -65,7 +65,10 @@ CREATE TABLE IF NOT EXISTS trajectories (
     error               VARCHAR,
     prompt_messages     JSON NOT NULL,        -- s_0: the messages before the first action
     protocol            VARCHAR DEFAULT 'tags',  -- tags (the paper's) | tools (native function calling)
-    created_at          TIMESTAMPTZ DEFAULT current_timestamp
+    created_at          TIMESTAMPTZ DEFAULT current_timestamp,
+    -- The prompt, then each step's message and the observation it got (content NULL for none), stored once:
+    -- `sub_trajectories` slices every state out of it when read.
+    conversation        STRUCT(role VARCHAR, content VARCHAR)[]
 );
 
 CREATE TABLE IF NOT EXISTS steps (

@@ -30,37 +30,27 @@ GROUP BY ALL;
 
 -- ---------------------------------------------------------------- curation (SWiRL stage 1)
 
--- Each trajectory's conversation, built once: the policy's prompt, then per step (in step order) its assistant
--- message and the observation it got (a user message; content NULL for a step that got none: an answer). The
--- prompt is parsed once and the turns aggregated unordered, then put in step order (list_select by
--- list_grade_up); `ord` is that order, for the per-step lists. Read by `sub_trajectories` and the Hub export.
+-- Each trajectory's conversation: the policy's prompt, then per step (in step order) its assistant message and the
+-- observation it got (a user message; content NULL for a step that got none: an answer), stored once with the
+-- trajectory (`trajectories.conversation`). Read by the Hub export.
 CREATE OR REPLACE VIEW conversations AS
-WITH agg AS (
-    SELECT trajectory_id, list(step_index) AS idx,
-           list([{'role': 'assistant', 'content': message}, {'role': 'user', 'content': observation}]) AS pairs,
-           list(message) AS msg, list(action_kind) AS kinds, list(prompt_version) AS pv
-    FROM steps GROUP BY trajectory_id
-)
-SELECT a.trajectory_id, t.question_id, t.status, t.num_steps, t.model, len(t.prompt) AS np,
-       list_grade_up(a.idx) AS ord,
-       list_concat(t.prompt, flatten(list_select(a.pairs, list_grade_up(a.idx)))) AS conversation,
-       a.msg, a.kinds, a.pv
-FROM agg a
-JOIN (SELECT trajectory_id, question_id, status, num_steps, model,
-             from_json(prompt_messages, '[{"role":"VARCHAR","content":"VARCHAR"}]') AS prompt
-      FROM trajectories) t USING (trajectory_id);
+SELECT trajectory_id, question_id, status, num_steps, model, conversation FROM trajectories;
 
 -- Step-wise decomposition: a trajectory with K actions gives K (state, action) pairs. The state s_k is the
--- prompt plus every earlier action and tool result: a slice of the trajectory's conversation. Measured 1.7-1.9x
--- faster than a window over growing frames (benchmarks/curation_throughput.py).
+-- prompt plus every earlier action and tool result: the first `state_turns` messages of the stored conversation,
+-- sliced only when a query reads it (benchmarks/curation_throughput.py).
 CREATE OR REPLACE VIEW sub_trajectories AS
-WITH expanded AS (SELECT *, unnest(range(len(ord))) AS k FROM conversations WHERE status <> 'error')
-SELECT trajectory_id, question_id, k::INTEGER AS step_index,
-       list_slice(conversation, 1, np + 2 * k) AS state,
-       list_slice(conversation, np + 1, np + 2 * k) AS history,
-       msg[ord[k + 1]] AS action, kinds[ord[k + 1]] AS action_kind, k = num_steps - 1 AS is_last_step, model,
-       pv[ord[k + 1]] AS prompt_version
-FROM expanded;
+WITH cut AS (
+    SELECT s.trajectory_id, t.question_id, s.step_index, t.conversation,
+           len(t.conversation) - 2 * t.num_steps AS prompt_turns,
+           len(t.conversation) - 2 * (t.num_steps - s.step_index) AS state_turns,
+           s.message AS action, s.action_kind, s.step_index = t.num_steps - 1 AS is_last_step, t.model, s.prompt_version
+    FROM steps s JOIN trajectories t USING (trajectory_id) WHERE t.status <> 'error'
+)
+SELECT trajectory_id, question_id, step_index, list_slice(conversation, 1, state_turns) AS state,
+       list_slice(conversation, prompt_turns + 1, state_turns) AS history, action, action_kind, is_last_step, model,
+       prompt_version, state_turns
+FROM cut;
 
 -- The one vote rule of a step's judge samples: the majority of the known votes; a tie or no known vote is UNKNOWN.
 -- Used for curated steps (below) and for the judge probe's labelled steps (`store.step_votes`).

@@ -10,6 +10,7 @@ from functools import cache
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Union, get_args, get_origin, get_type_hints
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from typing_extensions import TypedDict, is_typeddict  # pydantic reads TypedDicts from here on Python < 3.12
 
 from swirl_core.hashing import content_hash
 
@@ -108,6 +109,13 @@ class Step(BaseModel):
 TrajectoryStatus = Literal["answered", "step_cap", "error"]
 
 
+class ChatTurn(TypedDict):
+    """One message of a stored conversation (content None: a step that got no observation)."""
+
+    role: str | None
+    content: str | None
+
+
 class Trajectory(BaseModel):
     """A full multi-step rollout for one question and sample index."""
 
@@ -126,6 +134,14 @@ class Trajectory(BaseModel):
     @staticmethod
     def make_id(question_id: str, sample_index: int, policy_fingerprint: str) -> str:
         return content_hash("trajectory", question_id, sample_index, policy_fingerprint)
+
+    def conversation(self) -> list[ChatTurn]:
+        """The prompt, then each step's message and the observation it got: stored once per trajectory, and every
+        sub-trajectory's state is a prefix of it (the `sub_trajectories` view)."""
+        turns = [ChatTurn(role=m.get("role"), content=m.get("content")) for m in self.prompt_messages]
+        for s in self.steps:
+            turns += [ChatTurn(role="assistant", content=s.message), ChatTurn(role="user", content=s.observation)]
+        return turns
 
 
 class LLMResponse(BaseModel):
@@ -189,6 +205,8 @@ def _arrow_type(annotation: Any) -> pa.DataType:
         return _arrow_type(type(get_args(annotation)[0]))
     if origin is list:
         return pa.list_(_arrow_type(get_args(annotation)[0]))
+    if is_typeddict(annotation):
+        return pa.struct([(name, _arrow_type(hint)) for name, hint in get_type_hints(annotation).items()])
     if isinstance(annotation, type) and issubclass(annotation, StrEnum):
         return pa.string()
     return {str: pa.string(), int: pa.int64(), float: pa.float64(), bool: pa.bool_(),
@@ -258,6 +276,7 @@ class TrajectoryRow(TableRow):
     error: str | None
     prompt_messages: str  # JSON
     protocol: StepProtocol
+    conversation: list[ChatTurn]
 
 
 class StepRow(TableRow):

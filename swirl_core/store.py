@@ -302,7 +302,7 @@ class Store:
                 "prompt_tokens": sum(s.prompt_tokens or 0 for s in t.steps),
                 "completion_tokens": sum(s.completion_tokens or 0 for s in t.steps),
                 "error": t.error, "prompt_messages": json.dumps(t.prompt_messages, ensure_ascii=False),
-                "protocol": t.protocol,
+                "protocol": t.protocol, "conversation": t.conversation(),
             })
             for s in t.steps:
                 step_rows.append({

@@ -24,8 +24,9 @@ TABLES = ("runs", "questions", "seed_errors", "trajectories", "steps", "llm_call
           "judges", "judge_probe_results", "judge_probe_metrics", "grades", "eval_results")
 # What both releases compute from the same rows: the migrated database must give the same answers.
 SAME_ANSWERS = {
-    "sub_trajectories": "SELECT trajectory_id, step_index, state, history, action, action_kind, is_last_step "
-                        "FROM sub_trajectories ORDER BY 1, 2",
+    # the release built every state from the steps; now each is sliced from the stored conversation
+    "sub_trajectories": "SELECT trajectory_id, step_index, question_id, state, history, action, action_kind, "
+                        "is_last_step, model, prompt_version FROM sub_trajectories ORDER BY 1, 2",
     "step_verdicts": "SELECT * FROM step_verdicts ORDER BY 1, 2",
     "trajectory_labels": "SELECT * FROM trajectory_labels ORDER BY 1",
     "curation_retention": "SELECT * FROM curation_retention",

@@ -100,7 +100,8 @@ def test_network_guard_blocks_non_loopback_addresses():
 
 
 _COMPATIBLE = {"string": {"VARCHAR", "JSON"}, "int64": {"INTEGER", "BIGINT"}, "double": {"DOUBLE"}, "bool": {"BOOLEAN"},
-               "timestamp[us, tz=UTC]": {"TIMESTAMP WITH TIME ZONE"}, "list<item: string>": {"VARCHAR[]"}}
+               "timestamp[us, tz=UTC]": {"TIMESTAMP WITH TIME ZONE"}, "list<item: string>": {"VARCHAR[]"},
+               "list<item: struct<role: string, content: string>>": {'STRUCT("role" VARCHAR, "content" VARCHAR)[]'}}
 
 
 @pytest.mark.parametrize("row_type", TableRow.__subclasses__(), ids=lambda t: t.TABLE)
@@ -147,3 +148,42 @@ def test_a_tools_protocol_trajectory_keeps_its_calls_and_decomposes_like_a_tagge
         # the judge's view: each step's state and its action as readable text
         rows = store.query("SELECT step_index, action, len(state) FROM sub_trajectories ORDER BY 1")
         assert rows == [(0, 'calculator({"expression": "2+2"})', 1), (1, 'answer({"answer": "4"})', 3)]
+
+
+def _old_decomposition():
+    """The decomposition as it was before conversations were stored: built from `steps` on every query (kept in the
+    benchmark as its `unnest` variant, the formulation it measures the stored one against)."""
+    import importlib.util
+    import sys
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("curation_throughput", ROOT / "benchmarks" / "curation_throughput.py")
+    bench = sys.modules.setdefault(spec.name, importlib.util.module_from_spec(spec))
+    spec.loader.exec_module(bench)
+    return bench.VARIANTS["unnest"], bench.COLUMNS
+
+
+def test_the_stored_conversation_decomposes_into_exactly_the_rows_built_from_the_steps(tmp_path):
+    old_sql, columns = _old_decomposition()
+    answered = _trajectory(4).model_copy(update={"trajectory_id": "t-answered"})
+    answered.steps[-1] = Step(step_index=3, message="so: <answer>4</answer>", action=Action(kind="answer", content="4"),
+                              model="m", prompt_version="v")  # no observation: content NULL in its turn
+    unicode = _trajectory(2).model_copy(update={
+        "trajectory_id": "t-unicode", "prompt_messages": [{"role": "system", "content": "Ünïcode → ∑ 🙂"},
+                                                          {"role": "user", "content": 'quotes " and \\ and\nnewline'}]})
+    rows = [answered, unicode, _trajectory(1, "step_cap").model_copy(update={"trajectory_id": "t-one"}),
+            _trajectory(3, "error").model_copy(update={"trajectory_id": "t-error"}),  # left out by both
+            _trajectory(0, "step_cap").model_copy(update={"trajectory_id": "t-empty"})]
+    with Store(tmp_path / "s.duckdb") as store:
+        store.write_trajectories(rows, "r1", "fp")
+        new = store.query(f"SELECT {columns} FROM sub_trajectories ORDER BY 1, 3")
+        assert new == store.query(f"SELECT {columns} FROM ({old_sql}) ORDER BY 1, 3")
+        assert len(new) == 4 + 2 + 1
+        # a state is the conversation's first `state_turns` messages; the last one is the observation before it
+        turns = store.query("SELECT step_index, state_turns, len(state), state[-1] FROM sub_trajectories "
+                            "WHERE trajectory_id = 't-answered' ORDER BY 1")
+        assert [t[1] for t in turns] == [t[2] for t in turns] == [1, 3, 5, 7]
+        assert turns[1][3] == {"role": "user", "content": "0+1 → 1"}
+        stored = store.query("SELECT conversation FROM trajectories WHERE trajectory_id = 't-answered'")[0][0]
+        assert stored[-2:] == [{"role": "assistant", "content": "so: <answer>4</answer>"}, {"role": "user", "content": None}]
