@@ -68,7 +68,8 @@ CREATE TABLE IF NOT EXISTS trajectories (
     created_at          TIMESTAMPTZ DEFAULT current_timestamp,
     -- The prompt, then each step's message and the observation it got (content NULL for none), stored once:
     -- `sub_trajectories` slices every state out of it when read.
-    conversation        STRUCT(role VARCHAR, content VARCHAR)[]
+    conversation        STRUCT(role VARCHAR, content VARCHAR)[],
+    prompt_turns        INTEGER                -- the prompt's messages at its head: where step 0's state ends
 );
 
 CREATE TABLE IF NOT EXISTS steps (

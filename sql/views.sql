@@ -38,12 +38,12 @@ SELECT trajectory_id, question_id, status, num_steps, model, conversation FROM t
 
 -- Step-wise decomposition: a trajectory with K actions gives K (state, action) pairs. The state s_k is the
 -- prompt plus every earlier action and tool result: the first `state_turns` messages of the stored conversation,
--- sliced only when a query reads it (benchmarks/curation_throughput.py).
+-- sliced only when a query reads it, so a query of the rows alone never reads the conversation
+-- (benchmarks/curation_throughput.py).
 CREATE OR REPLACE VIEW sub_trajectories AS
 WITH cut AS (
-    SELECT s.trajectory_id, t.question_id, s.step_index, t.conversation,
-           len(t.conversation) - 2 * t.num_steps AS prompt_turns,
-           len(t.conversation) - 2 * (t.num_steps - s.step_index) AS state_turns,
+    SELECT s.trajectory_id, t.question_id, s.step_index, t.conversation, t.prompt_turns,
+           t.prompt_turns + 2 * s.step_index AS state_turns,
            s.message AS action, s.action_kind, s.step_index = t.num_steps - 1 AS is_last_step, t.model, s.prompt_version
     FROM steps s JOIN trajectories t USING (trajectory_id) WHERE t.status <> 'error'
 )

@@ -277,6 +277,7 @@ class TrajectoryRow(TableRow):
     prompt_messages: str  # JSON
     protocol: StepProtocol
     conversation: list[ChatTurn]
+    prompt_turns: int
 
 
 class StepRow(TableRow):

@@ -303,6 +303,7 @@ class Store:
                 "completion_tokens": sum(s.completion_tokens or 0 for s in t.steps),
                 "error": t.error, "prompt_messages": json.dumps(t.prompt_messages, ensure_ascii=False),
                 "protocol": t.protocol, "conversation": t.conversation(),
+                "prompt_turns": len(t.prompt_messages),
             })
             for s in t.steps:
                 step_rows.append({
