@@ -212,7 +212,8 @@ FROM r""",
 }
 CHECKSUM_SQL = f"SELECT count(*), sum(hash({COLUMNS})) FROM {{table}}"
 
-# What the view's parts cost on their own (each builds and consumes its lists; the sum keeps it from being pruned).
+# What building the states from the steps costs, part by part (the variants' work, and the view's before the stored
+# conversation; each builds and consumes its lists; the sum keeps it from being pruned).
 _GROWING = "OVER (PARTITION BY trajectory_id ORDER BY step_index ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)"
 _LIVE = "FROM steps s JOIN trajectories t USING (trajectory_id) WHERE t.status <> 'error'"
 _PAIR_S = PAIR.replace("message", "s.message").replace("observation", "s.observation")
@@ -230,7 +231,7 @@ COMPONENTS: dict[str, str] = {
         f"SELECT count(*), sum(len(h)) FROM (SELECT list(message) {_GROWING} AS h FROM steps)",
     "window flatten(list(pair)), steps alone":
         f"SELECT count(*), sum(len(h)) FROM (SELECT flatten(list({PAIR}) {_GROWING}) AS h FROM steps)",
-    "window flatten(list(pair)), steps ⋈ traj (view)":
+    "window flatten(list(pair)), steps ⋈ traj (first view)":
         f"SELECT count(*), sum(len(h) + len(p)) FROM (SELECT t.prompt_messages AS p, "
         f"flatten(list({_PAIR_S}) {_GROWING_S}) AS h {_LIVE})",
     "per-trajectory flatten(list(pair ORDER BY step))":
@@ -741,7 +742,8 @@ def decomposition_report(res: DecompResult, repeats: int) -> str:
     if foreign:
         warn = "  <-- the machine was not idle: figures are low and noisy" if max(foreign) > 0.25 else ""
         out.append(f"  other processes' load: median {statistics.median(foreign):.2f} cores, up to {max(foreign):.2f}{warn}")
-    out += ["", "where the time goes: the view's parts on their own (best of the repeats; rows/s = sub-trajectories "
+    out += ["", "where the time goes when the states are built from the steps (the variants; the view before the stored "
+            "conversation), part by part (best of the repeats; rows/s = sub-trajectories "
             "/ wall)", ""]
     comp = [(label, f"{n:,}", f"{w:.3f}", _m(p["rows"] / w)) for label, n, w in res.components]
     out += _table(("component", "input rows", "wall s", "rows/s"), comp)
