@@ -58,7 +58,7 @@ class PolicySpec:
             if self.few_shot:
                 raise ValueError("few-shot demonstrations are written in the tag protocol: use --protocol tags with them")
 
-    @property
+    @functools.cached_property  # read several times per step
     def prompt_version(self) -> str:
         return prompt_version(self.task, self.few_shot, self.tools, self.protocol)
 

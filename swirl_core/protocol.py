@@ -159,6 +159,7 @@ def invalid_action_feedback(task: TaskKind, error: str, tools: bool = True) -> s
 # A message must take exactly one action: the protocol says EITHER a tool call OR the answer.
 TWO_ACTIONS = "more than one action in one message"
 _OPEN_RE = re.compile(r"<\s*(search_query|math_exp|answer)\s*>", re.IGNORECASE | re.ASCII)
+_CLOSE_RE = {tag: re.compile(rf"<\s*/\s*{tag}\s*>", re.IGNORECASE | re.ASCII) for tag in KIND_OF_TAG}  # once, not per step
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,7 @@ def parse_action(text: str, task: TaskKind, tools: bool = True) -> Parsed:
     tag = opening.group(1).lower()
     kind = KIND_OF_TAG[tag]
     reasoning = text[: opening.start()].strip()
-    close = re.compile(rf"<\s*/\s*{tag}\s*>", re.IGNORECASE | re.ASCII).search(text, opening.end())
+    close = _CLOSE_RE[tag].search(text, opening.end())
     next_open = _OPEN_RE.search(text, opening.end())
     if close is not None and (next_open is None or close.start() < next_open.start()):
         content, end = text[opening.end() : close.start()], close.end()
