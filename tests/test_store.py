@@ -187,3 +187,9 @@ def test_the_stored_conversation_decomposes_into_exactly_the_rows_built_from_the
         assert turns[1][3] == {"role": "user", "content": "0+1 → 1"}
         stored = store.query("SELECT conversation FROM trajectories WHERE trajectory_id = 't-answered'")[0][0]
         assert stored[-2:] == [{"role": "assistant", "content": "so: <answer>4</answer>"}, {"role": "user", "content": None}]
+        # a retried trajectory replaces its conversation with its steps
+        store.write_trajectories([_trajectory(2).model_copy(update={"trajectory_id": "t-error"})], "r1", "fp")
+        assert store.query(f"SELECT {columns} FROM sub_trajectories ORDER BY 1, 3") == \
+            store.query(f"SELECT {columns} FROM ({old_sql}) ORDER BY 1, 3")
+        assert store.query("SELECT len(conversation), prompt_turns FROM trajectories WHERE trajectory_id = 't-error'") == \
+            [(5, 1)]
