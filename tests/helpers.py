@@ -255,11 +255,11 @@ def tool_calling_policy(gold: dict[str, str]):
     return respond
 
 
-def build_tools_db(path: Path) -> None:
+def build_tools_db(path: Path) -> list[dict]:
     """A database of tools-protocol trajectories made through the real path: `generate --protocol tools` over HTTP
     against a scripted server answering with `tool_calls` (4 demo-math and 2 demo-qa questions, so calculator and
     search calls with their different argument names), then `curate` with a judge that finds every step GOOD.
-    Needs a Prefect API (the `prefect_api` fixture)."""
+    Returns the requests the policy got. Needs a Prefect API (the `prefect_api` fixture)."""
     import json
 
     from scripted_server import ScriptedServer
@@ -278,6 +278,8 @@ def build_tools_db(path: Path) -> None:
                 dataset=name, limit=limit, samples=1, protocol=StepProtocol.TOOLS, db=str(path), progress=False,
                 policy=ModelConfig(model="openai/policy", api_base=srv.base_url), cluster=ClusterConfig(n_workers=1)))
             assert result["trajectories"] == limit, json.dumps(result, default=str)
+        requests = list(srv.requests)
     with ScriptedServer(default="Each step follows.\nGOOD") as srv:
         run_curate(CurateConfig(db=str(path), judge=ModelConfig(model="openai/judge", api_base=srv.base_url),
                                 grader="rule", probe_limit=0, progress=False, cluster=ClusterConfig(n_workers=1)))
+    return requests
