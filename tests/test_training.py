@@ -335,6 +335,7 @@ def test_sft_trains_on_the_tools_config_with_a_tool_calling_template(tools_db, t
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from swirl_core.records import StepProtocol
+    from swirl_core.training.run import TrainConfig, run_training
 
     db, _ = tools_db
     with duckdb.connect(str(db), read_only=True) as con:
@@ -353,9 +354,13 @@ def test_sft_trains_on_the_tools_config_with_a_tool_calling_template(tools_db, t
             shown = arguments if isinstance(arguments, str) else json.dumps(arguments)
             assert f'{{"name": "{call["function"]["name"]}", "arguments": {shown}}}' in learned
         assert '"arguments": "{' not in text
-    result = train_sft(settings, data.dataset, lineage=data.lineage())
-    assert result.steps == 1 and all(math.isfinite(h["loss"]) for h in result.log_history)
+    # What `swirl train --method sft --protocol tools --filter none` runs: export, template, one step, the card.
+    request = TrainConfig(db=str(db), protocol=StepProtocol.TOOLS, filter="none", progress=False, settings=settings)
+    result = run_training(request, "tools-sft")
+    assert result["steps"] == 1 and all(math.isfinite(h["loss"]) for h in result["log_history"])
+    assert result["lineage"]["rows"] == 15 and result["lineage"]["protocol"] == "tools"
     before = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    trained = dict(AutoModelForCausalLM.from_pretrained(result.output_dir).named_parameters())
+    trained = dict(AutoModelForCausalLM.from_pretrained(result["output_dir"]).named_parameters())
     assert any(not torch.equal(p, trained[name]) for name, p in before.named_parameters())  # the step changed it
-    assert renders_tools(AutoTokenizer.from_pretrained(result.output_dir))  # the checkpoint keeps the template
+    assert renders_tools(AutoTokenizer.from_pretrained(result["output_dir"]))  # the checkpoint keeps the template
+    assert "exactly one tool call" in (tmp_path / "o" / "README.md").read_text()

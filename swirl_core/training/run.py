@@ -104,6 +104,8 @@ def run_training(request: TrainConfig, run_id: str, *, on_progress: ProgressSink
                          "(run `swirl curate`, or choose another --filter)")
     lineage = export.lineage() | {"filter": request.resolved_filter, "prompt_versions": prompt_versions, "db": request.db,
                                   "data_sha256": _sha256(export.files), "requested_run_ids": request.run_ids}
+    if request.protocol == StepProtocol.TOOLS:  # only then: the lineage of a tag-protocol run stays what it was
+        lineage["protocol"] = request.protocol
     if settings.method == "swirl":
         lineage["judge_model"] = request.resolved_judge.model
     if (done := finished_run(folder, settings, lineage)) is not None:
@@ -239,12 +241,14 @@ def write_model_card(folder: Path, settings: TrainSettings, lineage: dict[str, A
             ("policy prompt versions", ", ".join(lineage["prompt_versions"])),
             ("reward judge", lineage.get("judge_model", "—")), ("base model", settings.base_model),
             ("training data sha256", lineage["data_sha256"])]
+    steps = ("brief reasoning, then exactly one tool call (native function calling: `tool_calls`, results as `tool` "
+             "messages)" if lineage.get("protocol") == StepProtocol.TOOLS else
+             "brief reasoning, then exactly one of `<search_query>`, `<math_exp>` or `<answer>`")
     body = f"""
 # {Path(settings.output_dir).name}
 
 {method} of `{settings.base_model}` on the **{lineage['filter']}** curated set of a SWiRL data factory run
-(Goldie et al., 2025, arXiv:2504.04736). The model writes one step at a time: brief reasoning, then exactly
-one of `<search_query>`, `<math_exp>` or `<answer>`.
+(Goldie et al., 2025, arXiv:2504.04736). The model writes one step at a time: {steps}.
 
 ## Data lineage
 
