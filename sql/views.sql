@@ -166,3 +166,70 @@ SELECT eval_run_id, dataset, split, tools, label, model, count(*) AS questions,
        round(avg(step_score), 4) AS step_score,
        count(*) FILTER (WHERE in_training) AS in_training
 FROM eval_results GROUP BY ALL ORDER BY eval_run_id, label;
+
+-- ---------------------------------------------------------------- the tools protocol (native function calling)
+
+-- Tools-protocol trajectories in TRL's conversational tool-calling format, for the Hub export and SFT. Every message
+-- is one JSON object holding only its own keys: as an Arrow struct each message would get every key, NULL where it
+-- has none, and chat templates that test `'tool_calls' in message` (Llama 3.1's) break on those. DuckDB writes JSON
+-- as Parquet's JSON type, which `datasets` loads as its Json() feature: the dicts come back exactly as written.
+-- `tool_definitions` (task, tools: the JSON-schema functions offered) is made by the store from `protocol.py`.
+
+-- One tool call as TRL and the chat templates take it: `id`, `type`, `function.name`, and `function.arguments` as a
+-- JSON object, since templates serialise the arguments themselves (`tojson`: a JSON string would be encoded twice).
+-- Arguments the model wrote that are no JSON object (its step is `invalid`) stay the string it wrote.
+CREATE OR REPLACE MACRO tool_call_json(c) AS json_object(
+    'id', c->>'id', 'type', 'function', 'function', json_object('name', c->'function'->>'name', 'arguments', CASE
+        WHEN json_type(c->'function'->'arguments') = 'OBJECT' THEN c->'function'->'arguments'
+        WHEN json_valid(c->'function'->>'arguments') AND json_type((c->'function'->>'arguments')::JSON) = 'OBJECT'
+            THEN (c->'function'->>'arguments')::JSON
+        ELSE to_json(c->'function'->>'arguments') END));
+
+-- Per step: the assistant message as sent (its text, which the parser kept as `reasoning` when the message made
+-- calls and as the whole `message` when it made none, and its calls), then what answered it, as the agent sent it
+-- (`_next_turns` in swirl_core/agent.py): a `tool` message per call id, or a user turn when no call had an id; none
+-- after the answer. `before` counts the conversation's messages before the step, after the prompt.
+CREATE OR REPLACE VIEW tool_turns AS
+WITH parsed AS (  -- `with_id`: the calls a `tool` message can answer
+    SELECT s.*, from_json(s.tool_calls, '["JSON"]') AS calls,
+           list_filter(coalesce(calls, []), lambda c: coalesce(c->>'id', '') <> '') AS with_id
+    FROM steps s JOIN trajectories t USING (trajectory_id) WHERE t.protocol = 'tools'
+), turns AS (
+    SELECT trajectory_id, step_index, action_kind, prompt_version,
+           CASE WHEN calls IS NULL THEN json_object('role', 'assistant', 'content', message)
+                ELSE json_object('role', 'assistant', 'content', reasoning,
+                                 'tool_calls', list_transform(calls, lambda c: tool_call_json(c))) END AS assistant,
+           CASE WHEN observation IS NULL THEN []::JSON[]
+                WHEN len(with_id) = 0 THEN [json_object('role', 'user', 'content', observation)]
+                ELSE list_transform(with_id, lambda c: json_object(
+                    'role', 'tool', 'tool_call_id', c->>'id', 'name', c->'function'->>'name', 'content', observation))
+           END AS results
+    FROM parsed
+)
+SELECT *, list_concat([assistant], results) AS turns,
+       coalesce(sum(1 + len(results)) OVER (PARTITION BY trajectory_id ORDER BY step_index
+                                            ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0)::INTEGER AS before
+FROM turns;
+
+-- Each tools-protocol trajectory's whole conversation (`messages`: the prompt, then every step's turns in order)
+-- and the `tools` it was offered: TRL's conversational language-modeling type.
+CREATE OR REPLACE VIEW tool_conversations AS
+WITH agg AS (SELECT trajectory_id, flatten(list(turns ORDER BY step_index)) AS turns FROM tool_turns GROUP BY trajectory_id)
+SELECT t.trajectory_id, t.question_id, t.status, t.num_steps, t.model, t.prompt_version, len(t.prompt) AS np,
+       list_concat(t.prompt, a.turns) AS messages, d.tools
+FROM (SELECT *, from_json(prompt_messages, '["JSON"]') AS prompt FROM trajectories WHERE protocol = 'tools') t
+JOIN agg a USING (trajectory_id)
+JOIN questions q ON q.question_id = t.question_id
+JOIN tool_definitions d ON d.task = q.task;
+
+-- The step-wise decomposition in the same format (TRL's conversational prompt-completion type): `prompt` is the
+-- conversation before the step (a slice of the trajectory's), `completion` the step's assistant message.
+CREATE OR REPLACE VIEW tool_sub_trajectories AS
+SELECT u.trajectory_id, c.question_id, u.step_index, list_slice(c.messages, 1, c.np + u.before) AS prompt,
+       [u.assistant] AS completion, c.tools, u.action_kind, u.step_index = c.num_steps - 1 AS is_last_step, c.model,
+       u.prompt_version
+FROM tool_turns u JOIN tool_conversations c USING (trajectory_id)
+WHERE c.status <> 'error';
+
+-- The four curated sets in this format, `curated_<name>_tools`, are made by the store from `CuratedFilter` with the
+-- tag-protocol ones.

@@ -10,9 +10,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from swirl_core.config_base import StrictConfig, Workspace
+from swirl_core.config_base import ActionProtocol, StrictConfig, Workspace
 from swirl_core.llm.config import GreedyModelConfig, ModelConfig, parse_model_spec
-from swirl_core.records import StepProtocol
 from swirl_core.training.trainers import TrainSettings
 
 __all__ = ["ModelConfig", "GreedyModelConfig", "parse_model_spec", "Workspace"]  # re-exported: flows and tests import them here
@@ -71,11 +70,6 @@ class Bootstrap(StrictConfig):
 
     n_resamples: int = Field(2000, ge=100, le=100_000, description="bootstrap resamples for the CIs")
     confidence: float = Field(0.95, gt=0.5, lt=1)
-
-
-class ActionProtocol(StrictConfig):
-    protocol: StepProtocol = Field(StepProtocol.TAGS, description="how the policy calls tools: tags (the paper's "
-                                   "<search_query>/<math_exp>/<answer>) or tools (native function calling)")
 
 
 class GenerateConfig(ActionProtocol, SeedSource, OnCluster, Workspace):

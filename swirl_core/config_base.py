@@ -6,6 +6,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from swirl_core.records import StepProtocol
+
 DEFAULT_DB = "swirl.duckdb"
 
 
@@ -14,6 +16,14 @@ class StrictConfig(BaseModel):
     naming the key, instead of running silently with the default."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+class ActionProtocol(StrictConfig):
+    """A config whose steps follow one protocol: generation and evaluation (which the policy speaks), training
+    (which steps it learns from)."""
+
+    protocol: StepProtocol = Field(StepProtocol.TAGS, description="how the policy calls tools: tags (the paper's "
+                                   "<search_query>/<math_exp>/<answer>) or tools (native function calling)")
 
 
 class Workspace(StrictConfig):

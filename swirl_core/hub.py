@@ -17,7 +17,7 @@ from typing import Any
 from huggingface_hub import DatasetCard, DatasetCardData
 
 from swirl_core.contamination import NGRAM, overlaps
-from swirl_core.records import CuratedFilter
+from swirl_core.records import CuratedFilter, StepProtocol
 from swirl_core.seeds import DATASETS
 from swirl_core.store import query_dicts
 
@@ -56,6 +56,28 @@ WHERE q.split = ?
 ORDER BY l.question_id, s.trajectory_id, s.step_index
 """
 
+# The tools-protocol trajectories in TRL's tool-calling format (`tool_conversations`): `messages` and `tools`.
+_TOOLS_TRAJECTORY_SQL = """
+SELECT c.trajectory_id, c.question_id, q.dataset, q.split, q.question, q.answer, q.answer_aliases,
+       t.final_answer, c.status, c.num_steps, l.process_pass, l.outcome_pass, c.messages, c.tools,
+       c.model, c.prompt_version, t.run_id
+FROM tool_conversations c JOIN trajectory_labels l USING (trajectory_id) JOIN trajectories t USING (trajectory_id)
+JOIN questions q ON q.question_id = c.question_id
+WHERE {where} AND q.split = ?
+ORDER BY c.question_id, t.sample_index, c.trajectory_id
+"""
+
+# One curated set's tools-protocol steps (`curated_<name>_tools`): `prompt` / `completion` and `tools`.
+_TOOLS_STEPS_SQL = """
+SELECT s.trajectory_id, s.step_index, s.question_id, s.dataset, q.split, s.prompt, s.completion, s.tools,
+       s.action_kind, s.is_last_step, v.verdict AS process_verdict, l.process_pass, l.outcome_pass, s.model,
+       s.prompt_version
+FROM {view} s JOIN trajectory_labels l USING (trajectory_id) JOIN questions q ON q.question_id = s.question_id
+LEFT JOIN step_verdicts v USING (trajectory_id, step_index)
+WHERE q.split = ?
+ORDER BY s.question_id, s.trajectory_id, s.step_index
+"""
+
 # The judge probe's figures of every judge the published sets read (NULL figures: the judge was not measured).
 _PROBE_SQL = """
 SELECT coalesce(j.judge_model, '?') AS judge, s.judge_fingerprint AS judge_id, p.dataset AS probe_dataset,
@@ -78,11 +100,40 @@ ORDER BY ALL
 """
 
 
+TOOLS_SUFFIX = "-tools"  # a tools-protocol trajectory config: `<set>-tools`; its steps: `<set>-tools-steps`
+_TOOLS_NOTE = """
+The `-tools` configs hold the trajectories made with native function calling (`--protocol tools`) in TRL's
+tool-calling format: assistant messages carry `tool_calls` (`arguments` a JSON object, or the string the model wrote
+when it was not one: such a step is invalid), each result comes back as a `tool` message naming its `tool_call_id`,
+and `tools` lists the JSON-schema functions the model was offered. Messages and tools are `datasets` `Json` values,
+so every message loads with exactly its own keys; `SFTTrainer` passes `tools` to the chat template (use a template
+that renders tools, e.g. `swirl train --protocol tools`'s).
+"""
+
+
 @dataclass
 class ExportSummary:
     folder: Path
     files: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # config → split → files
     rows: dict[str, dict[str, int]] = field(default_factory=dict)  # config → split → rows
+    about: dict[str, str] = field(default_factory=dict)  # config → what its rows are, for the card
+
+
+def _configs(con) -> dict[str, tuple[str, str]]:
+    """Each config's query and what its rows are: the four sets and `steps` in the tag protocol's rendering (every
+    trajectory), then, when the database holds tools-protocol trajectories, each set's `<set>-tools` (trajectories)
+    and `<set>-tools-steps` (steps) in TRL's tool-calling format."""
+    configs = {str(f): (_TRAJECTORY_SQL.format(where=f.keeps),
+                        f"one row per trajectory passing the **{f}** filter, with the full `messages`") for f in CuratedFilter}
+    configs["steps"] = (_STEPS_SQL, "one row per (state, action) step: `prompt` (chat messages) / `completion`, for SFT and RL")
+    if con.execute("SELECT count(*) FROM trajectories WHERE protocol = ?", [str(StepProtocol.TOOLS)]).fetchall()[0][0]:
+        for f in CuratedFilter:
+            configs[f"{f}{TOOLS_SUFFIX}"] = (_TOOLS_TRAJECTORY_SQL.format(where=f.keeps),
+                                     f"tools-protocol trajectories passing the **{f}** filter: `messages` with `tool_calls` "
+                                     "and `tool` results, and `tools`")
+            configs[f"{f}{TOOLS_SUFFIX}-steps"] = (_TOOLS_STEPS_SQL.format(view=f.tools_view),
+                                                    f"the steps of `{f}{TOOLS_SUFFIX}`: `prompt` / `completion` with `tool_calls`, and `tools`")
+    return configs
 
 
 def _split_name(split: str) -> str:
@@ -98,8 +149,8 @@ def export_folder(con, folder: str | Path, *, max_file_bytes: str = "256MB") -> 
     summary = ExportSummary(folder)
     splits = [r[0] for r in con.execute(
         "SELECT DISTINCT q.split FROM trajectory_labels l JOIN questions q USING (question_id) ORDER BY 1").fetchall()]
-    queries = {str(f): _TRAJECTORY_SQL.format(where=f.keeps) for f in CuratedFilter} | {"steps": _STEPS_SQL}
-    for config, sql in queries.items():
+    for config, (sql, about) in _configs(con).items():
+        summary.about[config] = about
         for split in splits:
             target = data / config
             target.mkdir(parents=True, exist_ok=True)
@@ -194,10 +245,10 @@ def dataset_card(con, summary: ExportSummary, repo_id: str, contamination_report
     policies = query_dicts(con, "SELECT model, prompt_version, count(*) AS trajectories FROM trajectories GROUP BY ALL ORDER BY ALL")
     example = query_dicts(con, "SELECT trajectory_id, step_index, action_kind, action FROM sub_trajectories "
                          "ORDER BY trajectory_id, step_index LIMIT 3")
-    configs = [{"config_name": str(config), **({"default": True} if config == CuratedFilter.PROCESS else {}),
+    configs = [{"config_name": config, **({"default": True} if config == CuratedFilter.PROCESS else {}),
                 "data_files": [{"split": split, "path": f"data/{config}/{split}-*.parquet"}
-                               for split in sorted(summary.files[config])]}
-               for config in (*CuratedFilter, "steps") if config in summary.files]
+                               for split in sorted(files)]}
+               for config, files in summary.files.items()]
     licence = licences[0] if len(licences) == 1 else "other"
     sources = sorted({DATASETS[d].hub_name for d in datasets if d in DATASETS and DATASETS[d].hub_name})
     card_data = DatasetCardData(
@@ -233,11 +284,7 @@ without the gold answer) and every trajectory was graded against the gold answer
 
 | config | rows | what |
 |---|---|---|
-""" + "\n".join(
-        f"| `{c}` | {sum(summary.rows[c].values())} | "
-        + ("one row per (state, action) step: `prompt` (chat messages) / `completion`, for SFT and RL |" if c == "steps"
-           else f"one row per trajectory passing the **{c}** filter, with the full `messages` |")
-        for c in summary.files) + f"""
+""" + "\n".join(f"| `{c}` | {sum(summary.rows[c].values())} | {summary.about[c]} |" for c in summary.files) + f"""
 
 ```python
 from datasets import load_dataset
@@ -246,7 +293,7 @@ from datasets import load_dataset
 
 `prompt`/`completion` are conversational (TRL's `SFTTrainer` trains on the completion only; `GRPOTrainer` uses
 `prompt` as the RL state). The paper found the `process` set best for RL and `process_outcome` best for SFT.
-
+{_TOOLS_NOTE if any(c.endswith(TOOLS_SUFFIX) for c in summary.files) else ""}
 ## How it was made
 
 Policy models and prompt versions:

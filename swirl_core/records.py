@@ -183,6 +183,11 @@ class CuratedFilter(StrEnum):
         return f"curated_{self.value}"
 
     @property
+    def tools_view(self) -> str:
+        """The same set's tools-protocol steps in TRL's tool-calling format (`tool_sub_trajectories`)."""
+        return f"{self.view}_tools"
+
+    @property
     def keeps(self) -> str:
         """The SQL condition, over the `trajectory_labels` view, of a trajectory this set keeps."""
         return {"none": "true", "process": "process_pass", "outcome": "outcome_pass",

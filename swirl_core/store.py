@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from swirl_core import __version__
 from swirl_core.llm.cache import JOURNAL_GLOB
+from swirl_core.protocol import TASK_ACTIONS, tool_definitions
 from swirl_core.records import (
     CuratedFilter,
     InvalidRow,
@@ -145,11 +146,19 @@ def schema_version(con) -> int | None:
     return 0 if tables else None
 
 
+def _tool_definitions_sql() -> str:
+    """The `tool_definitions` view the tools-protocol views read: each task's functions, from `protocol.py`."""
+    rows = ", ".join(f"('{task}', '{json.dumps(tool_definitions(task)).replace(chr(39), chr(39) * 2)}'::JSON[])"
+                     for task in TASK_ACTIONS)
+    return f"CREATE OR REPLACE VIEW tool_definitions AS SELECT * FROM (VALUES {rows}) AS d(task, tools);"
+
+
 def _curated_views_sql() -> str:
-    """The curated sets' views and their retention, from `CuratedFilter` (their one home)."""
-    views = [f"""CREATE OR REPLACE VIEW {f.view} AS
-                 SELECT l.dataset, s.* FROM sub_trajectories s JOIN trajectory_labels l USING (trajectory_id, question_id)
-                 WHERE {f.keeps};""" for f in CuratedFilter]
+    """The curated sets' views (tag and tools protocol) and their retention, from `CuratedFilter` (their one home)."""
+    views = [f"""CREATE OR REPLACE VIEW {view} AS
+                 SELECT l.dataset, s.* FROM {source} s JOIN trajectory_labels l USING (trajectory_id, question_id)
+                 WHERE {f.keeps};"""
+             for f in CuratedFilter for view, source in ((f.view, "sub_trajectories"), (f.tools_view, "tool_sub_trajectories"))]
     keeps = ", ".join(f"('{f.value}', {f.keeps})" for f in CuratedFilter)
     retention = f"""CREATE OR REPLACE VIEW curation_retention AS
         SELECT dataset, f.name AS filter,
@@ -199,6 +208,7 @@ class Store:
                 if version is not None:
                     self.con.execute(steps[n].read_text(encoding="utf-8"))
                 self.con.execute("INSERT INTO schema_version VALUES (?, ?, current_timestamp)", [n, __version__])
+            self.con.execute(_tool_definitions_sql())
             self.con.execute((SQL_DIR / "views.sql").read_text(encoding="utf-8"))
             self.con.execute(_curated_views_sql())
             self.con.execute("COMMIT")

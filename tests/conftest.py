@@ -92,6 +92,16 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tools_db(prefect_api, tmp_path_factory) -> tuple[Path, list[dict]]:
+    """A database of tools-protocol trajectories generated and curated through the flows (helpers.build_tools_db),
+    built once per session, and the requests its policy got. Tests open it read-only."""
+    from helpers import build_tools_db
+
+    db = tmp_path_factory.mktemp("tools-db") / "tools.duckdb"
+    return db, build_tools_db(db)
+
+
+@pytest.fixture(scope="session")
 def prefect_stack(tmp_path_factory):
     """A real `prefect server` (API + UI), the work pools, the `generate-nightly` deployment and a process
     worker (tests/prefect_stack.py): started once per session, shared by the deployment and browser tests.

@@ -217,3 +217,69 @@ def wait_drained(server_base_url: str, settle_s: float = 0.3, timeout_s: float =
             return last
         time.sleep(0.05)
     raise TimeoutError(f"server {server_base_url} still busy after {timeout_s}s")
+
+
+def _tool_call(call_id: str, name: str, arguments: str) -> dict:
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def tool_calling_policy(gold: dict[str, str]):
+    """A scripted function-calling policy over the demo seeds (`gold`: question → answer). By the question's
+    position it takes one of these paths, so the database holds every kind of step the export must carry:
+    0 a clean calculation (or search) then the right answer; 1 arguments that are not JSON, then a clean call
+    and the right answer; 2 an unknown tool, a reply with no call, then a wrong answer; 3 two calls in one
+    message, then the right answer."""
+    import json
+
+    questions = list(gold)
+
+    def respond(body: dict) -> dict:
+        task_tool = next(t["function"]["name"] for t in body["tools"] if t["function"]["name"] != "answer")
+        argument = {"calculator": "expression", "search": "query"}[task_tool]
+        question = body["messages"][0]["content"].rsplit("Question: ", 1)[1]
+        step = sum(m["role"] == "assistant" for m in body["messages"])
+        value = " * ".join(re.findall(r"\d+", question)[:2]) if task_tool == "calculator" else question[:40]
+        use = _tool_call(f"call_{step}", task_tool, json.dumps({argument: value}))
+        answer = _tool_call(f"call_{step}", "answer", f'{{"answer": "{gold[question]}"}}')
+        paths = [
+            [("Let me look this up.", [use]), ("", [answer])],
+            [("", [_tool_call(f"call_{step}", task_tool, f'{{"{argument}": ')]), ("", [use]), ("", [answer])],
+            [("", [_tool_call(f"call_{step}", "python", '{"code": "print(1)"}')]), ("I think I know it.", None),
+             ("", [_tool_call(f"call_{step}", "answer", '{"answer": "0"}')])],
+            [("Two at once.", [use, _tool_call(f"call_{step}b", task_tool, f'{{"{argument}": "again"}}')]), ("", [answer])],
+        ]
+        path = paths[questions.index(question) % len(paths)]
+        content, calls = path[min(step, len(path) - 1)]
+        return {"content": content or None, "tool_calls": calls} if calls else {"content": content}
+
+    return respond
+
+
+def build_tools_db(path: Path) -> list[dict]:
+    """A database of tools-protocol trajectories made through the real path: `generate --protocol tools` over HTTP
+    against a scripted server answering with `tool_calls` (4 demo-math and 2 demo-qa questions, so calculator and
+    search calls with their different argument names), then `curate` with a judge that finds every step GOOD.
+    Returns the requests the policy got. Needs a Prefect API (the `prefect_api` fixture)."""
+    import json
+
+    from scripted_server import ScriptedServer
+
+    from flows.curate import run_curate
+    from flows.generate import run_generate
+    from swirl_core.config import ClusterConfig, CurateConfig, GenerateConfig, ModelConfig
+    from swirl_core.records import StepProtocol
+    from swirl_core.seeds import load_seeds
+
+    runs = {"demo-math": 4, "demo-qa": 2}
+    gold = {q.question: q.answer for name, limit in runs.items() for q in load_seeds(name, limit=limit).questions}
+    with ScriptedServer(responder=tool_calling_policy(gold)) as srv:
+        for name, limit in runs.items():
+            result = run_generate(GenerateConfig(
+                dataset=name, limit=limit, samples=1, protocol=StepProtocol.TOOLS, db=str(path), progress=False,
+                policy=ModelConfig(model="openai/policy", api_base=srv.base_url), cluster=ClusterConfig(n_workers=1)))
+            assert result["trajectories"] == limit, json.dumps(result, default=str)
+        requests = list(srv.requests)
+    with ScriptedServer(default="Each step follows.\nGOOD") as srv:
+        run_curate(CurateConfig(db=str(path), judge=ModelConfig(model="openai/judge", api_base=srv.base_url),
+                                grader="rule", probe_limit=0, progress=False, cluster=ClusterConfig(n_workers=1)))
+    return requests

@@ -251,3 +251,70 @@ def test_curate_measures_its_judge_and_refuses_a_bad_one(prefect_api, tmp_path):
     assert _q(db, "SELECT trajectories FROM curation_retention WHERE filter = 'process'") == [(0,)]
     with pytest.raises(ValueError, match="judged no step"):
         run_curate(CurateConfig(judge_id="0000000000000000", **common))
+
+
+def _as_exported(messages: list[dict]) -> list[dict]:
+    """The messages the policy was sent, as the tools-protocol views carry them: an assistant's text stripped ('' for
+    none), each call's JSON-object arguments parsed (chat templates serialise them), each result naming its tool."""
+    import json
+
+    names, out = {}, []
+    for message in messages:
+        message = dict(message)
+        if message["role"] == "assistant":
+            message["content"] = (message.get("content") or "").strip()
+        for call in message.get("tool_calls") or []:
+            names[call["id"]] = call["function"]["name"]
+            try:
+                parsed = json.loads(call["function"]["arguments"])
+            except ValueError:
+                continue
+            if isinstance(parsed, dict):
+                call["function"]["arguments"] = parsed
+        if message["role"] == "tool":
+            message["name"] = names[message["tool_call_id"]]
+        out.append(message)
+    return out
+
+
+@pytest.mark.slow
+def test_tools_views_hold_what_the_policy_was_sent_in_trls_format(tools_db):
+    """Generated with `--protocol tools` over HTTP and curated: every step's `prompt` is the very conversation its
+    request carried, in TRL's tool-calling format, and the curated `_tools` sets hold what the tag sets hold."""
+    import copy
+    import json
+
+    db, requests = tools_db
+    sent = [_as_exported(copy.deepcopy(r["messages"])) for r in requests]
+    rows = _q(db, "SELECT trajectory_id, step_index, prompt, completion FROM tool_sub_trajectories ORDER BY 1, 2")
+    assert len(rows) == len(requests) == _q(db, "SELECT count(*) FROM steps")[0][0] == 15
+    for _, _, prompt, completion in rows:
+        assert [json.loads(m) for m in prompt] in sent
+        assert json.loads(completion[0])["role"] == "assistant"
+    conversations = {d: [[json.loads(m) for m in c] for (c,) in _q(db, f"""
+        SELECT messages FROM tool_conversations JOIN questions USING (question_id) WHERE dataset = '{d}'""")]
+        for d in ("demo-math", "demo-qa")}
+    messages = [m for cs in conversations.values() for c in cs for m in c]
+    calls = [c["function"] for m in messages for c in m.get("tool_calls", [])]
+    # Arguments are JSON objects, whatever their names; the string a model wrote that is none stays that string.
+    assert {"expression": "12 * 3"} in [c["arguments"] for c in calls] and {"answer": "36"} in [c["arguments"] for c in calls]
+    assert any(isinstance(c["arguments"], dict) and "query" in c["arguments"] for c in calls)
+    assert sorted(c["arguments"] for c in calls if isinstance(c["arguments"], str)) == ['{"expression": ', '{"query": ']
+    # Each result names its call; an unknown tool and two calls in one message are answered, never run.
+    results = [m for m in messages if m["role"] == "tool"]
+    assert {"tool_call_id": "call_0", "name": "python"}.items() <= next(m for m in results if m["name"] == "python").items()
+    two = next(c for cs in conversations.values() for c in cs for i, m in enumerate(c) if len(m.get("tool_calls", [])) == 2)
+    at = next(i for i, m in enumerate(two) if len(m.get("tool_calls", [])) == 2)
+    assert [(m["role"], m["tool_call_id"]) for m in two[at + 1:at + 3]] == [("tool", "call_0"), ("tool", "call_0b")]
+    assert all("Format error" in m["content"] for m in two[at + 1:at + 3])
+    no_call = next(i for c in conversations["demo-math"] for i, m in enumerate(c) if m == {"role": "assistant", "content": "I think I know it."})
+    assert no_call and any(m["role"] == "user" and "no tool call" in m["content"] for m in messages)
+    assert all(set(m) <= {"role", "content", "tool_calls", "tool_call_id", "name"} and None not in m.values() for m in messages)
+    tools = dict(_q(db, "SELECT dataset, list(DISTINCT t->'function'->>'name' ORDER BY t->'function'->>'name') FROM "
+                        "(SELECT dataset, unnest(tools) AS t FROM curated_none_tools) GROUP BY 1"))
+    assert tools == {"demo-math": ["answer", "calculator"], "demo-qa": ["answer", "search"]}
+    for name in ("none", "process", "outcome", "process_outcome"):
+        assert _q(db, f"SELECT DISTINCT trajectory_id, step_index FROM curated_{name}_tools ORDER BY ALL") == \
+            _q(db, f"SELECT DISTINCT trajectory_id, step_index FROM curated_{name} ORDER BY ALL")
+    # Only the two clean trajectories (one call, then the right answer) pass the process filter.
+    assert _q(db, "SELECT count(DISTINCT trajectory_id) FROM curated_process_tools") == [(2,)]

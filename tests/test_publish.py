@@ -174,3 +174,64 @@ def test_run_configurations_are_written_beside_the_data(labeled_db, tmp_path):
     assert [r["run_id"] for r in runs] == ["gen-1"] and {r["run_id"]: r["config"] for r in runs} == stored
     assert runs[0]["config"]["samples"] == 2 and "sk-x" not in (folder / RUN_CONFIG_FILE).read_text()
     assert RUN_CONFIG_FILE in card
+
+
+@pytest.mark.slow
+def test_tools_configs_load_from_the_hub_in_a_fresh_process_and_match_duckdb(tools_db, tmp_path):
+    """Tools-protocol trajectories (generated and curated over HTTP) export as `<set>-tools` / `<set>-tools-steps`;
+    the card validates at the Hub, and a fresh process loads every config with `load_dataset`, row for row DuckDB's."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from fake_hub import FakeHub
+
+    from swirl_core.records import CuratedFilter
+
+    db, _ = tools_db
+    folder = tmp_path / "hub"
+    summary, card = _export(db, folder)
+    sets = [str(f) for f in CuratedFilter]
+    tools_configs = [c for f in sets for c in (f"{f}-tools", f"{f}-tools-steps")]
+    assert list(summary.files) == [*sets, "steps", *tools_configs]  # the tag configs first, as they always were
+    assert {c: summary.rows[c]["train"] for c in ("none-tools", "process-tools", "none-tools-steps")} == {
+        "none-tools": 6, "process-tools": 2, "none-tools-steps": 15}
+    front = card.split("---\n", 2)[1]
+    assert all(f"config_name: {c}\n" in front for c in tools_configs) and 'load_dataset("me/swirl-test", "process-tools")' in card
+    with duckdb.connect(str(db), read_only=True) as con:
+        def rows(sql: str) -> list[dict]:
+            cursor = con.execute(sql)
+            names = [d[0] for d in cursor.description]
+            return [{k: [json.loads(m) for m in v] if k in ("messages", "prompt", "completion", "tools") else v
+                     for k, v in zip(names, r, strict=True)} for r in cursor.fetchall()]
+
+        expected = {}
+        for f in CuratedFilter:
+            expected[f"{f}-tools"] = rows(f"""
+                SELECT c.trajectory_id, c.messages, c.tools FROM tool_conversations c JOIN trajectory_labels USING (trajectory_id)
+                JOIN trajectories t USING (trajectory_id) WHERE {f.keeps} ORDER BY c.question_id, t.sample_index, c.trajectory_id""")
+            expected[f"{f}-tools-steps"] = rows(f"""SELECT trajectory_id, step_index, prompt, completion, tools FROM {f.tools_view}
+                                                    ORDER BY question_id, trajectory_id, step_index""")
+    with FakeHub() as hub:
+        env = {**os.environ, **hub.env(), "HF_HOME": str(tmp_path / "hf-home")}
+        publish = ("import sys; from huggingface_hub import DatasetCard; from swirl_core.hub import upload_folder; "
+                   "DatasetCard.load(sys.argv[1] + '/README.md').validate(repo_type='dataset'); "
+                   "print(upload_folder(sys.argv[1], 'user/swirl-tools', token=None, private=True))")
+        out = subprocess.run([sys.executable, "-c", publish, str(folder)], env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        assert "POST /api/validate-yaml" in hub.requests_seen
+        load = ("import json, sys; from datasets import load_dataset; "
+                "out = {c: load_dataset('user/swirl-tools', c, split='train') for c in sys.argv[1:]}; "
+                "print(json.dumps({c: {'features': str(d.features), 'rows': d.to_list()} for c, d in out.items()}))")
+        fresh = {**env, "HF_HOME": str(tmp_path / "fresh-home")}
+        out = subprocess.run([sys.executable, "-c", load, *tools_configs], env=fresh, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+    loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    for config in tools_configs:
+        got = [{k: r[k] for k in want} for r, want in zip(loaded[config]["rows"], expected[config], strict=True)]
+        assert got == expected[config] and len(got) == summary.rows[config]["train"], config
+        assert "List(Json(" in loaded[config]["features"]  # every message with exactly its own keys, no NULL-filled ones
+    first = loaded["process-tools-steps"]["rows"][0]
+    assert first["completion"][0]["tool_calls"][0]["function"]["arguments"] == {"query": first["prompt"][0]["content"]
+                                                                               .rsplit("Question: ", 1)[1][:40]}

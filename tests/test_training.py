@@ -15,7 +15,16 @@ from scripted_server import ScriptedServer
 from swirl_core.config import ModelConfig
 from swirl_core.training.data import rl_dataset, sft_dataset
 from swirl_core.training.rewards import JudgeReward, format_reward
-from swirl_core.training.trainers import TrainSettings, fit_max_length, sft_trainer, train_sft, train_swirl
+from swirl_core.training.trainers import (
+    TOOL_CALLING_TEMPLATE,
+    TrainSettings,
+    choose_chat_template,
+    fit_max_length,
+    renders_tools,
+    sft_trainer,
+    train_sft,
+    train_swirl,
+)
 
 MAGIC = "Vistula-7"
 
@@ -279,3 +288,79 @@ def test_swirl_rl_samples_under_the_action_grammar_like_generation(con, tmp_path
         sampled = [_evaluated(b).strip().removeprefix("[Assistant]").strip() for b in srv.requests]
     assert result.log_history[0]["rewards/format_reward/mean"] == 0.0  # all four: one closed action each
     assert len(sampled) == 4 and all(re.fullmatch(r"<(search_query|answer)>[^<]+</\1>", s) for s in sampled), sampled
+
+
+# ------------------------------------------------------------------------------------------- the tools protocol
+
+
+def test_train_takes_the_tools_protocol_and_a_chat_template(tmp_path):
+    from flows.cli import resolve
+    from swirl_core.records import StepProtocol
+
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    config = resolve(["train", "--method", "sft", "--output", "o", "--protocol", "tools", "--chat-template", str(template)])
+    assert (config.protocol, config.settings.chat_template) == (StepProtocol.TOOLS, str(template))
+    with pytest.raises(ValueError, match="not a file"):
+        TrainSettings(method="sft", output_dir="o", chat_template=str(tmp_path / "missing.jinja"))
+    with pytest.raises(ValueError, match="tag-protocol steps"):
+        resolve(["train", "--method", "swirl", "--output", "o", "--protocol", "tools"])
+
+
+def test_the_chat_template_is_the_given_one_else_a_tool_calling_one_for_tools_data(tiny_model_dir, tmp_path):
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    tags, tools = Dataset.from_dict({"prompt": [[]]}), Dataset.from_dict({"prompt": [[]], "tools": [[]]})
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    own = tok.chat_template
+    assert not renders_tools(tok)  # SmolLM2's template drops tools and calls
+    choose_chat_template(tok, TrainSettings(method="sft", output_dir="o"), tags)
+    assert tok.chat_template == own
+    choose_chat_template(tok, TrainSettings(method="sft", output_dir="o"), tools)
+    assert tok.chat_template == TOOL_CALLING_TEMPLATE.read_text() and renders_tools(tok)
+    choose_chat_template(tok, TrainSettings(method="sft", output_dir="o"), tools)  # one that renders tools is kept
+    assert tok.chat_template == TOOL_CALLING_TEMPLATE.read_text()
+    given = tmp_path / "given.jinja"
+    given.write_text("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}")
+    choose_chat_template(tok, TrainSettings(method="sft", output_dir="o", chat_template=str(given)), tools)
+    assert tok.chat_template == given.read_text()
+
+
+@pytest.mark.slow
+def test_sft_trains_on_the_tools_config_with_a_tool_calling_template(tools_db, tmp_path, tiny_model_dir):
+    """The tools-protocol steps (generated and curated over HTTP) in TRL's tool-calling format: SFTTrainer renders
+    them with the shipped template (SmolLM2's own has no tools), learns the call only, and takes a step."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from swirl_core.records import StepProtocol
+    from swirl_core.training.run import TrainConfig, run_training
+
+    db, _ = tools_db
+    with duckdb.connect(str(db), read_only=True) as con:
+        data = sft_dataset(con, "none", out_dir=tmp_path / "d", protocol=StepProtocol.TOOLS)
+        assert (data.rows, data.trajectories) == (15, 6) == (len(data.dataset), 6)
+    assert {"prompt", "completion", "tools"} <= set(data.dataset.column_names)
+    settings = TrainSettings(method="sft", base_model=str(tiny_model_dir), output_dir=str(tmp_path / "o"), max_steps=1,
+                             per_device_batch_size=2, learning_rate=1e-3)
+    trainer = sft_trainer(settings, data.dataset)
+    tok = trainer.processing_class
+    for example, source in zip(trainer.train_dataset, data.dataset, strict=True):
+        text, learned = tok.decode(example["input_ids"]), tok.decode([t for t in example["labels"] if t != -100])
+        assert "<tools>" in text and '"name": "answer"' in text and "Question:" not in learned
+        for call in source["completion"][0].get("tool_calls", []):
+            arguments = call["function"]["arguments"]  # an object, written once: never a JSON string encoded again
+            shown = arguments if isinstance(arguments, str) else json.dumps(arguments)
+            assert f'{{"name": "{call["function"]["name"]}", "arguments": {shown}}}' in learned
+        assert '"arguments": "{' not in text
+    # What `swirl train --method sft --protocol tools --filter none` runs: export, template, one step, the card.
+    request = TrainConfig(db=str(db), protocol=StepProtocol.TOOLS, filter="none", progress=False, settings=settings)
+    result = run_training(request, "tools-sft")
+    assert result["steps"] == 1 and all(math.isfinite(h["loss"]) for h in result["log_history"])
+    assert result["lineage"]["rows"] == 15 and result["lineage"]["protocol"] == "tools"
+    before = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    trained = dict(AutoModelForCausalLM.from_pretrained(result["output_dir"]).named_parameters())
+    assert any(not torch.equal(p, trained[name]) for name, p in before.named_parameters())  # the step changed it
+    assert renders_tools(AutoTokenizer.from_pretrained(result["output_dir"]))  # the checkpoint keeps the template
+    assert "exactly one tool call" in (tmp_path / "o" / "README.md").read_text()

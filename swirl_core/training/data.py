@@ -15,16 +15,24 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from swirl_core.records import CuratedFilter
+from swirl_core.records import CuratedFilter, StepProtocol
 
 BATCH_ROWS = 10_000
 
-# Conversational prompt/completion columns, as TRL's SFTTrainer expects them; the ids stay for lineage.
-_SFT_SELECT = """
+# Conversational prompt/completion columns, as TRL's SFTTrainer expects them; the ids stay for lineage. Under the
+# tools protocol the messages carry `tool_calls` and `tool` results, and `tools` is the functions offered, which
+# SFTTrainer passes to the chat template (the `curated_<name>_tools` views, TRL's tool-calling format).
+_SFT_SELECT = {
+    StepProtocol.TAGS: """
 SELECT c.trajectory_id, c.step_index, c.dataset, c.state AS prompt,
        [{'role': 'assistant', 'content': c.action}] AS completion
 FROM __VIEW__ c
-"""
+""",
+    StepProtocol.TOOLS: """
+SELECT c.trajectory_id, c.step_index, c.dataset, c.prompt, c.completion, c.tools
+FROM __TOOLS_VIEW__ c
+""",
+}
 
 # GRPO passes every extra column to the reward functions: the judge needs the task, the question
 # and the turns after the policy's prompt (JSON text: a list-of-struct column would be re-decoded
@@ -51,9 +59,12 @@ class ExportedData:
 
 
 def sft_dataset(con, filter: CuratedFilter | str = CuratedFilter.PROCESS_OUTCOME, *, out_dir: str | Path | None = None,
-                dataset: str | None = None, run_ids: list[str] | None = None, limit: int | None = None) -> ExportedData:
-    """(state, action) pairs of one curated set. The paper's SFT does best on process+outcome."""
-    return _export(con, _SFT_SELECT, filter, "sft", out_dir, dataset, run_ids, limit)
+                dataset: str | None = None, run_ids: list[str] | None = None, limit: int | None = None,
+                protocol: StepProtocol = StepProtocol.TAGS) -> ExportedData:
+    """(state, action) pairs of one curated set: its tag-protocol steps, or its tools-protocol steps in TRL's
+    tool-calling format. The paper's SFT does best on process+outcome."""
+    return _export(con, _SFT_SELECT[protocol], filter, f"sft-{protocol}" if protocol == StepProtocol.TOOLS else "sft",
+                   out_dir, dataset, run_ids, limit)
 
 
 def rl_dataset(con, filter: CuratedFilter | str = CuratedFilter.PROCESS, *, out_dir: str | Path | None = None,
@@ -89,7 +100,7 @@ def _export(con, select: str, filter: str, kind: str, out_dir: str | Path | None
     if run_ids:
         clauses.append("c.trajectory_id IN (SELECT trajectory_id FROM trajectories WHERE run_id IN (SELECT unnest(?::VARCHAR[])))")
         params.append(list(run_ids))
-    sql = select.replace("__VIEW__", CuratedFilter(filter).view)
+    sql = select.replace("__VIEW__", CuratedFilter(filter).view).replace("__TOOLS_VIEW__", CuratedFilter(filter).tools_view)
     if clauses:
         sql += " WHERE " + " AND ".join(clauses)
     sql += " ORDER BY c.trajectory_id, c.step_index"  # deterministic files: same data, same dataset fingerprint
@@ -100,11 +111,18 @@ def _export(con, select: str, filter: str, kind: str, out_dir: str | Path | None
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{kind}-{filter}.parquet"
     tmp = path.with_suffix(".parquet.tmp")
-    reader = con.sql(sql, params=params).to_arrow_reader(BATCH_ROWS)
-    # Opened on the reader's schema, so an empty selection still gives a valid (empty) file.
-    with pq.ParquetWriter(tmp, reader.schema) as writer:
-        for batch in reader:
-            writer.write_batch(batch)
+    # Lossless: a JSON column (a tools-protocol message) leaves as Arrow's JSON type, which `datasets` decodes into
+    # the dicts it holds (its Json feature), where plain Arrow strings would reach the trainer as text.
+    lossless = con.execute("SELECT current_setting('arrow_lossless_conversion')").fetchall()[0][0]
+    con.execute("SET arrow_lossless_conversion = true")
+    try:
+        reader = con.sql(sql, params=params).to_arrow_reader(BATCH_ROWS)
+        # Opened on the reader's schema, so an empty selection still gives a valid (empty) file.
+        with pq.ParquetWriter(tmp, reader.schema) as writer:
+            for batch in reader:
+                writer.write_batch(batch)
+    finally:
+        con.execute(f"SET arrow_lossless_conversion = {str(lossless).lower()}")
     tmp.replace(path)
 
     rows, trajectories, runs, names = con.execute(

@@ -11,12 +11,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
-from swirl_core.config_base import Workspace
+from swirl_core.config_base import ActionProtocol, Workspace
 from swirl_core.llm.config import GreedyModelConfig, ModelConfig
 from swirl_core.llm.local_models import SMOLLM2_HUB_ID, is_smollm2
-from swirl_core.records import CuratedFilter, TaskKind
+from swirl_core.records import CuratedFilter, StepProtocol, TaskKind
 from swirl_core.store import Store
 from swirl_core.training.data import load_exported, rl_dataset, sft_dataset
 from swirl_core.training.progress import ProgressSink, progress_callback
@@ -37,8 +37,9 @@ LAUNCH_DIR = "launch"  # spec, progress and per-rank results of a launched (seve
 HUB_IGNORE = [f"{CHECKPOINT_PREFIX}*", "train_data/*", f"{LAUNCH_DIR}/*", "runs/*", RUN_FILE]
 
 
-class TrainConfig(Workspace):
-    """Parameters of the `train` flow."""
+class TrainConfig(ActionProtocol, Workspace):
+    """Parameters of the `train` flow. `protocol`: the steps SFT learns, the tag protocol's or the tools protocol's
+    (TRL's tool-calling format; see `TrainSettings.chat_template`)."""
 
     filter: CuratedFilter | None = Field(
         None, description="curated set; default: process_outcome for SFT, process for SWiRL (the paper's best)")
@@ -53,6 +54,13 @@ class TrainConfig(Workspace):
     token_secret: str | None = Field(None, description="Prefect Secret block holding the Hub token; default: HF_TOKEN")
     license: str = Field("apache-2.0", description="licence of the trained model (the card's `license`)")
     dataset_repo_id: str | None = Field(None, description="Hub dataset holding the curated set (the card's `datasets`)")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.protocol == StepProtocol.TOOLS and self.settings.method == "swirl":
+            # Its reward judge, format reward and sampling constraint read tag-protocol steps.
+            raise ValueError("SWiRL RL trains on tag-protocol steps: use --protocol tools with --method sft")
+        return self
 
     @property
     def resolved_filter(self) -> CuratedFilter:
@@ -85,9 +93,9 @@ def run_training(request: TrainConfig, run_id: str, *, on_progress: ProgressSink
     data_dir = folder / "train_data"
     # Read-only: training may run on another machine than the flow that writes DuckDB.
     with Store(request.db, read_only=True) as store:
-        export = (sft_dataset if settings.method == "sft" else rl_dataset)(
-            store.con, request.resolved_filter, out_dir=data_dir, dataset=request.dataset, run_ids=request.run_ids,
-            limit=request.limit)
+        selection = dict(out_dir=data_dir, dataset=request.dataset, run_ids=request.run_ids, limit=request.limit)
+        export = sft_dataset(store.con, request.resolved_filter, protocol=request.protocol, **selection) \
+            if settings.method == "sft" else rl_dataset(store.con, request.resolved_filter, **selection)
         prompt_versions = [r[0] for r in store.query(
             "SELECT DISTINCT prompt_version FROM trajectories WHERE run_id IN (SELECT unnest(?::VARCHAR[])) ORDER BY 1",
             [export.run_ids])]
@@ -96,6 +104,8 @@ def run_training(request: TrainConfig, run_id: str, *, on_progress: ProgressSink
                          "(run `swirl curate`, or choose another --filter)")
     lineage = export.lineage() | {"filter": request.resolved_filter, "prompt_versions": prompt_versions, "db": request.db,
                                   "data_sha256": _sha256(export.files), "requested_run_ids": request.run_ids}
+    if request.protocol == StepProtocol.TOOLS:  # only then: the lineage of a tag-protocol run stays what it was
+        lineage["protocol"] = request.protocol
     if settings.method == "swirl":
         lineage["judge_model"] = request.resolved_judge.model
     if (done := finished_run(folder, settings, lineage)) is not None:
@@ -231,12 +241,14 @@ def write_model_card(folder: Path, settings: TrainSettings, lineage: dict[str, A
             ("policy prompt versions", ", ".join(lineage["prompt_versions"])),
             ("reward judge", lineage.get("judge_model", "—")), ("base model", settings.base_model),
             ("training data sha256", lineage["data_sha256"])]
+    steps = ("brief reasoning, then exactly one tool call (native function calling: `tool_calls`, results as `tool` "
+             "messages)" if lineage.get("protocol") == StepProtocol.TOOLS else
+             "brief reasoning, then exactly one of `<search_query>`, `<math_exp>` or `<answer>`")
     body = f"""
 # {Path(settings.output_dir).name}
 
 {method} of `{settings.base_model}` on the **{lineage['filter']}** curated set of a SWiRL data factory run
-(Goldie et al., 2025, arXiv:2504.04736). The model writes one step at a time: brief reasoning, then exactly
-one of `<search_query>`, `<math_exp>` or `<answer>`.
+(Goldie et al., 2025, arXiv:2504.04736). The model writes one step at a time: {steps}.
 
 ## Data lineage
 

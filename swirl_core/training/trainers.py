@@ -29,6 +29,8 @@ CHECKPOINT_PREFIX = "checkpoint-"
 # run with other values of these is still the same run.
 RUNTIME_FIELDS = frozenset({"save_steps", "save_total_limit", "logging_steps", "report_to"})
 REPORTERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # report_to value → the package it needs
+# For a model whose own chat template does not render `tools` and `tool_calls` (SmolLM2's, many small models').
+TOOL_CALLING_TEMPLATE = Path(__file__).with_name("chat_templates") / "tool_calling.jinja"
 
 
 def _cuda() -> bool:
@@ -52,6 +54,9 @@ class TrainSettings(StrictConfig):
     max_completion_length: int = Field(64, ge=1, description="SWiRL: tokens of one sampled step")
     temperature: float = Field(1.0, gt=0, description="SWiRL: sampling temperature of the policy")
     beta: float = Field(0.04, ge=0, description="SWiRL: KL coefficient to the initial policy (must be > 0)")
+    chat_template: str | None = Field(
+        None, description="a Jinja chat template file for the model; default: its own, or for tools-protocol data whose "
+                          "model's template does not render tools, swirl's tool-calling template (Hermes/Qwen <tool_call> JSON)")
     use_lora: bool = False
     lora_r: int = Field(16, ge=1)
     lora_alpha: int = Field(32, ge=1)
@@ -90,6 +95,8 @@ class TrainSettings(StrictConfig):
 
     @model_validator(mode="after")
     def _check(self) -> TrainSettings:
+        if self.chat_template and not Path(self.chat_template).is_file():
+            raise ValueError(f"chat_template {self.chat_template} is not a file")
         if self.use_vllm and self.method != "swirl":
             raise ValueError("use_vllm samples SWiRL's RL groups; SFT samples nothing")
         if self.vllm_server_base_url and self.vllm_mode != "server":
@@ -138,6 +145,30 @@ def load_policy(base_model: str, *, bf16: bool = False) -> tuple[Any, Any]:
     # CPU loses most small updates; fp32 master weights unless bf16 mixed precision is on.
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if bf16 else torch.float32)
     return model, tokenizer
+
+
+def renders_tools(tokenizer: Any) -> bool:
+    """Whether the tokenizer's chat template shows the model the tools it is offered and the calls it made."""
+    from jinja2 import TemplateError
+
+    call = {"type": "function", "function": {"name": "swirl_probe_call", "arguments": {"swirl_probe": "swirl_probe_value"}}}
+    tool = {"type": "function", "function": {"name": "swirl_probe_tool", "description": "probe",
+                                             "parameters": {"type": "object", "properties": {}}}}
+    messages = [{"role": "user", "content": "probe"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tools=[tool], tokenize=False)
+    except (TemplateError, ValueError):  # a template that refuses tool calls, or a tokenizer without a template
+        return False
+    return "swirl_probe_tool" in text and "swirl_probe_value" in text
+
+
+def choose_chat_template(tokenizer: Any, settings: TrainSettings, dataset: Any) -> None:
+    """The template given in the settings, else, for tools-protocol data (a `tools` column) whose model's template
+    does not render tools, the shipped tool-calling one; otherwise the model's own. A checkpoint saves it."""
+    if settings.chat_template:
+        tokenizer.chat_template = Path(settings.chat_template).read_text(encoding="utf-8")
+    elif "tools" in dataset.column_names and not renders_tools(tokenizer):
+        tokenizer.chat_template = TOOL_CALLING_TEMPLATE.read_text(encoding="utf-8")
 
 
 def _common_args(settings: TrainSettings, progress_bar: bool) -> dict[str, Any]:
@@ -230,6 +261,7 @@ def sft_trainer(settings: TrainSettings, dataset: Any, *, model: Any = None, tok
 
     if model is None or tokenizer is None:
         model, tokenizer = load_policy(settings.base_model, bf16=settings.resolved_bf16)
+    choose_chat_template(tokenizer, settings, dataset)
     config = SFTConfig(**_common_args(settings, progress_bar), max_length=settings.max_length, completion_only_loss=True)
     return SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                       peft_config=_lora(settings), callbacks=list(callbacks))
@@ -243,7 +275,7 @@ def fit_max_length(dataset: Any, tokenizer: Any, max_length: int | None) -> tupl
         return dataset, 0
 
     def fits(row: dict[str, Any]) -> bool:
-        text = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
+        text = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tools=row.get("tools"), tokenize=False)
         return len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= max_length
 
     kept = dataset.filter(fits)
@@ -256,6 +288,7 @@ def train_sft(settings: TrainSettings, dataset: Any, *, model: Any = None, token
     last checkpoint of `output_dir`, saves the final model."""
     if model is None or tokenizer is None:
         model, tokenizer = load_policy(settings.base_model, bf16=settings.resolved_bf16)
+    choose_chat_template(tokenizer, settings, dataset)  # before measuring: the template decides the lengths
     dataset, dropped = fit_max_length(dataset, tokenizer, settings.max_length)
     if len(dataset) == 0:
         raise ValueError(f"all {dropped} SFT pairs are longer than max_length {settings.max_length} tokens: "
