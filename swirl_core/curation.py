@@ -65,7 +65,7 @@ class JudgeJob(Job):
         return len(self.items)
 
     async def run(self, client: LLMClient) -> list[Judgment]:
-        return await StepJudge(client, self.spec).judge_many(self.items)
+        return await StepJudge(client, self.spec).judge_many(self.items, on_done=client.meter.unit_done)
 
 
 class CalibrationJob(JudgeJob):
@@ -99,7 +99,7 @@ class GradeJob(Job):
     async def run(self, client: LLMClient) -> list[LLMGrade]:
         grader = OutcomeGrader(client, self.grader_model, self.max_reasks, max_tokens=self.max_tokens,
                                constraint=self.constraint)
-        return await grader.grade_many(self.items)
+        return await grader.grade_many(self.items, on_done=client.meter.unit_done)
 
 
 def _scope(config: CurateConfig, alias: str = "t") -> tuple[str, list]:
