@@ -90,7 +90,9 @@ class ShardReport:
 
     @classmethod
     def of(cls, message: dict) -> ShardReport:
-        return cls(**(message | {"calls": CallTally(**message["calls"])}))
+        # Only its own fields: Dask's event API adds the sending worker's address to a dict message.
+        own = {f.name: message[f.name] for f in fields(cls)}
+        return cls(**(own | {"calls": CallTally(**own["calls"])}))
 
 
 Publish = Callable[[dict], None]
