@@ -152,3 +152,19 @@ def test_a_rerun_that_only_resumes_says_what_it_replays_for_free(prefect_api, tm
         summary = client.read_latest_artifacts()
     markdown = next(a.data for a in summary if a.key == "generate-summary")
     assert "- this run: 0 calls paid (0 tokens, $0.0000), 24 replayed from the journal for free" in markdown
+
+
+@pytest.mark.slow
+def test_progress_moves_while_shards_run_in_a_process_pool(prefect_api, tmp_path):
+    from prefect.task_runners import ProcessPoolTaskRunner
+
+    # Each pool process has the whole concurrency of 2 to itself: slower replies keep a shard running for seconds.
+    with ScriptedServer(responder=uneven_policy, faults=Faults(latency_s=0.75)) as srv:
+        failures, landed, seen, calls = _stage_flow(_config(srv, tmp_path, progress=False),
+                                                    ProcessPoolTaskRunner(max_workers=2))
+        paid = srv.stats()["completed"]
+        assert failures == [] and paid == UNEVEN_CALLS
+    # Each pool process holds one shard and reports through a file beside the journals, removed at the end.
+    _assert_moved_before_the_first_shard_landed(landed, seen, 8, paid)
+    assert (calls.paid, calls.replayed) == (paid, 0)
+    assert not list((tmp_path / "p.work" / "progress").glob("*.jsonl"))
