@@ -118,9 +118,9 @@ def curate(config: CurateConfig = CurateConfig()) -> dict[str, Any]:
         status = "failed" if failures else "completed"
         store.finish_run(run_id, status, n_trajectories=sum(r["trajectories"] for r in report["retention"]
                                                              if r["filter"] == "none"))
-    _publish(run_id, config, report, failures, probes)
+    _publish(run_id, config, report, calls, failures, probes)
     return {"run_id": run_id, "status": status, "db": str(config.db), "judged_steps": n_pending, "fingerprint": fingerprint,
-            "shard_failures": failures, "report": report, "probes": probes}
+            "shard_failures": failures, "report": report, "probes": probes, "calls": calls}
 
 
 def _measure_judge(store: Store, config: CurateConfig, logger) -> list[dict[str, Any]]:
@@ -157,7 +157,8 @@ def _calibrate(shard: Shard) -> dict[str, float]:
     return thresholds
 
 
-def _publish(run_id: str, config: CurateConfig, report: dict, failures: list[ShardFailure], probes: list[dict]) -> None:
+def _publish(run_id: str, config: CurateConfig, report: dict, calls: CallTally, failures: list[ShardFailure],
+             probes: list[dict]) -> None:
     publish_tables("curate", run_id, report)
     by_step = report["good_rate_by_step"]
     lines = [f"# Curation run `{run_id}`", f"- judge: `{config.judge.model}` × {config.judge_samples} sample(s), "
