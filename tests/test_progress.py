@@ -131,6 +131,36 @@ def test_progress_moves_while_shards_run_on_dask_workers_in_other_processes(pref
     assert (calls.paid, calls.replayed) == (paid, 0)
 
 
+def test_a_retried_shard_adds_its_calls_but_not_its_units(tmp_path):
+    from swirl_core.agent import PolicySpec
+    from swirl_core.generation import GenerateJob
+    from swirl_core.llm.config import ModelConfig as Model
+    from swirl_core.progress import ShardMeter, StageProgress
+    from swirl_core.records import Question
+    from swirl_core.stage import Shard
+
+    question = Question(question_id="q", dataset="gsm8k", split="test", source_id="0", task="math", question="?", answer="1")
+    job = GenerateJob(policy=PolicySpec(model="m", task="math", max_steps=3), questions=[question], work=[(0, 0), (0, 1)],
+                      corpus_path=None, search_k=1)
+    shard = Shard(shard_id=0, run_id="r", job=job, model=Model(model="openai/m"), fingerprint="f",
+                  journal_dir=str(tmp_path / "journal"))
+    with StageProgress([shard]) as live:
+        first = ShardMeter(0, live.receive, interval_s=0)
+        first.paid(10, 2, 0.5)
+        first.unit_done()
+        first.flush(final=True)  # the attempt raised after one trajectory; the retry replays its call
+        retry = ShardMeter(0, live.receive, interval_s=0)
+        retry.replayed(0.5)
+        retry.unit_done()
+        retry.paid(10, 2, None)
+        snapshot = live.snapshot()
+        assert (snapshot.units, snapshot.calls.paid, snapshot.calls.replayed) == (1, 2, 1)
+        assert (snapshot.calls.tokens, snapshot.calls.cost_usd, snapshot.calls.unpriced) == (24, 0.5, 1)
+        retry.unit_done()
+        live.landed(shard, 2)
+        assert live.snapshot().units == 2 == live.snapshot().total
+
+
 def test_a_rerun_that_only_resumes_says_what_it_replays_for_free(prefect_api, tmp_path, capsys):
     from prefect.client.orchestration import get_client
 
