@@ -4,7 +4,7 @@ A `Shard` ships everything its worker needs, resolved once by the flow process: 
 (to build the client), the stage's resolved spec and items (its `Job`) and the fingerprint its results are
 stored under, so a worker derives nothing that the stored rows depend on. `run_shard` runs one on a worker;
 `run_stage` maps shards over an executor (the orchestrator's: tasks/stage.py), writes each shard's results
-the moment they arrive (this process is the single DuckDB writer), advances the progress bar and records a
+the moment they arrive (this process is the single DuckDB writer), shows the stage's live progress and records a
 shard that raised as a `ShardFailure` while the others still land.
 """
 
@@ -39,7 +39,8 @@ class Job(BaseModel, ABC):
 
     @abstractmethod
     async def run(self, client: LLMClient) -> Any:
-        """Work the items with `client`; every paid response is journaled by it."""
+        """Work the items with `client`; every paid response is journaled by it. Count each unit on
+        `client.meter.unit_done` as it finishes: the live progress moves with it."""
 
 
 class Shard(BaseModel):
