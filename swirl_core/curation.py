@@ -75,7 +75,7 @@ class CalibrationJob(JudgeJob):
     run_prefix = "calibrate"
 
     async def run(self, client: LLMClient) -> dict[str, float]:
-        return await calibrate_thresholds(client, self.spec, self.items)
+        return await calibrate_thresholds(client, self.spec, self.items, on_done=client.meter.unit_done)
 
 
 class GradeJob(Job):

@@ -441,10 +441,11 @@ class StepJudge:
         return asked
 
 
-async def calibrate_thresholds(client: LLMClient, spec: JudgeSpec, sample: Sequence[StepToJudge]) -> dict[str, float]:
+async def calibrate_thresholds(client: LLMClient, spec: JudgeSpec, sample: Sequence[StepToJudge],
+                               on_done: Callable[[list[Judgment]], None] | None = None) -> dict[str, float]:
     """Per task, the median P(GOOD) the judge gives the sampled steps. Their requests are the ones judging
     makes (sample 0, first attempt), so judging the same steps later replays them from the call journal."""
-    judgments = await StepJudge(client, spec.model_copy(update={"thresholds": {}, "samples": 1})).judge_many(sample)
+    judgments = await StepJudge(client, spec.model_copy(update={"thresholds": {}, "samples": 1})).judge_many(sample, on_done)
     scores: dict[str, list[float]] = {}
     for item, judgment in zip(sample, judgments, strict=True):
         if judgment.p_good is None:
