@@ -14,6 +14,8 @@ corrected by the next and the stage's totals at its end are exact once every end
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import contextvars
 import logging
 import os
@@ -106,6 +108,7 @@ class ShardMeter:
         self._publish = publish
         self._interval_s = interval_s
         self._last = 0.0
+        self._pending: asyncio.TimerHandle | None = None  # a flush due at the end of the interval
 
     @property
     def calls(self) -> CallTally:
@@ -133,10 +136,20 @@ class ShardMeter:
         self._changed()
 
     def _changed(self) -> None:
-        if self._publish is not None and time.monotonic() - self._last >= self._interval_s:
+        if self._publish is None or self._pending is not None:
+            return
+        wait = self._interval_s - (time.monotonic() - self._last)
+        if wait <= 0:
             self.flush()
+            return
+        # Later, not at the next change: a shard whose remaining calls are slow would show a stale count meanwhile.
+        with contextlib.suppress(RuntimeError):  # outside an event loop: the next change or the final flush sends it
+            self._pending = asyncio.get_running_loop().call_later(wait, self.flush)
 
     def flush(self, final: bool = False) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
         if self._publish is None:
             return
         self._last = time.monotonic()

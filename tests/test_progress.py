@@ -161,6 +161,22 @@ def test_a_retried_shard_adds_its_calls_but_not_its_units(tmp_path):
         assert live.snapshot().units == 2 == live.snapshot().total
 
 
+async def test_a_shard_reports_its_last_change_within_the_interval_without_waiting_for_another():
+    import asyncio
+
+    from swirl_core.progress import ShardMeter, ShardReport
+
+    sent: list[ShardReport] = []
+    meter = ShardMeter(3, lambda message: sent.append(ShardReport.of(message)), interval_s=0.2)
+    meter.paid(5, 1, None)  # the first change is sent at once
+    meter.unit_done()  # within the interval: sent at its end
+    assert [r.units for r in sent] == [0]
+    await asyncio.sleep(0.3)
+    assert [(r.units, r.calls.paid, r.final) for r in sent] == [(0, 1, False), (1, 1, False)]
+    meter.flush(final=True)
+    assert sent[-1].final and sent[-1].shard_id == 3
+
+
 def test_a_rerun_that_only_resumes_says_what_it_replays_for_free(prefect_api, tmp_path, capsys):
     from prefect.client.orchestration import get_client
 
