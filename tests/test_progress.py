@@ -101,6 +101,7 @@ def _assert_moved_before_the_first_shard_landed(landed, seen, trajectories, paid
     assert f"{paid} calls paid" in text and "0 replayed from the journal" in text
 
 
+@pytest.mark.slow
 def test_progress_moves_per_trajectory_on_the_threads_runner(prefect_api, tmp_path, capfd):
     with ScriptedServer(responder=uneven_policy, faults=Faults(latency_s=0.25)) as srv:
         failures, landed, seen, calls = _stage_flow(_config(srv, tmp_path))
