@@ -123,11 +123,11 @@ def test_progress_moves_while_shards_run_on_dask_workers_in_other_processes(pref
     runner = DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs={
         "n_workers": 2, "threads_per_worker": 1, "processes": True, "dashboard_address": ":0",
         "local_directory": str(tmp_path / "dask")})
-    with ScriptedServer(responder=uneven_policy, faults=Faults(latency_s=0.25)) as srv:
+    # One request in flight per worker (the run's 2 split over 2): slower replies keep a shard running for seconds.
+    with ScriptedServer(responder=uneven_policy, faults=Faults(latency_s=0.5)) as srv:
         failures, landed, seen, calls = _stage_flow(_config(srv, tmp_path, progress=False), runner)
         paid = srv.stats()["completed"]
         assert failures == [] and paid == UNEVEN_CALLS
-    # Each worker holds one shard with 1 of the 2 requests in flight.
     _assert_moved_before_the_first_shard_landed(landed, seen, 8, paid)
     assert (calls.paid, calls.replayed) == (paid, 0)
 
