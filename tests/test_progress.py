@@ -28,8 +28,8 @@ UNEVEN_CALLS = 4 * 3 + 4  # 4 questions: sample 0 in three calls, sample 1 in on
 
 
 def _config(srv: ScriptedServer, tmp_path, **update) -> GenerateConfig:
-    # 4 questions × 2 samples in 2 shards of 4 trajectories, 2 requests in flight at 0.25 s each: a shard takes
-    # a few seconds.
+    # 4 questions × 2 samples in 2 shards of 4 trajectories, 2 requests in flight: with replies slowed to 0.5 s
+    # a shard takes a few seconds.
     return GenerateConfig(**{"dataset": "gsm8k", "data_files": [GSM8K], "split": "test", "limit": 4, "samples": 2,
                              "shard_size": 2, "db": str(tmp_path / "p.duckdb"), "progress": True,
                              "policy": ModelConfig(model="openai/policy", api_base=srv.base_url, concurrency=2)} | update)
@@ -103,7 +103,7 @@ def _assert_moved_before_the_first_shard_landed(landed, seen, trajectories, paid
 
 @pytest.mark.slow
 def test_progress_moves_per_trajectory_on_the_threads_runner(prefect_api, tmp_path, capfd):
-    with ScriptedServer(responder=uneven_policy, faults=Faults(latency_s=0.25)) as srv:
+    with ScriptedServer(responder=uneven_policy, faults=Faults(latency_s=0.5)) as srv:
         failures, landed, seen, calls = _stage_flow(_config(srv, tmp_path))
         paid = srv.stats()["completed"]
         assert failures == [] and paid == UNEVEN_CALLS
