@@ -306,6 +306,7 @@ def curate(*, config: ConfigFile = None, opts: Annotated[CurateOptions, Paramete
             result = run_curate(cur_config)
     _print_probes(result["probes"])
     print(f"judge {result['fingerprint']} (select an earlier judge's verdicts with --judge-id FINGERPRINT)")
+    print(f"calls: {result['calls'].describe()}")
     _print_rows(f"curation run {result['run_id']}: {result['status']}", result["report"]["retention"])
     _print_rows("process judge vs outcome", result["report"]["agreement"])
     out = result["db"]
@@ -516,6 +517,7 @@ def _print_generation(result: dict) -> None:
     total = sum(a["steps"] for a in actions) or 1
     parsed = sum(a["steps"] for a in actions if a["action"] != "invalid")
     console.print(f"steps: {total}, parsed as one action: {parsed / total:.1%}")
+    console.print(f"calls: {result['calls'].describe()}")
     console.print(f"results in [bold]{result['db']}[/bold]; try:\n"
                   f"  swirl sql --db {result['db']} \"SELECT * FROM run_report\"\n"
                   f"  swirl sql --db {result['db']} \"SELECT action_kind, action_input, observation FROM steps LIMIT 10\"")

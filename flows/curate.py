@@ -34,6 +34,7 @@ from swirl_core.curation import (
 from swirl_core.hashing import content_hash
 from swirl_core.judging import Judgment, LLMGrade, verify_judge
 from swirl_core.plots import bar_chart_png
+from swirl_core.progress import CallTally
 from swirl_core.stage import Shard, ShardFailure, StageFailed, run_stage
 from swirl_core.store import Store
 from tasks.artifacts import png_markdown, publish_markdown, publish_tables
@@ -58,6 +59,7 @@ def curate(config: CurateConfig = CurateConfig()) -> dict[str, Any]:
     journal_dir = config.journal_dir
     failures: list[ShardFailure] = []
     probes: list[dict[str, Any]] = []
+    calls = CallTally()  # of judging and grading
     with database_slot(config.db), Store(config.db) as store:
         spec, judge_probe = verify_judge(config.judge, judge_spec(config))  # one request, before any is paid for
         judging = not config.skip_judge and config.judge_id is None
@@ -102,10 +104,12 @@ def curate(config: CurateConfig = CurateConfig()) -> dict[str, Any]:
 
         if n_pending:
             shards = pending_shards(pending, config, spec, run_id, fingerprint)
-            failures += run_stage(shards, on_task_runner, write_judgments, progress=config.progress, logger=logger)
+            failures += run_stage(shards, on_task_runner, write_judgments, progress=config.progress, logger=logger,
+                                  calls=calls)
         if config.grader == "llm":
             shards = grade_shards(store.con, config, run_id)
-            failures += run_stage(shards, on_task_runner, write_grades, progress=config.progress, logger=logger)
+            failures += run_stage(shards, on_task_runner, write_grades, progress=config.progress, logger=logger,
+                                  calls=calls)
         if judging:
             select_judge(store.con, config, fingerprint, run_id)  # the latest curation's judge is the one its sets read
         if journal_dir.exists():
@@ -114,9 +118,9 @@ def curate(config: CurateConfig = CurateConfig()) -> dict[str, Any]:
         status = "failed" if failures else "completed"
         store.finish_run(run_id, status, n_trajectories=sum(r["trajectories"] for r in report["retention"]
                                                              if r["filter"] == "none"))
-    _publish(run_id, config, report, failures, probes)
+    _publish(run_id, config, report, calls, failures, probes)
     return {"run_id": run_id, "status": status, "db": str(config.db), "judged_steps": n_pending, "fingerprint": fingerprint,
-            "shard_failures": failures, "report": report, "probes": probes}
+            "shard_failures": failures, "report": report, "probes": probes, "calls": calls}
 
 
 def _measure_judge(store: Store, config: CurateConfig, logger) -> list[dict[str, Any]]:
@@ -153,11 +157,12 @@ def _calibrate(shard: Shard) -> dict[str, float]:
     return thresholds
 
 
-def _publish(run_id: str, config: CurateConfig, report: dict, failures: list[ShardFailure], probes: list[dict]) -> None:
+def _publish(run_id: str, config: CurateConfig, report: dict, calls: CallTally, failures: list[ShardFailure],
+             probes: list[dict]) -> None:
     publish_tables("curate", run_id, report)
     by_step = report["good_rate_by_step"]
     lines = [f"# Curation run `{run_id}`", f"- judge: `{config.judge.model}` × {config.judge_samples} sample(s), "
-             f"grader: {config.grader}, database: `{config.db}`", "",
+             f"grader: {config.grader}, database: `{config.db}`", f"- judging and grading in this run: {calls.describe()}", "",
              "| dataset | filter | trajectories | sub-trajectories | retention |", "|---|---|---|---|---|",
              *[f"| {r['dataset']} | {r['filter']} | {r['trajectories']} | {r['sub_trajectories']} | {r['retention']:.1%} |"
                for r in report["retention"]], "",

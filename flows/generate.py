@@ -15,6 +15,7 @@ from prefect import flow, get_run_logger
 from flows.runtime import database_slot, task_runner
 from swirl_core.config import GenerateConfig
 from swirl_core.generation import make_generate_shards, plan_generation, run_summary, verify_constraint
+from swirl_core.progress import CallTally
 from swirl_core.records import Trajectory
 from swirl_core.stage import Shard, ShardFailure, run_stage
 from swirl_core.store import Store
@@ -70,7 +71,8 @@ def generate(config: GenerateConfig = GenerateConfig()) -> dict[str, Any]:
             store.write_trajectories(trajectories, shard.run_id, shard.fingerprint)
             return len(trajectories)
 
-        failures = run_stage(shards, on_task_runner, write, progress=config.progress, logger=logger)
+        calls = CallTally()
+        failures = run_stage(shards, on_task_runner, write, progress=config.progress, logger=logger, calls=calls)
         if shards:
             store.ingest_journals(journal_dir)
         summary = run_summary(store.con, plan.run_id, [tid for _, _, tid in plan.work])
@@ -79,16 +81,17 @@ def generate(config: GenerateConfig = GenerateConfig()) -> dict[str, Any]:
         status = "failed" if failures else "completed"
         store.finish_run(plan.run_id, status, n_questions=len(plan.questions), n_trajectories=n_traj, n_errors=n_err)
     publish_tables("generate", plan.run_id, summary)
-    publish_markdown("generate", _markdown(plan.run_id, config, summary, failures), f"generate run {plan.run_id}")
+    publish_markdown("generate", _markdown(plan.run_id, config, summary, calls, failures), f"generate run {plan.run_id}")
     return {"run_id": plan.run_id, "status": status, "db": str(config.db), "trajectories": n_traj,
-            "errors": n_err, "shard_failures": failures, "summary": summary}
+            "errors": n_err, "shard_failures": failures, "summary": summary, "calls": calls}
 
 
-def _markdown(run_id: str, config: GenerateConfig, summary: dict, failures: list[ShardFailure]) -> str:
+def _markdown(run_id: str, config: GenerateConfig, summary: dict, calls: CallTally, failures: list[ShardFailure]) -> str:
     lines = [
         f"# Generation run `{run_id}`",
         f"- dataset: **{config.dataset}** ({config.split}), samples per question: {config.samples}",
         f"- policy: `{config.policy.model}`, database: `{config.db}`",
+        f"- this run: {calls.describe()}",
         "",
         "| status | trajectories | mean steps |",
         "|---|---|---|",

@@ -40,10 +40,11 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
         return result
 
     gen = stage("generate", lambda: run_generate(config.generate),
-                lambda r: {"status": r["status"], "detail": f"{r['trajectories']} trajectories, {r['errors']} errors"})
+                lambda r: {"status": r["status"], "detail": f"{r['trajectories']} trajectories, {r['errors']} errors; "
+                                                            + r["calls"].describe()})
     # This run's trajectories only: the calibration sample, and so the verdicts, must not shift with other data.
     cur = stage("curate", lambda: run_curate(config.curate.model_copy(update={"run_ids": [gen["run_id"]]})),
-                lambda r: {"status": r["status"], "detail": f"{r['judged_steps']} steps judged"
+                lambda r: {"status": r["status"], "detail": f"{r['judged_steps']} steps judged; {r['calls'].describe()}"
                            + "".join(f"; judge probe balanced accuracy {p['summary']['balanced_accuracy']:.2f}"
                                      + ("" if p["better_than_chance"] else " (not better than chance)") for p in r["probes"])})
     checkpoints: dict[str, str] = {}

@@ -15,6 +15,7 @@ from swirl_core.constraints import ActionGrammar, ServerKind, action_fields
 from swirl_core.hashing import content_hash
 from swirl_core.llm.base import ChatRequest, Grammar, LLMError, Served
 from swirl_core.llm.client import LLMClient
+from swirl_core.progress import notify
 from swirl_core.protocol import (
     invalid_action_feedback,
     observation_message,
@@ -172,13 +173,7 @@ class Agent:
         """Run all (question, sample) pairs concurrently; the client's semaphore bounds the calls,
         so a finished trajectory's slot goes to the next one at once (no batch barrier)."""
 
-        async def one(q: Question, i: int) -> Trajectory:
-            t = await self.run(q, i)
-            if on_done is not None:
-                on_done(t)
-            return t
-
-        return list(await asyncio.gather(*(one(q, i) for q, i in work)))
+        return list(await asyncio.gather(*(notify(self.run(q, i), on_done) for q, i in work)))
 
 
 def _next_turns(text: str, tool_calls: list[dict] | None, observation: str | None) -> list[dict]:

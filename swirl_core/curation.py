@@ -65,7 +65,7 @@ class JudgeJob(Job):
         return len(self.items)
 
     async def run(self, client: LLMClient) -> list[Judgment]:
-        return await StepJudge(client, self.spec).judge_many(self.items)
+        return await StepJudge(client, self.spec).judge_many(self.items, on_done=client.meter.unit_done)
 
 
 class CalibrationJob(JudgeJob):
@@ -75,7 +75,7 @@ class CalibrationJob(JudgeJob):
     run_prefix = "calibrate"
 
     async def run(self, client: LLMClient) -> dict[str, float]:
-        return await calibrate_thresholds(client, self.spec, self.items)
+        return await calibrate_thresholds(client, self.spec, self.items, on_done=client.meter.unit_done)
 
 
 class GradeJob(Job):
@@ -99,7 +99,7 @@ class GradeJob(Job):
     async def run(self, client: LLMClient) -> list[LLMGrade]:
         grader = OutcomeGrader(client, self.grader_model, self.max_reasks, max_tokens=self.max_tokens,
                                constraint=self.constraint)
-        return await grader.grade_many(self.items)
+        return await grader.grade_many(self.items, on_done=client.meter.unit_done)
 
 
 def _scope(config: CurateConfig, alias: str = "t") -> tuple[str, list]:

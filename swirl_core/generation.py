@@ -57,7 +57,7 @@ class GenerateJob(Job):
 
     async def run(self, client: LLMClient) -> list[Trajectory]:
         work = [(self.questions[j], s) for j, s in self.work]
-        return await Agent(client, self.policy, self.tools()).run_many(work)
+        return await Agent(client, self.policy, self.tools()).run_many(work, on_done=client.meter.unit_done)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from swirl_core.llm.base import ChatRequest, Choice, LLMError, Served
 from swirl_core.llm.client import LLMClient
 from swirl_core.llm.config import ModelConfig
 from swirl_core.llm.factory import served_key
+from swirl_core.progress import notify
 from swirl_core.protocol import ARROW
 from swirl_core.records import LLMResponse, TaskKind
 
@@ -391,9 +392,11 @@ class StepJudge:
         samples = (self._sample(item, messages, j) for j in range(self.spec.samples))
         return list(await asyncio.gather(*samples))
 
-    async def judge_many(self, items: Iterable[StepToJudge]) -> list[Judgment]:
-        """All samples of all items at once; the client's semaphore and rate limits bound the load."""
-        per_item = await asyncio.gather(*(self.judge(item) for item in items))
+    async def judge_many(self, items: Iterable[StepToJudge], on_done: Callable[[list[Judgment]], None] | None = None,
+                         ) -> list[Judgment]:
+        """All samples of all items at once; the client's semaphore and rate limits bound the load. `on_done`
+        sees each item's judgments as they are complete."""
+        per_item = await asyncio.gather(*(notify(self.judge(item), on_done) for item in items))
         return [j for judgments in per_item for j in judgments]
 
     async def _sample(self, item: StepToJudge, messages: list[dict[str, str]], j: int) -> Judgment:
@@ -438,10 +441,11 @@ class StepJudge:
         return asked
 
 
-async def calibrate_thresholds(client: LLMClient, spec: JudgeSpec, sample: Sequence[StepToJudge]) -> dict[str, float]:
+async def calibrate_thresholds(client: LLMClient, spec: JudgeSpec, sample: Sequence[StepToJudge],
+                               on_done: Callable[[list[Judgment]], None] | None = None) -> dict[str, float]:
     """Per task, the median P(GOOD) the judge gives the sampled steps. Their requests are the ones judging
     makes (sample 0, first attempt), so judging the same steps later replays them from the call journal."""
-    judgments = await StepJudge(client, spec.model_copy(update={"thresholds": {}, "samples": 1})).judge_many(sample)
+    judgments = await StepJudge(client, spec.model_copy(update={"thresholds": {}, "samples": 1})).judge_many(sample, on_done)
     scores: dict[str, list[float]] = {}
     for item, judgment in zip(sample, judgments, strict=True):
         if judgment.p_good is None:
@@ -488,5 +492,6 @@ class OutcomeGrader:
             prompt_version=GRADER_PROMPT_VERSION, error=asked.error,
         )
 
-    async def grade_many(self, items: Iterable[TrajectoryToGrade]) -> list[LLMGrade]:
-        return list(await asyncio.gather(*(self.grade(item) for item in items)))
+    async def grade_many(self, items: Iterable[TrajectoryToGrade], on_done: Callable[[LLMGrade], None] | None = None,
+                         ) -> list[LLMGrade]:
+        return list(await asyncio.gather(*(notify(self.grade(item), on_done) for item in items)))

@@ -4,7 +4,7 @@ A `Shard` ships everything its worker needs, resolved once by the flow process: 
 (to build the client), the stage's resolved spec and items (its `Job`) and the fingerprint its results are
 stored under, so a worker derives nothing that the stored rows depend on. `run_shard` runs one on a worker;
 `run_stage` maps shards over an executor (the orchestrator's: tasks/stage.py), writes each shard's results
-the moment they arrive (this process is the single DuckDB writer), advances the progress bar and records a
+the moment they arrive (this process is the single DuckDB writer), shows the stage's live progress and records a
 shard that raised as a `ShardFailure` while the others still land.
 """
 
@@ -16,12 +16,12 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field, SerializeAsAny
-from tqdm.auto import tqdm
 
 from swirl_core.config import ClusterConfig
 from swirl_core.llm.client import LLMClient
 from swirl_core.llm.config import ModelConfig
 from swirl_core.llm.factory import run_with_client
+from swirl_core.progress import CallTally, ShardMeter, StageProgress, publisher
 
 
 class Job(BaseModel, ABC):
@@ -39,7 +39,8 @@ class Job(BaseModel, ABC):
 
     @abstractmethod
     async def run(self, client: LLMClient) -> Any:
-        """Work the items with `client`; every paid response is journaled by it."""
+        """Work the items with `client`; every paid response is journaled by it. Count each unit on
+        `client.meter.unit_done` as it finishes: the live progress moves with it."""
 
 
 class Shard(BaseModel):
@@ -53,6 +54,7 @@ class Shard(BaseModel):
     journal_dir: str
     fsync: bool = False
     processes: int = Field(1, ge=1)  # that run the stage's shards at once: each gets an even share of the limits
+    progress_topic: str | None = None  # where the shard reports its live progress (swirl_core/progress.py)
 
     @property
     def name(self) -> str:
@@ -68,8 +70,13 @@ def make_shards(jobs: Iterable[Job], *, run_id: str, model: ModelConfig, fingerp
 
 def run_shard(shard: Shard) -> Any:
     """Run one shard to completion in this process (a Dask worker, or the flow itself)."""
-    return run_with_client(shard.model.shared_by(shard.processes), shard.journal_dir, shard.job.run, fsync=shard.fsync,
-                           tags={"run_id": shard.run_id, "purpose": shard.job.purpose})
+    topic = shard.progress_topic
+    meter = ShardMeter(shard.shard_id, publisher(topic, shard.journal_dir) if topic else None)
+    try:
+        return run_with_client(shard.model.shared_by(shard.processes), shard.journal_dir, shard.job.run,
+                               fsync=shard.fsync, tags={"run_id": shard.run_id, "purpose": shard.job.purpose}, meter=meter)
+    finally:
+        meter.flush(final=True)
 
 
 def default_workers(cluster: ClusterConfig, model: ModelConfig) -> int:
@@ -131,21 +138,27 @@ Writer = Callable[[Shard, Any], int]
 
 
 def run_stage(shards: Sequence[Shard], execute: Executor, write: Writer, *, progress: bool = False,
-              logger: logging.Logger | logging.LoggerAdapter | None = None) -> list[ShardFailure]:
+              logger: logging.Logger | logging.LoggerAdapter | None = None, calls: CallTally | None = None) -> list[ShardFailure]:
     """Run the shards of one stage and write each one's results as it arrives; a failed shard is recorded,
-    not fatal (a failing write is: nothing may claim to be stored that is not)."""
+    not fatal (a failing write is: nothing may claim to be stored that is not). The shards report their
+    progress while they run (a bar on the terminal with `progress`); the stage's calls are added to `calls`."""
     if not shards:
         return []
-    job = shards[0].job
     failures: list[ShardFailure] = []
-    with tqdm(total=sum(s.job.size for s in shards), desc=job.stage, unit=job.unit, disable=not progress) as bar:
-        for shard, result in execute(shards):
+    with StageProgress(shards, bar=progress) as live:
+        for shard, result in execute([s.model_copy(update={"progress_topic": live.topic}) for s in shards]):
             try:
                 results = result()
             except Exception as exc:  # one bad shard must not lose the others' results
                 failures.append(failure := ShardFailure.of(shard, exc))
+                live.failed(shard)
                 if logger is not None:
                     logger.error("shard failed: %s", failure)
                 continue
-            bar.update(write(shard, results))
+            live.landed(shard, write(shard, results))
+    totals = live.snapshot().calls
+    if logger is not None:
+        logger.info("%s: %s", live.stage, totals.describe())
+    if calls is not None:
+        calls.add(totals)
     return failures

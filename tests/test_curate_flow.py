@@ -77,6 +77,7 @@ def test_curate_judges_grades_and_builds_the_four_sets(generated_db, prefect_api
         # 18 distinct steps, the 6 distinct doubling steps re-asked once (unparseable first), 6 distinct
         # grades. Identical requests are paid once.
         assert sent == 18 + 6 + 6 and srv.completed_twice() == []
+        assert result["calls"].paid == sent  # what the judge and grader shards reported while they ran
         again = run_curate(config)
         assert again["judged_steps"] == 0 and srv.stats()["total"] == sent  # nothing is paid twice
 

@@ -10,6 +10,7 @@ from swirl_core.llm.base import Backend, ChatRequest, LLMError, RetryableError
 from swirl_core.llm.cache import CallJournal
 from swirl_core.llm.cost import call_cost
 from swirl_core.llm.limits import ProcessLimits, backoff_delay
+from swirl_core.progress import ShardMeter
 from swirl_core.records import LLMResponse
 
 
@@ -24,6 +25,7 @@ class LLMClient:
         max_retries: int = 6,
         prices: tuple[float, float] | None = None,
         tags: dict[str, Any] | None = None,
+        meter: ShardMeter | None = None,
     ) -> None:
         self.backend = backend
         self.journal = journal
@@ -34,15 +36,19 @@ class LLMClient:
         self.limits = limits  # this process's, shared with every other client of the model in it
         self._inflight: dict[str, asyncio.Future] = {}
         self.stats = {"sent": 0, "cache_hits": 0, "retries": 0, "failures": 0}
+        self.meter = meter or ShardMeter()  # calls paid and replayed, and the units its caller finished
 
     async def complete(self, request: ChatRequest) -> LLMResponse:
         key = request.key()
         if self.journal is not None and (hit := self.journal.get(key)) is not None:
             self.stats["cache_hits"] += 1
+            self.meter.replayed(hit["cost_usd"])
             return _from_record(hit, request.model)
         # The same request twice at once (e.g. two judges of one step) is paid once.
         if key in self._inflight:
-            return (await asyncio.shield(self._inflight[key])).model_copy(update={"cached": True})
+            shared = await asyncio.shield(self._inflight[key])
+            self.meter.replayed(shared.cost_usd)
+            return shared.model_copy(update={"cached": True})
         future = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
         try:
@@ -83,6 +89,7 @@ class LLMClient:
             if self.journal is not None:
                 # Durable before use: a crash after this line never pays for this call again.
                 self.journal.append(_to_record(request, key, response, attempt + 1, self.backend.name, self.tags))
+            self.meter.paid(response.prompt_tokens, response.completion_tokens, response.cost_usd)
             return response
         self.stats["failures"] += 1
         raise LLMError(f"{request.model}: gave up after {self.max_retries + 1} attempts: {last_error}")

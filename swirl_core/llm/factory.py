@@ -14,6 +14,7 @@ from swirl_core.llm.client import LLMClient
 from swirl_core.llm.config import ModelConfig
 from swirl_core.llm.cost import price_per_token
 from swirl_core.llm.limits import process_limits
+from swirl_core.progress import ShardMeter
 
 # Reads a named secret (a Prefect Secret block): plugged in by the orchestration layer (tasks/), because
 # this library imports no orchestrator. Keys are looked up where the client is built: on the Dask worker.
@@ -55,12 +56,12 @@ def tune_gc() -> None:
 
 
 def run_with_client(cfg: ModelConfig, journal_dir: str | Path | None, work: Callable[[LLMClient], Awaitable[T]], *,
-                    fsync: bool = False, tags: dict[str, Any] | None = None) -> T:
+                    fsync: bool = False, tags: dict[str, Any] | None = None, meter: ShardMeter | None = None) -> T:
     """Run one shard's `work(client)` to completion in this process (a Dask worker, or the flow itself)."""
     tune_gc()
 
     async def main() -> T:
-        client = build_client(cfg, journal_dir, fsync=fsync, tags=tags)
+        client = build_client(cfg, journal_dir, fsync=fsync, tags=tags, meter=meter)
         try:
             return await work(client)
         finally:
@@ -69,7 +70,8 @@ def run_with_client(cfg: ModelConfig, journal_dir: str | Path | None, work: Call
     return asyncio.run(main())
 
 
-def build_client(cfg: ModelConfig, journal_dir: str | Path | None, *, fsync: bool = False, tags: dict[str, Any] | None = None) -> LLMClient:
+def build_client(cfg: ModelConfig, journal_dir: str | Path | None, *, fsync: bool = False, tags: dict[str, Any] | None = None,
+                 meter: ShardMeter | None = None) -> LLMClient:
     backend_name = cfg.resolved_backend
     prices = cfg.prices
     if backend_name == "transformers":
@@ -100,4 +102,5 @@ def build_client(cfg: ModelConfig, journal_dir: str | Path | None, *, fsync: boo
         backend = LiteLLMBackend(cfg.model, api_base=cfg.api_base, api_key=_api_key(cfg))
     journal = shared_journal(journal_dir, fsync=fsync) if journal_dir is not None else None
     limits = process_limits(cfg.resolved_identity, cfg.concurrency, cfg.requests_per_minute, cfg.tokens_per_minute)
-    return LLMClient(backend, journal, limits, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries, prices=prices, tags=tags)
+    return LLMClient(backend, journal, limits, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries, prices=prices, tags=tags,
+                     meter=meter)
