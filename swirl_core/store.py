@@ -21,7 +21,7 @@ from swirl_core.llm.cache import (
     JOURNAL_GLOB,
     SEGMENT_PREFIX,
     is_finished,
-    segment_sources,
+    segment_header,
     sync_directory,
     whole_lines,
     write_segment,
@@ -381,7 +381,7 @@ class Store:
         if not journal_dir.is_dir():
             return Compaction(folded=0, segment=None, segment_bytes=0, journals_left=0)
         for segment in sorted(journal_dir.glob(f"{SEGMENT_PREFIX}*.jsonl")):
-            if segment.exists() and (left := [n for n in segment_sources(segment) if (journal_dir / n).exists()]):
+            if segment.exists() and (left := [n for n in segment_header(segment).segment_of if (journal_dir / n).exists()]):
                 self._forget_folded(journal_dir, left)  # a compaction killed after its segment's rename
         self.ingest_journals(journal_dir)
         ingested = dict(self.query("SELECT path, bytes FROM journal_ingested"))

@@ -14,7 +14,7 @@ Compaction keeps the directory from growing with every process of every run. A w
 with `CLOSE_LINE` when its last client closes (later calls go to a fresh file), so a journal with that last line
 never changes again; once ingested, the store folds such journals into one segment (`write_segment`: written
 beside them, fsynced, renamed into place) and only then deletes them. A segment names the journals it holds in its
-first line, so a compaction a kill interrupted after the rename is finished by the next one (`segment_sources`).
+first line, so a compaction a kill interrupted after the rename is finished by the next one (`segment_header`).
 A journal without the close line (its writer is running, or died) is never deleted.
 """
 
@@ -25,7 +25,9 @@ import os
 import socket
 import threading
 import uuid
+from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,27 +78,47 @@ def is_finished(path: Path) -> bool:
         return fh.read() == CLOSE_LINE
 
 
-def segment_sources(path: Path) -> list[str]:
-    """The names of the journals a segment folded (its first line)."""
+@dataclass(frozen=True)
+class SegmentHeader:
+    """A segment's first line: the files it folded (deleted once it is durable) and the calls each writer paid."""
+
+    segment_of: list[str]
+    writers: dict[str, int]  # writer process (its journals' name without the file's own suffix) -> calls
+
+
+def segment_header(path: Path) -> SegmentHeader:
     with open(path, "rb") as fh:
-        return orjson.loads(fh.readline())["segment_of"]
+        return SegmentHeader(**orjson.loads(fh.readline()))
+
+
+def _body(fh, source: Path) -> Iterator[bytes]:
+    """The call lines of a finished journal or segment, in blocks: what lies between its header and its close line."""
+    if source.name.startswith(SEGMENT_PREFIX):
+        fh.readline()
+    left = source.stat().st_size - len(CLOSE_LINE) - fh.tell()
+    while left > 0 and (block := fh.read(min(left, _READ_BLOCK))):
+        yield block
+        left -= len(block)
 
 
 def write_segment(directory: Path, sources: list[Path]) -> Path:
     """Fold finished journals (segments too) into one new segment; returns its path. The sources stay: delete them
     only after this returns. The rename is the commit point: before it, the sources are all there is; after it, the
     segment holds every line of them, durably (fsynced before the rename, the directory after)."""
+    writers: Counter[str] = Counter()
+    for source in sources:
+        if source.name.startswith(SEGMENT_PREFIX):
+            writers.update(segment_header(source).writers)
+        else:
+            with open(source, "rb") as fh:
+                writers[source.name.rsplit("-", 1)[0]] += sum(block.count(b"\n") for block in _body(fh, source))
     part = directory / _SEGMENT_PART
     with open(part, "wb") as out:
-        out.write(orjson.dumps({"segment_of": [p.name for p in sources]}) + b"\n")
+        out.write(orjson.dumps(SegmentHeader([p.name for p in sources], dict(writers))) + b"\n")
         for source in sources:
             with open(source, "rb") as fh:
-                if source.name.startswith(SEGMENT_PREFIX):
-                    fh.readline()  # its own list of sources: the new one names it instead
-                left = source.stat().st_size - len(CLOSE_LINE) - fh.tell()
-                while left > 0 and (block := fh.read(min(left, _READ_BLOCK))):
+                for block in _body(fh, source):
                     out.write(block)
-                    left -= len(block)
         out.write(CLOSE_LINE)
         out.flush()
         os.fsync(out.fileno())
