@@ -181,7 +181,8 @@ def test_compaction_sigkilled_at_random_points_then_rerun_loses_and_repays_nothi
         assert code == 0
         lines_run = int(lines)  # the lines one whole compaction runs: the kill points are drawn among them
 
-        kill_points = sorted(random.Random(SEED).sample(range(1, lines_run + 1), KILLS))
+        rng = random.Random(SEED)  # one point drawn from each of KILLS equal spans of the run, so they cover all of it
+        kill_points = [rng.randint(1 + k * lines_run // KILLS, (k + 1) * lines_run // KILLS) for k in range(KILLS)]
         for kill_at in kill_points:
             shutil.copytree(pristine, tmp_path / f"kill-{kill_at}")
         killed = _compact_in_forks([(tmp_path / f"kill-{n}", n) for n in kill_points])
@@ -210,7 +211,7 @@ def test_compaction_sigkilled_at_random_points_then_rerun_loses_and_repays_nothi
         assert srv.stats()["completed"] == paid_before
     # The kills landed on each side of the commit point, and between the rename and the deletions.
     assert set(outcomes) == {"before the segment", "segment and its sources", "folded"}, outcomes
-    record_property("compaction_kills", {"lines_run": lines_run, "kills": KILLS, "outcomes": outcomes})
+    record_property("compaction_kills", {"lines_run": lines_run, "kills": dict(zip(kill_points, outcomes, strict=True))})
 
 
 def test_a_database_of_release_0_1_0_gets_the_ingest_bookkeeping(tmp_path):
