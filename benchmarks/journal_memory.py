@@ -22,13 +22,11 @@ from swirl_core.llm.cache import CLOSE_LINE
 TEXT = "x" * 1000  # about one real response
 JOURNALS = 8
 
-_PEAK = "import resource, sys, time\nbase = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\nt = time.perf_counter()\n"
+_BASE = "\nimport resource, sys, time\nbase = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\nt = time.perf_counter()\n"
 _REPORT = "\nprint(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter() - t)\n"
-_INDEX = _PEAK + """from swirl_core.llm.cache import CallJournal
-journal = CallJournal(sys.argv[1])
+_INDEX = "from swirl_core.llm.cache import CallJournal" + _BASE + """journal = CallJournal(sys.argv[1])
 assert len(journal) == int(sys.argv[2]) and journal.get(sys.argv[3])["text"]""" + _REPORT
-_COMPACT = _PEAK + """from swirl_core.store import Store
-with Store(sys.argv[1] + "/s.duckdb") as store:
+_COMPACT = "from swirl_core.store import Store" + _BASE + """with Store(sys.argv[1] + "/s.duckdb") as store:
     done = store.compact_journals(sys.argv[1] + "/journal")
     assert done.folded == int(sys.argv[2]) and store.query("SELECT count(*) FROM llm_calls")[0][0] == int(sys.argv[3])""" + _REPORT
 
@@ -46,7 +44,8 @@ def _write(directory: Path, entries: int) -> None:
 
 def _child(script: str, *args: str) -> tuple[float, float, float]:
     """(RSS before, peak RSS in MB, seconds) of `script` in a fresh interpreter."""
-    out = subprocess.run([sys.executable, "-c", script, *args], check=True, capture_output=True, text=True).stdout.split()
+    run = subprocess.run([sys.executable, "-c", script, *args], check=True, capture_output=True, text=True)
+    out = run.stdout.splitlines()[-1].split()  # the last line: DuckDB may draw a progress bar above it
     return int(out[0]) / 1024, int(out[1]) / 1024, float(out[2])
 
 

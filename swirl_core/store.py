@@ -72,15 +72,7 @@ def step_votes(con, counts: Sequence[tuple[int, int]]) -> list[str]:
 
 
 _INGEST_CHUNK = "ingest.jsonl.part"  # the new journal lines of one ingest, beside the journals (not one of them)
-
-
-def _copy_whole_lines(path: Path, start: int, out) -> int:
-    """Copy the whole lines of `path` from byte `start` into `out` (`whole_lines` says which); returns the bytes taken."""
-    taken = 0
-    for block in whole_lines(path, start):
-        out.write(block if block.endswith(b"\n") else block + b"\n")
-        taken += len(block)
-    return taken
+_INGEST_BATCH = 16 << 20  # journal bytes per insert: DuckDB's memory for one grows with them
 
 
 # `llm_calls` columns the call journal names otherwise (journals outlive releases: their names stay).
@@ -324,25 +316,41 @@ class Store:
         """Copy the journaled calls not yet ingested into `llm_calls` (idempotent); returns the rows added.
 
         Only the bytes each journal gained since the last ingest are read (`journal_ingested` holds how far
-        each was read, in the same transaction as the rows, so a kill leaves both as they were)."""
+        each was read, in the same transaction as the rows, so a kill leaves both as they were). They go in
+        `_INGEST_BATCH` bytes at a time: DuckDB's memory for an insert grows with what it reads."""
         journal_dir = Path(journal_dir)
         if not journal_dir.is_dir():
             return 0
         done = dict(self.query("SELECT path, bytes FROM journal_ingested"))
         fresh = journal_dir / _INGEST_CHUNK
+        added = 0
         reached: dict[str, int] = {}
-        with open(fresh, "wb") as out:
-            for path in sorted(journal_dir.glob(JOURNAL_GLOB)):
-                start = done.get(path.name, 0)
-                if path.stat().st_size > start:
-                    reached[path.name] = start + _copy_whole_lines(path, start, out)
-        self.journal_bytes_read += fresh.stat().st_size
         try:
-            if not reached:
-                return 0
-            return self._insert_journal_lines(fresh, reached)
+            with open(fresh, "wb") as out:
+                for path in sorted(journal_dir.glob(JOURNAL_GLOB)):
+                    position = done.get(path.name, 0)
+                    if path.stat().st_size <= position:
+                        continue
+                    for block in whole_lines(path, position):
+                        out.write(block if block.endswith(b"\n") else block + b"\n")
+                        position += len(block)
+                        reached[path.name] = position
+                        if out.tell() >= _INGEST_BATCH:
+                            added += self._insert_batch(out, fresh, reached)
+                            reached = {}
+                if reached:
+                    added += self._insert_batch(out, fresh, reached)
         finally:
-            fresh.unlink()
+            fresh.unlink(missing_ok=True)
+        return added
+
+    def _insert_batch(self, out, lines: Path, reached: dict[str, int]) -> int:
+        out.flush()
+        self.journal_bytes_read += out.tell()
+        added = self._insert_journal_lines(lines, reached)
+        out.seek(0)
+        out.truncate()
+        return added
 
     def _insert_journal_lines(self, lines: Path, reached: dict[str, int]) -> int:
         before = self.query("SELECT count(*) FROM llm_calls")[0][0]
