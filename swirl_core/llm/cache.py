@@ -238,7 +238,7 @@ class CallJournal:
         return self
 
     def release(self) -> None:
-        """A client is done: when it was the last, the journal file is finished (`finish`)."""
+        """A client is done: when it was the last, the journal file is finished (`_finish`)."""
         with self._lock:
             self._users = max(0, self._users - 1)
             if not self._users:
