@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import orjson
@@ -24,7 +25,7 @@ from test_migrations import _release_db
 from flows.cli import main
 from swirl_core.config import ModelConfig
 from swirl_core.llm.base import ChatRequest
-from swirl_core.llm.cache import CLOSE_LINE, JOURNAL_GLOB, SEGMENT_PREFIX, CallJournal
+from swirl_core.llm.cache import CLOSE_LINE, JOURNAL_GLOB, SEGMENT_PREFIX, CallJournal, is_finished
 from swirl_core.llm.factory import build_client
 from swirl_core.store import Store
 
@@ -37,7 +38,7 @@ def _request(n: int) -> ChatRequest:
     return ChatRequest(model="openai/scripted", messages=[{"role": "user", "content": f"Question: what is {n} + 1?"}])
 
 
-async def _pay(srv: ScriptedServer, journal: CallJournal, numbers: range, *, close: bool = True) -> dict[str, str]:
+async def _pay(srv: ScriptedServer, journal: CallJournal, numbers: Sequence[int], *, close: bool = True) -> dict[str, str]:
     """Calls `numbers` through a client on `journal` (one writer process); returns key -> text."""
     client = build_client(ModelConfig(model="openai/scripted", api_base=srv.base_url), None)
     client.journal = journal.acquire()
@@ -83,6 +84,24 @@ def _bookkeeping(store: Store, journal_dir: Path) -> tuple[dict, dict]:
     recorded = dict(store.query("SELECT path, bytes FROM journal_ingested"))
     on_disk = {p.name: p.stat().st_size for p in journal_dir.glob(JOURNAL_GLOB)}
     return recorded, on_disk
+
+
+def test_a_journal_file_is_finished_when_its_last_client_closes_and_never_written_again(tmp_path):
+    journal = CallJournal(tmp_path)
+    for _ in range(2):  # two clients of one process (a policy and a judge, two shards)
+        journal.acquire()
+    journal.append({"key": "a", "text": "x"})
+    first = journal.path
+    journal.release()
+    assert not is_finished(first)  # the other client may still pay a call into it
+    journal.release()
+    assert is_finished(first) and first.read_bytes().endswith(b"\n" + CLOSE_LINE)
+    journal.acquire()
+    journal.append({"key": "b", "text": "y"})  # a later shard's call goes to a new file
+    assert journal.path != first and not is_finished(journal.path)
+    assert journal.get("a")["text"] == "x" and journal.get("b")["text"] == "y"
+    journal.close()
+    assert len(list(tmp_path.glob(JOURNAL_GLOB))) == 2 and all(is_finished(p) for p in tmp_path.glob(JOURNAL_GLOB))
 
 
 def test_compaction_folds_finished_journals_and_a_resume_pays_nothing(tmp_path):
