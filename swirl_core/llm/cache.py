@@ -68,6 +68,20 @@ def whole_lines(path: Path, start: int = 0) -> Iterator[bytes]:
         yield tail
 
 
+_KEY_FIRST = b'{"key":"'  # how `LLMClient` writes a line: the key first, a hex digest
+
+
+def _call_key(line: bytes) -> str | None:
+    """The call key of a journal line; None for a torn line (its call was never used), a header, a close line.
+    A line as the client writes it gives its key without being parsed: an index reads only that."""
+    if line.startswith(_KEY_FIRST) and line.endswith(b"}\n") and (end := line.find(b'"', len(_KEY_FIRST))) > 0:
+        return line[len(_KEY_FIRST):end].decode()
+    try:
+        return orjson.loads(line)["key"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
 def is_finished(path: Path) -> bool:
     """Whether the journal's writer is done with it (its last line is `CLOSE_LINE`): only then may it be folded."""
     with open(path, "rb") as fh:
@@ -179,10 +193,8 @@ class CallJournal:
                 position = start
                 for block in whole_lines(path, start):
                     for line in io.BytesIO(block):
-                        try:
-                            self._index[orjson.loads(line)["key"]] = number | position
-                        except (orjson.JSONDecodeError, KeyError, TypeError):
-                            pass  # a torn line (its call was never used), a segment's header, a close line
+                        if (key := _call_key(line)) is not None:
+                            self._index[key] = number | position
                         position += len(line)
             except FileNotFoundError:  # compacted away meanwhile: its lines are in a segment read below or next time
                 continue
