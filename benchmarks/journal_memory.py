@@ -16,6 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import orjson
+
 from swirl_core.hashing import content_hash
 from swirl_core.llm.cache import CLOSE_LINE
 
@@ -36,9 +38,9 @@ def _write(directory: Path, entries: int) -> None:
     for j in range(JOURNALS):
         with open(directory / f"calls-bench-{j}-00000000.jsonl", "w") as fh:
             for i in range(j, entries, JOURNALS):
-                fh.write(json.dumps({"key": content_hash(i), "model": "m", "text": TEXT, "finish_reason": "stop",
-                                     "prompt_tokens": 100, "completion_tokens": 200, "cost_usd": 0.0001,
-                                     "latency_s": 0.5}) + "\n")
+                fh.write(orjson.dumps({"key": content_hash(i), "model": "m", "text": TEXT, "finish_reason": "stop",
+                                       "prompt_tokens": 100, "completion_tokens": 200, "cost_usd": 0.0001,
+                                       "latency_s": 0.5}).decode() + "\n")  # as the client writes it
             fh.write(CLOSE_LINE.decode())
 
 
