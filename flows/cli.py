@@ -39,7 +39,7 @@ from swirl_core.config import (
     PipelineConfig,
     PublishConfig,
 )
-from swirl_core.config_base import DEFAULT_DB
+from swirl_core.config_base import DEFAULT_DB, Workspace
 from swirl_core.records import CuratedFilter
 from swirl_core.training.run import TrainConfig
 from swirl_core.training.trainers import TrainSettings
@@ -64,6 +64,7 @@ examples:
       --model base=smollm2 --model swirl=./out/swirl --judge openai/gpt-4o-mini   # a model × dataset grid
   swirl train --method swirl --output-dir ./out/swirl --num-processes 2 --save-steps 50 --push-to-hub me/swirl
   swirl sql --db swirl.duckdb "SELECT status, count(*) FROM trajectories GROUP BY 1"
+  swirl compact --db swirl.duckdb                  # fold finished call journals into one segment
   swirl completion bash > ~/.local/share/bash-completion/completions/swirl
 """
 
@@ -154,6 +155,7 @@ TrainOptions = options(TrainConfig, {
     "private": Parameter(negative=("--no-private", "--public")),
 })
 PublishOptions = options(PublishConfig, {"private": Parameter(negative="--public")})
+CompactOptions = options(Workspace)
 
 ConfigFile = Annotated[Path | None, Parameter(name="--config", metavar="FILE",
                                               help="this command's config as YAML or JSON; the options given here override it")]
@@ -487,6 +489,29 @@ def sql(query: str, /, *, db: str = DEFAULT_DB, max_rows: int = 50, csv: bool = 
     for row in rows:
         table.add_row(*("NULL" if v is None else str(v) for v in row))
     Console().print(table)
+    return EXIT_OK
+
+
+@app.command
+def compact(*, config: ConfigFile = None, opts: Annotated[CompactOptions, Parameter(name="*")] = CompactOptions()) -> int:
+    """Fold the call journals of finished writers, once in the database, into one segment and delete them.
+
+    Every stage does it when it ends. A kill at any moment loses no paid call (the next compaction finishes the work).
+    Journals still being written, or whose writer died, are kept."""
+    workspace = load_config(Workspace, config, given(opts))
+    if not Path(workspace.db).is_file():
+        raise FileNotFoundError(f"{workspace.db} does not exist")
+    if not workspace.journal_dir.is_dir():
+        raise FileNotFoundError(f"{workspace.journal_dir} does not exist: --work-dir names the work folder of {workspace.db}")
+    from swirl_core.store import Store
+
+    with Store(workspace.db) as store:
+        done = store.compact_journals(workspace.journal_dir)
+    if done.folded:
+        print(f"folded {done.folded} journals into {done.segment} ({done.segment_bytes / 2**20:.1f} MiB); "
+              f"{workspace.journal_dir} holds {done.journals_left} journal files")
+    else:
+        print(f"nothing to fold: {workspace.journal_dir} holds {done.journals_left} journal files")
     return EXIT_OK
 
 

@@ -112,8 +112,7 @@ def curate(config: CurateConfig = CurateConfig()) -> dict[str, Any]:
                                   calls=calls)
         if judging:
             select_judge(store.con, config, fingerprint, run_id)  # the latest curation's judge is the one its sets read
-        if journal_dir.exists():
-            store.ingest_journals(journal_dir)
+        store.compact_journals(journal_dir)
         report = curation_report(store.con)
         status = "failed" if failures else "completed"
         store.finish_run(run_id, status, n_trajectories=sum(r["trajectories"] for r in report["retention"]

@@ -74,7 +74,7 @@ def generate(config: GenerateConfig = GenerateConfig()) -> dict[str, Any]:
         calls = CallTally()
         failures = run_stage(shards, on_task_runner, write, progress=config.progress, logger=logger, calls=calls)
         if shards:
-            store.ingest_journals(journal_dir)
+            store.compact_journals(journal_dir)
         summary = run_summary(store.con, plan.run_id, [tid for _, _, tid in plan.work])
         n_traj = sum(r["trajectories"] for r in summary["status"])
         n_err = sum(r["trajectories"] for r in summary["status"] if r["status"] == "error")

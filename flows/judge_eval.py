@@ -94,7 +94,7 @@ def run_probe(store: Store, config: JudgeEvalConfig, logger) -> dict[str, Any]:
             return shard.job.size
 
         failures = run_stage(shards, on_task_runner, keep, logger=logger)
-        store.ingest_journals(config.journal_dir)
+        store.compact_journals(config.journal_dir)
         if failures:  # every labelled step is scored: a missing one would bias the figures
             raise StageFailed(failures)
         for s in todo:

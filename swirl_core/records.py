@@ -403,3 +403,12 @@ class LLMCallRow(TableRow):
     latency_s: float | None
     attempts: int | None
     created_at: datetime | None
+
+
+class Compaction(BaseModel):
+    """What one compaction of a journal folder did (`Store.compact_journals`)."""
+
+    folded: int  # finished journals (and older segments) folded into the new segment, then deleted; 0: nothing to do
+    segment: str | None  # the new segment's file name
+    segment_bytes: int
+    journals_left: int  # journal files in the folder afterwards: the segments and journals still being written

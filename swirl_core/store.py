@@ -14,13 +14,21 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-import orjson
 import pyarrow as pa
 
 from swirl_core import __version__
-from swirl_core.llm.cache import JOURNAL_GLOB
+from swirl_core.llm.cache import (
+    JOURNAL_GLOB,
+    SEGMENT_PREFIX,
+    is_finished,
+    segment_header,
+    sync_directory,
+    whole_lines,
+    write_segment,
+)
 from swirl_core.protocol import TASK_ACTIONS, tool_definitions
 from swirl_core.records import (
+    Compaction,
     CuratedFilter,
     InvalidRow,
     LLMCallRow,
@@ -65,32 +73,7 @@ def step_votes(con, counts: Sequence[tuple[int, int]]) -> list[str]:
 
 
 _INGEST_CHUNK = "ingest.jsonl.part"  # the new journal lines of one ingest, beside the journals (not one of them)
-_COPY_BLOCK = 1 << 20
-
-
-def _copy_whole_lines(path: Path, start: int, out) -> int:
-    """Copy the lines of `path` from byte `start` into `out`; returns the bytes taken.
-
-    A last line without its newline is taken when it is whole JSON (its writer died before the newline);
-    one torn mid-write, or still being written, is left to be read next time."""
-    taken = 0
-    tail = b""
-    with open(path, "rb") as fh:
-        fh.seek(start)
-        while block := fh.read(_COPY_BLOCK):
-            block = tail + block
-            cut = block.rfind(b"\n") + 1
-            out.write(block[:cut])
-            taken += cut
-            tail = block[cut:]
-    if tail:
-        try:
-            orjson.loads(tail)
-        except orjson.JSONDecodeError:
-            return taken
-        out.write(tail + b"\n")
-        taken += len(tail)
-    return taken
+_INGEST_BATCH = 16 << 20  # journal bytes per insert: DuckDB's memory for one grows with them
 
 
 # `llm_calls` columns the call journal names otherwise (journals outlive releases: their names stay).
@@ -344,25 +327,41 @@ class Store:
         """Copy the journaled calls not yet ingested into `llm_calls` (idempotent); returns the rows added.
 
         Only the bytes each journal gained since the last ingest are read (`journal_ingested` holds how far
-        each was read, in the same transaction as the rows, so a kill leaves both as they were)."""
+        each was read, in the same transaction as the rows, so a kill leaves both as they were). They go in
+        `_INGEST_BATCH` bytes at a time: DuckDB's memory for an insert grows with what it reads."""
         journal_dir = Path(journal_dir)
         if not journal_dir.is_dir():
             return 0
         done = dict(self.query("SELECT path, bytes FROM journal_ingested"))
         fresh = journal_dir / _INGEST_CHUNK
+        added = 0
         reached: dict[str, int] = {}
-        with open(fresh, "wb") as out:
-            for path in sorted(journal_dir.glob(JOURNAL_GLOB)):
-                start = done.get(path.name, 0)
-                if path.stat().st_size > start:
-                    reached[path.name] = start + _copy_whole_lines(path, start, out)
-        self.journal_bytes_read += fresh.stat().st_size
         try:
-            if not reached:
-                return 0
-            return self._insert_journal_lines(fresh, reached)
+            with open(fresh, "wb") as out:
+                for path in sorted(journal_dir.glob(JOURNAL_GLOB)):
+                    position = done.get(path.name, 0)
+                    if path.stat().st_size <= position:
+                        continue
+                    for block in whole_lines(path, position):
+                        out.write(block if block.endswith(b"\n") else block + b"\n")
+                        position += len(block)
+                        reached[path.name] = position
+                        if out.tell() >= _INGEST_BATCH:
+                            added += self._insert_batch(out, fresh, reached)
+                            reached = {}
+                if reached:
+                    added += self._insert_batch(out, fresh, reached)
         finally:
-            fresh.unlink()
+            fresh.unlink(missing_ok=True)
+        return added
+
+    def _insert_batch(self, out, lines: Path, reached: dict[str, int]) -> int:
+        out.flush()
+        self.journal_bytes_read += out.tell()
+        added = self._insert_journal_lines(lines, reached)
+        out.seek(0)
+        out.truncate()
+        return added
 
     def _insert_journal_lines(self, lines: Path, reached: dict[str, int]) -> int:
         before = self.query("SELECT count(*) FROM llm_calls")[0][0]
@@ -390,3 +389,44 @@ class Store:
             self.con.execute("ROLLBACK")
             raise
         return self.query("SELECT count(*) FROM llm_calls")[0][0] - before
+
+    def compact_journals(self, journal_dir: str | Path) -> Compaction:
+        """Ingest the journals, then fold those of finished writers into one segment and delete them.
+
+        Never loses a paid call, whenever a kill lands: the segment is durable before any journal is deleted
+        (`write_segment`), and a compaction interrupted after that is finished here first, from the segment's
+        list of what it holds. The segment counts as ingested, in the transaction that forgets its sources."""
+        journal_dir = Path(journal_dir)
+        if not journal_dir.is_dir():
+            return Compaction(folded=0, segment=None, segment_bytes=0, journals_left=0)
+        for segment in sorted(journal_dir.glob(f"{SEGMENT_PREFIX}*.jsonl")):
+            if segment.exists() and (left := [n for n in segment_header(segment).segment_of if (journal_dir / n).exists()]):
+                self._forget_folded(journal_dir, left)  # a compaction killed after its segment's rename
+        self.ingest_journals(journal_dir)
+        ingested = dict(self.query("SELECT path, bytes FROM journal_ingested"))
+        sources = [p for p in sorted(journal_dir.glob(JOURNAL_GLOB))
+                   if ingested.get(p.name) == p.stat().st_size and is_finished(p)]
+        if not sources or (len(sources) == 1 and sources[0].name.startswith(SEGMENT_PREFIX)):  # folded already
+            return Compaction(folded=0, segment=None, segment_bytes=0,
+                              journals_left=len(list(journal_dir.glob(JOURNAL_GLOB))))
+        segment = write_segment(journal_dir, sources)
+        size = segment.stat().st_size
+        self._forget_folded(journal_dir, [p.name for p in sources], (segment.name, size))
+        return Compaction(folded=len(sources), segment=segment.name, segment_bytes=size,
+                          journals_left=len(list(journal_dir.glob(JOURNAL_GLOB))))
+
+    def _forget_folded(self, journal_dir: Path, names: list[str], segment: tuple[str, int] | None = None) -> None:
+        """Drop journals a durable segment holds from `journal_ingested` (recording the segment as ingested, when
+        given), then delete their files."""
+        self.con.execute("BEGIN TRANSACTION")
+        try:
+            self.con.execute("DELETE FROM journal_ingested WHERE path IN (SELECT unnest(?::VARCHAR[]))", [names])
+            if segment is not None:
+                self.con.execute("INSERT OR REPLACE INTO journal_ingested VALUES (?, ?)", list(segment))
+            self.con.execute("COMMIT")
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
+        for name in names:
+            (journal_dir / name).unlink(missing_ok=True)
+        sync_directory(journal_dir)

@@ -126,7 +126,8 @@ def journal_keys(work_dir: Path) -> list[str]:
     for path in sorted((work_dir / "journal").glob("calls-*.jsonl")):
         for line in path.read_bytes().splitlines():
             with contextlib.suppress(orjson.JSONDecodeError):  # a line torn by a kill mid-write was never used
-                keys.append(orjson.loads(line)["key"])
+                if "key" in (record := orjson.loads(line)):  # not a close line or a segment's header
+                    keys.append(record["key"])
     return keys
 
 

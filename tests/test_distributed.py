@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,12 +28,13 @@ from helpers import math_policy, query
 from scripted_server import Faults, ScriptedServer
 
 from swirl_core.config import ClusterConfig, CurateConfig, GenerateConfig, ModelConfig
+from swirl_core.llm.cache import JOURNAL_GLOB, SEGMENT_PREFIX, segment_header
 
 pytestmark = pytest.mark.slow
 
 GSM8K = str(FIXTURES / "gsm8k_test20.jsonl")
 DASK = str(Path(sys.executable).with_name("dask"))
-JOURNAL_NAME = re.compile(r"calls-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}\.jsonl")
+WRITER = re.compile(r"calls-(?P<host>.+)-(?P<pid>\d+)")  # a journal's name without its own suffix
 
 
 class DaskCluster:
@@ -169,14 +171,19 @@ class OpenFileWatch:
 
 
 def journal_writers(db: Path) -> dict[tuple[str, int], int]:
-    """(hostname, pid) of each journal file under <db>.work/journal -> the calls it holds."""
-    writers: dict[tuple[str, int], int] = {}
-    for path in (db.with_suffix(".work") / "journal").glob("calls-*.jsonl"):
-        m = JOURNAL_NAME.fullmatch(path.name)
-        assert m, path.name
-        key = (m["host"], int(m["pid"]))
-        writers[key] = writers.get(key, 0) + sum(1 for line in path.read_text().splitlines() if line.strip())
-    return writers
+    """(hostname, pid) of each process that journaled calls under <db>.work/journal -> the calls it paid (the
+    journals folded into a segment are counted from its header)."""
+    writers: Counter[tuple[str, int]] = Counter()
+    for path in (db.with_suffix(".work") / "journal").glob(JOURNAL_GLOB):
+        if path.name.startswith(SEGMENT_PREFIX):
+            counts = segment_header(path).writers
+        else:
+            counts = {path.name.rsplit("-", 1)[0]: sum(b'"key"' in line for line in path.read_bytes().splitlines())}
+        for name, calls in counts.items():
+            m = WRITER.fullmatch(name)
+            assert m, name
+            writers[m["host"], int(m["pid"])] += calls
+    return dict(writers)
 
 
 def _judge(body: dict) -> str:

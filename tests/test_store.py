@@ -79,6 +79,25 @@ def test_journal_ingestion_reads_only_the_bytes_journals_gained(tmp_path):
         assert store.ingest_journals(journal) == 0 and store.journal_bytes_read == 0
 
 
+def test_journal_ingestion_in_batches_keeps_every_row_and_how_far_each_journal_was_read(tmp_path, monkeypatch):
+    import swirl_core.store as store_module
+
+    monkeypatch.setattr(store_module, "_INGEST_BATCH", 200)  # a few lines per insert, as 16 MiB are at scale
+    journal = tmp_path / "journal"
+    journal.mkdir()
+    row = {"model": "m", "text": "x" * 50, "run_id": "r1", "purpose": "policy", "created_at": "2026-01-01T00:00:00+00:00"}
+    for name in ("calls-a-1-x.jsonl", "calls-b-2-y.jsonl"):
+        (journal / name).write_text("".join(json.dumps({**row, "key": f"{name}-{i}"}) + "\n" for i in range(10)))
+    with Store(tmp_path / "s.duckdb") as store:
+        assert store.ingest_journals(journal) == 20
+        assert store.query("SELECT count(*), count(DISTINCT call_key) FROM llm_calls") == [(20, 20)]
+        assert dict(store.query("SELECT path, bytes FROM journal_ingested")) == {
+            p.name: p.stat().st_size for p in journal.glob("calls-*.jsonl")}
+        assert store.ingest_journals(journal) == 0
+        assert store.journal_bytes_read == sum(p.stat().st_size for p in journal.glob("calls-*.jsonl"))
+    assert not list(journal.glob("*.part"))
+
+
 def test_scrub_drops_secret_fields_at_any_depth():
     assert scrub({"a": [{"token": "t", "hf_token_env": "HF"}], "password": "p", "b": 1}) == {
         "a": [{"hf_token_env": "HF"}], "b": 1}

@@ -96,6 +96,8 @@ class LLMClient:
 
     async def aclose(self) -> None:
         await self.backend.aclose()
+        if self.journal is not None:
+            self.journal.release()
 
 
 def _estimate_tokens(request: ChatRequest) -> int:
