@@ -14,6 +14,7 @@ from helpers import math_policy
 from scripted_server import Faults, ScriptedServer
 
 from swirl_core.config import GenerateConfig, ModelConfig
+from swirl_core.llm.cache import CallJournal
 
 GSM8K = str(FIXTURES / "gsm8k_test20.jsonl")
 
@@ -188,7 +189,7 @@ def test_a_rerun_that_only_resumes_says_what_it_replays_for_free(prefect_api, tm
         first = generate(_config(srv, tmp_path, work_dir=str(tmp_path / "work"), progress=False))
         assert (first["calls"].paid, first["calls"].replayed) == (24, 0) == (srv.stats()["completed"], 0)
         # The run interrupted before any trajectory was stored: its journal holds every call, its database none.
-        journaled = sum(len(p.read_bytes().splitlines()) for p in (tmp_path / "work" / "journal").glob("calls-*.jsonl"))
+        journaled = len(CallJournal(tmp_path / "work" / "journal"))
         again = generate(_config(srv, tmp_path, work_dir=str(tmp_path / "work"), db=str(tmp_path / "fresh.duckdb"),
                                  progress=False))
         assert again["trajectories"] == 8 and srv.stats()["total"] == 24  # nothing sent again
