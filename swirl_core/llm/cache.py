@@ -24,7 +24,7 @@ import orjson
 
 JOURNAL_GLOB = "calls-*.jsonl"
 REPLAY_FIELDS = ("key", "text", "finish_reason", "prompt_tokens", "completion_tokens", "cost_usd", "latency_s",
-                 "choice_probs")
+                 "choice_probs", "tool_calls")
 _OFFSET_BITS = 40  # a journal file may grow to 1 TiB; the file number takes the bits above
 _OFFSET_MASK = (1 << _OFFSET_BITS) - 1
 _OPEN_READERS = 32  # journals kept open for replay: a work directory gains a journal per process per run
