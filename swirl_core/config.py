@@ -10,9 +10,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from swirl_core.config_base import StrictConfig, Workspace
+from swirl_core.config_base import ActionProtocol, StrictConfig, Workspace
 from swirl_core.llm.config import GreedyModelConfig, ModelConfig, parse_model_spec
-from swirl_core.records import StepProtocol
 from swirl_core.training.trainers import TrainSettings
 
 __all__ = ["ModelConfig", "GreedyModelConfig", "parse_model_spec", "Workspace"]  # re-exported: flows and tests import them here
@@ -71,11 +70,6 @@ class Bootstrap(StrictConfig):
 
     n_resamples: int = Field(2000, ge=100, le=100_000, description="bootstrap resamples for the CIs")
     confidence: float = Field(0.95, gt=0.5, lt=1)
-
-
-class ActionProtocol(StrictConfig):
-    protocol: StepProtocol = Field(StepProtocol.TAGS, description="how the policy calls tools: tags (the paper's "
-                                   "<search_query>/<math_exp>/<answer>) or tools (native function calling)")
 
 
 class GenerateConfig(ActionProtocol, SeedSource, OnCluster, Workspace):
@@ -230,10 +224,10 @@ class EvalConfig(ActionProtocol, SeedSource, Bootstrap, OnCluster, Workspace):
 PIPELINE_SAMPLES = 4  # trajectories per question in a pipeline run: the demo's, within its 10 minutes
 
 
-class PipelineConfig(OnCluster, Workspace):
+class PipelineConfig(ActionProtocol, OnCluster, Workspace):
     """Parameters of the `pipeline` flow: generate → curate → train (SFT, SWiRL) → evaluate → publish.
 
-    `db`, `work_dir`, `cluster` and `progress` are set once here and hold for every stage; a stage that
+    `db`, `work_dir`, `cluster`, `progress` and `protocol` are set once here and hold for every stage; a stage that
     names another value is refused. Defaults are the offline demo: the shipped math questions, the
     in-process SmolLM2 as policy and judge, a few training steps of each method, and evaluation of
     base vs SFT vs SWiRL on the demo's held-out test split.
@@ -262,7 +256,8 @@ class PipelineConfig(OnCluster, Workspace):
     @model_validator(mode="after")
     def _share(self) -> PipelineConfig:
         """Hand the shared settings to every stage; a stage that sets one differently is a mistake."""
-        shared = {"db": self.db, "work_dir": self.work_dir, "cluster": self.cluster, "progress": self.progress}
+        shared = {"db": self.db, "work_dir": self.work_dir, "cluster": self.cluster, "progress": self.progress,
+                  "protocol": self.protocol}
         for stage in ("generate", "curate", "evaluate", "publish"):
             section = getattr(self, stage)
             if section is None:

@@ -183,3 +183,31 @@ async def test_in_process_tool_calls_come_back_as_the_served_paths_calls_and_ste
     again = await replay.complete(requests["two calls"])
     await replay.aclose()
     assert again.cached and again.tool_calls == responses["two calls"].tool_calls
+
+
+async def test_smollm2_runs_the_tools_protocol_in_process_and_every_step_is_an_honest_outcome(tmp_path):
+    """The offline SmolLM2 under `--protocol tools`: no tag grammar, no tag demonstrations, the shipped template
+    named in every row; whatever the model writes is a step with a valid call or a recorded reason."""
+    from swirl_core.agent import Agent
+    from swirl_core.config import GenerateConfig
+    from swirl_core.generation import plan_generation
+    from swirl_core.llm.chat_templates import ToolTemplate
+    from swirl_core.records import StepProtocol
+    from swirl_core.tools.calculator import Calculator
+
+    plan = plan_generation(GenerateConfig(dataset="demo-math", limit=1, samples=2, max_steps=1, protocol="tools",
+                                          db=str(tmp_path / "x.duckdb")))
+    policy = plan.policy
+    assert (policy.tool_template, policy.constraint, policy.few_shot) == (ToolTemplate.SWIRL, None, False)
+    assert policy.prompt_version == "policy-math-v1+tools-v1+swirl-hermes-tools-v1"
+    client = build_client(ModelConfig(model="smollm2"), tmp_path)
+    trajectories = await Agent(client, policy, {"math": Calculator()}).run_many([(plan.questions[0], i) for i in range(2)])
+    await client.aclose()
+    reasons = {"no tool call", "more than one action in one message"}
+    for t in trajectories:
+        assert t.protocol == StepProtocol.TOOLS and t.status in ("answered", "step_cap") and t.steps
+        for s in t.steps:
+            assert s.prompt_version == policy.prompt_version
+            assert s.action.kind in ("math", "answer") or s.action.error in reasons or s.action.error.startswith(
+                ("unknown tool", "arguments of", "calculator needs", "answer needs")), s.action
+            assert (s.tool_calls is None) == (s.action.error == "no tool call")

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from swirl_core.config_base import Workspace
+from swirl_core.config_base import ActionProtocol, Workspace
 from swirl_core.llm.config import GreedyModelConfig, ModelConfig
 from swirl_core.llm.local_models import SMOLLM2_HUB_ID, is_smollm2
 from swirl_core.records import CuratedFilter, TaskKind
@@ -37,7 +37,7 @@ LAUNCH_DIR = "launch"  # spec, progress and per-rank results of a launched (seve
 HUB_IGNORE = [f"{CHECKPOINT_PREFIX}*", "train_data/*", f"{LAUNCH_DIR}/*", "runs/*", RUN_FILE]
 
 
-class TrainConfig(Workspace):
+class TrainConfig(ActionProtocol, Workspace):
     """Parameters of the `train` flow."""
 
     filter: CuratedFilter | None = Field(
