@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import threading
 import time
@@ -26,8 +25,6 @@ from pathlib import Path
 from swirl_core.llm.base import ChatRequest, Choice, Grammar, LLMError
 from swirl_core.llm.chat_templates import ToolTemplate, parse_tool_call_blocks, shipped_template, template_messages, tool_template
 from swirl_core.records import LLMResponse
-
-log = logging.getLogger(__name__)
 
 _models: dict[str, tuple[object, object]] = {}
 _models_lock = threading.Lock()
@@ -147,11 +144,7 @@ class TransformersBackend:
     @cached_property
     def _tool_template(self) -> str | None:
         """The chat template that renders tools: None for the model's own, else the shipped one's text."""
-        if tool_template(self._model[1]) == ToolTemplate.MODEL:
-            return None
-        log.info("%s: its chat template ignores `tools`; rendering them with swirl's %s template", self.model_path,
-                 ToolTemplate.SWIRL.value)
-        return shipped_template()
+        return None if tool_template(self._model[1]) == ToolTemplate.MODEL else shipped_template()
 
     def _prompt(self, request: ChatRequest) -> str:
         _, tok = self._model

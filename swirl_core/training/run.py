@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 from swirl_core.config_base import ActionProtocol, Workspace
 from swirl_core.llm.config import GreedyModelConfig, ModelConfig
 from swirl_core.llm.local_models import SMOLLM2_HUB_ID, is_smollm2
-from swirl_core.records import CuratedFilter, TaskKind
+from swirl_core.records import CuratedFilter, StepProtocol, TaskKind
 from swirl_core.store import Store
 from swirl_core.training.data import load_exported, rl_dataset, sft_dataset
 from swirl_core.training.progress import ProgressSink, progress_callback
@@ -96,6 +96,8 @@ def run_training(request: TrainConfig, run_id: str, *, on_progress: ProgressSink
                          "(run `swirl curate`, or choose another --filter)")
     lineage = export.lineage() | {"filter": request.resolved_filter, "prompt_versions": prompt_versions, "db": request.db,
                                   "data_sha256": _sha256(export.files), "requested_run_ids": request.run_ids}
+    if request.protocol != StepProtocol.TAGS:  # named only when not the paper's, so earlier runs keep their lineage
+        lineage["protocol"] = request.protocol
     if settings.method == "swirl":
         lineage["judge_model"] = request.resolved_judge.model
     if (done := finished_run(folder, settings, lineage)) is not None:
