@@ -40,7 +40,7 @@ from swirl_core.config import (
     PublishConfig,
 )
 from swirl_core.config_base import DEFAULT_DB, Workspace
-from swirl_core.records import CuratedFilter
+from swirl_core.records import CuratedFilter, StepProtocol
 from swirl_core.training.run import TrainConfig
 from swirl_core.training.trainers import TrainSettings
 
@@ -202,7 +202,7 @@ def pipeline_config(*, config: ConfigFile = None, db: str | None = None, work_di
         policy: Annotated[str | None, Parameter(metavar=SPEC)] = None, judge: Annotated[str | None, Parameter(metavar=SPEC)] = None,
         eval_limit: int | None = None, train: bool = True, run_eval: Annotated[bool, Parameter(name="--eval")] = True,
         publish_repo_id: Annotated[str | None, Parameter(metavar="USER/NAME")] = None,
-        scheduler_address: str | None = None, progress: bool = True) -> PipelineConfig:
+        protocol: StepProtocol | None = None, scheduler_address: str | None = None, progress: bool = True) -> PipelineConfig:
     """The whole pipeline: generate, curate, train SFT and SWiRL, evaluate, publish.
 
     Without options, the offline demo (about 10 minutes on 2 CPU cores). Rerunning resumes: nothing is paid for or trained twice.
@@ -221,10 +221,11 @@ def pipeline_config(*, config: ConfigFile = None, db: str | None = None, work_di
         train: --no-train stops after curation
         run_eval: --no-eval skips the evaluation
         publish_repo_id: also publish the curated sets to this Hub repo
+        protocol: tags or tools, for generation, training and evaluation alike
         scheduler_address: Dask scheduler tls://HOST:PORT or tcp://HOST:PORT (default: a local cluster)
         progress: progress bars
     """
-    top = {k: v for k, v in {"db": db, "work_dir": work_dir}.items() if v is not None}
+    top = {k: v for k, v in {"db": db, "work_dir": work_dir, "protocol": protocol}.items() if v is not None}
     if scheduler_address:
         top["cluster"] = {"address": scheduler_address}
     if not progress:

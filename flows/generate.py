@@ -15,6 +15,7 @@ from prefect import flow, get_run_logger
 from flows.runtime import database_slot, task_runner
 from swirl_core.config import GenerateConfig
 from swirl_core.generation import make_generate_shards, plan_generation, run_summary, verify_constraint
+from swirl_core.llm.chat_templates import ToolTemplate
 from swirl_core.progress import CallTally
 from swirl_core.records import Trajectory
 from swirl_core.stage import Shard, ShardFailure, run_stage
@@ -52,7 +53,10 @@ def generate(config: GenerateConfig = GenerateConfig()) -> dict[str, Any]:
         stored_config = config.model_dump(mode="json") | {"resolved_policy": {
             "max_steps": plan.policy.max_steps, "few_shot": plan.policy.few_shot, "constraint": plan.policy.constraint,
             "max_tokens": plan.policy.max_tokens, "corpus": plan.corpus_path, "fingerprint": plan.policy.fingerprint,
-            "constraint_probe": asdict(probe) if probe else None}}
+            "constraint_probe": asdict(probe) if probe else None, "tool_template": plan.policy.tool_template}}
+        if plan.policy.tool_template == ToolTemplate.SWIRL:
+            logger.info("%s's chat template ignores `tools`: the tools are rendered with swirl's %s template",
+                        config.policy.model, ToolTemplate.SWIRL.value)
         attempt = store.start_run(
             plan.run_id, "generate" if config.purpose == "train" else "eval-generate", stored_config, dataset=config.dataset,
             model=config.policy.model, prompt_version=plan.policy.prompt_version,

@@ -23,6 +23,7 @@ from swirl_core.config import EvalModel, ModelConfig, PipelineConfig
 from swirl_core.generation import plan_generation
 from swirl_core.store import Store, query_dicts
 from swirl_core.training.run import TrainConfig
+from swirl_core.training.trainers import TrainSettings
 from tasks.artifacts import publish_markdown, publish_tables
 
 
@@ -51,14 +52,7 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
     for settings in (config.sft, config.swirl):
         if settings is None:
             continue
-        # Its own generation run only: older runs with other policies or prompts must not leak into training.
-        pub = config.publish
-        train_config = TrainConfig(db=config.db, work_dir=config.work_dir, settings=settings, dataset=config.generate.dataset,
-                                   run_ids=[gen["run_id"]], judge=config.curate.judge if settings.method == "swirl" else None,
-                                   progress=config.progress, dataset_repo_id=pub.repo_id if pub else None,
-                                   push_to_hub=f"{pub.repo_id}-{settings.method}" if pub and pub.push_models and not pub.dry_run else None,
-                                   private=pub.private if pub else True, token_secret=pub.token_secret if pub else None)
-        result = stage(f"train-{settings.method}", lambda c=train_config: train_flow(c),
+        result = stage(f"train-{settings.method}", lambda c=train_config(config, settings, gen["run_id"]): train_flow(c),
                        lambda r: {"status": "skipped (already trained on this data)" if r["skipped"] else "completed",
                                   "detail": f"{r['steps']} steps on {r['lineage']['rows']} rows"
                                             + (f" ({r['dropped_too_long']} over max_length left out)" if r["dropped_too_long"] else "")})
@@ -94,6 +88,18 @@ def check_inputs(config: PipelineConfig) -> None:
     plan_generation(config.generate)
     if config.evaluate is not None:
         plan_generation(config.evaluate.generate_config(config.evaluate.models[0]))
+
+
+def train_config(config: PipelineConfig, settings: TrainSettings, run_id: str) -> TrainConfig:
+    """One training stage's config: the pipeline's shared settings, on its own generation run only (older runs with
+    other policies or prompts must not leak into training)."""
+    pub = config.publish
+    return TrainConfig(db=config.db, work_dir=config.work_dir, protocol=config.protocol, settings=settings,
+                       dataset=config.generate.dataset, run_ids=[run_id],
+                       judge=config.curate.judge if settings.method == "swirl" else None,
+                       progress=config.progress, dataset_repo_id=pub.repo_id if pub else None,
+                       push_to_hub=f"{pub.repo_id}-{settings.method}" if pub and pub.push_models and not pub.dry_run else None,
+                       private=pub.private if pub else True, token_secret=pub.token_secret if pub else None)
 
 
 def _eval_models(config: PipelineConfig, checkpoints: dict[str, str]) -> list[EvalModel]:

@@ -8,7 +8,7 @@ from prefect import flow, get_run_logger
 
 from flows.runtime import database_slot
 from swirl_core.config import PublishConfig
-from swirl_core.hub import contamination, dataset_card, export_folder, write_run_config
+from swirl_core.hub import contamination, dataset_card, export_folder, validate_card, write_run_config
 from swirl_core.store import Store
 from tasks.artifacts import publish_markdown
 from tasks.publish import hub_token, upload
@@ -28,6 +28,7 @@ def publish(config: PublishConfig) -> dict[str, Any]:
     result: dict[str, Any] = {"folder": str(folder), "rows": summary.rows, "contamination": report,
                               "repo_id": config.repo_id, "uploaded": False}
     if not config.dry_run:
+        validate_card(card)  # a card the Hub refuses stops here, with the folder exported and nothing uploaded
         result |= upload(str(folder), config.repo_id, config.private, hub_token(config.token_secret)) | {"uploaded": True}
     publish_markdown("publish", card.text, f"dataset card for {config.repo_id}", name="card")
     return result

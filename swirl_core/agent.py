@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from swirl_core.constraints import ActionGrammar, ServerKind, action_fields
 from swirl_core.hashing import content_hash
 from swirl_core.llm.base import ChatRequest, Grammar, LLMError, Served
+from swirl_core.llm.chat_templates import ToolTemplate
 from swirl_core.llm.client import LLMClient
 from swirl_core.progress import notify
 from swirl_core.protocol import (
@@ -48,6 +49,7 @@ class PolicySpec:
     tools_fingerprint: str = ""
     tools: bool = True  # False: no-tool mode, answer only (its own prompt version, so its own fingerprint)
     protocol: StepProtocol = StepProtocol.TAGS
+    tool_template: ToolTemplate | None = None  # in-process under the tools protocol: which template renders the tools
 
     def __post_init__(self) -> None:
         if self.protocol == StepProtocol.TOOLS:  # refused, never silently dropped
@@ -61,7 +63,7 @@ class PolicySpec:
 
     @functools.cached_property  # read several times per step
     def prompt_version(self) -> str:
-        return prompt_version(self.task, self.few_shot, self.tools, self.protocol)
+        return prompt_version(self.task, self.few_shot, self.tools, self.protocol, self.tool_template)
 
     @property
     def max_turns(self) -> int:

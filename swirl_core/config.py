@@ -224,10 +224,10 @@ class EvalConfig(ActionProtocol, SeedSource, Bootstrap, OnCluster, Workspace):
 PIPELINE_SAMPLES = 4  # trajectories per question in a pipeline run: the demo's, within its 10 minutes
 
 
-class PipelineConfig(OnCluster, Workspace):
+class PipelineConfig(ActionProtocol, OnCluster, Workspace):
     """Parameters of the `pipeline` flow: generate → curate → train (SFT, SWiRL) → evaluate → publish.
 
-    `db`, `work_dir`, `cluster` and `progress` are set once here and hold for every stage; a stage that
+    `db`, `work_dir`, `cluster`, `progress` and `protocol` are set once here and hold for every stage; a stage that
     names another value is refused. Defaults are the offline demo: the shipped math questions, the
     in-process SmolLM2 as policy and judge, a few training steps of each method, and evaluation of
     base vs SFT vs SWiRL on the demo's held-out test split.
@@ -256,7 +256,8 @@ class PipelineConfig(OnCluster, Workspace):
     @model_validator(mode="after")
     def _share(self) -> PipelineConfig:
         """Hand the shared settings to every stage; a stage that sets one differently is a mistake."""
-        shared = {"db": self.db, "work_dir": self.work_dir, "cluster": self.cluster, "progress": self.progress}
+        shared = {"db": self.db, "work_dir": self.work_dir, "cluster": self.cluster, "progress": self.progress,
+                  "protocol": self.protocol}
         for stage in ("generate", "curate", "evaluate", "publish"):
             section = getattr(self, stage)
             if section is None:

@@ -19,8 +19,10 @@ from swirl_core.agent import Agent, PolicySpec
 from swirl_core.config import GenerateConfig, ModelConfig
 from swirl_core.constraints import ProbeResult, probe_constraint
 from swirl_core.hashing import content_hash
+from swirl_core.llm.chat_templates import checkpoint_tool_template
 from swirl_core.llm.client import LLMClient
 from swirl_core.llm.factory import served_key
+from swirl_core.llm.local_models import resolve_local_model
 from swirl_core.records import InvalidRow, Question, StepProtocol, TaskKind, Trajectory
 from swirl_core.seeds import DATASETS, corpus_from_questions, load_seeds
 from swirl_core.stage import Job, Shard, make_shards, shards_per_worker, units_per_shard
@@ -74,11 +76,16 @@ class GenerationPlan:
 def policy_spec(cfg: ModelConfig, task: TaskKind, max_steps: int, tools_fingerprint: str, tools: bool = True,
                 protocol: StepProtocol = StepProtocol.TAGS) -> PolicySpec:
     served = cfg.resolved_constraint == "regex" and cfg.server_kind != "auto"
+    native = protocol == StepProtocol.TOOLS
+    # The tag grammar and the tag demonstrations are the in-process defaults of the tag protocol only.
+    constraint = None if native and cfg.constraint == "auto" else cfg.resolved_constraint
+    few_shot = False if native and cfg.few_shot is None else cfg.resolved_few_shot
     return PolicySpec(
-        model=cfg.resolved_identity, task=task, max_steps=max_steps, few_shot=cfg.resolved_few_shot,
-        constraint=cfg.resolved_constraint, temperature=cfg.temperature, top_p=cfg.top_p,
+        model=cfg.resolved_identity, task=task, max_steps=max_steps, few_shot=few_shot,
+        constraint=constraint, temperature=cfg.temperature, top_p=cfg.top_p,
         max_tokens=cfg.resolved_max_tokens, tools_fingerprint=tools_fingerprint, tools=tools,
         server_kind=cfg.server_kind if served else None, protocol=protocol,
+        tool_template=checkpoint_tool_template(resolve_local_model(cfg.model)) if native and cfg.is_local else None,
     )
 
 

@@ -180,6 +180,22 @@ def write_run_config(con, folder: str | Path) -> Path:
     return path
 
 
+class CardRejected(ValueError):
+    """The Hub's card validation (`/api/validate-yaml`) refused the dataset card: nothing was uploaded."""
+
+
+def validate_card(card: DatasetCard) -> None:
+    """The Hub's own check of the card's metadata, before anything is uploaded; a refusal is one line."""
+    try:
+        card.validate(repo_type="dataset")
+    except ValueError as exc:  # huggingface_hub raises the Hub's 400 answer, `{"error": …}`, as a ValueError
+        try:
+            reason = json.loads(str(exc))["error"]
+        except (ValueError, TypeError, KeyError):
+            reason = str(exc)
+        raise CardRejected(f"the Hub rejected the dataset card: {' '.join(str(reason).split())}") from exc
+
+
 def upload_folder(folder: str | Path, repo_id: str, *, token: str | None, private: bool,
                   message: str = "Publish SWiRL curated data", repo_type: str = "dataset",
                   ignore_patterns: list[str] | None = None) -> dict[str, Any]:

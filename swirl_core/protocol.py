@@ -10,6 +10,7 @@ import json
 import re
 from dataclasses import dataclass
 
+from swirl_core.llm.chat_templates import ToolTemplate
 from swirl_core.records import Action, ActionKind, StepProtocol, TaskKind
 
 ARROW = "→"
@@ -108,10 +109,11 @@ def actions(task: TaskKind, tools: bool = True) -> tuple[ActionKind, ...]:
     return TASK_ACTIONS[task] if tools else ("answer",)
 
 
-def prompt_version(task: TaskKind, few_shot: bool, tools: bool = True,
-                   protocol: StepProtocol = StepProtocol.TAGS) -> str:
-    if protocol == StepProtocol.TOOLS:
-        return POLICY_PROMPT_VERSION[task] + TOOLS_PROMPT_SUFFIX
+def prompt_version(task: TaskKind, few_shot: bool, tools: bool = True, protocol: StepProtocol = StepProtocol.TAGS,
+                   tool_template: ToolTemplate | None = None) -> str:
+    if protocol == StepProtocol.TOOLS:  # a prompt rendered by swirl's own tool template says so in every row
+        shipped = f"+{ToolTemplate.SWIRL}" if tool_template == ToolTemplate.SWIRL else ""
+        return POLICY_PROMPT_VERSION[task] + TOOLS_PROMPT_SUFFIX + shipped
     base = POLICY_PROMPT_VERSION if tools else NO_TOOL_PROMPT_VERSION
     return base[task] + (FEW_SHOT_SUFFIX if few_shot else "")
 

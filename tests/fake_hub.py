@@ -21,6 +21,7 @@ import json
 import secrets
 import socketserver
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -207,8 +208,10 @@ class FakeHub:
 
     username = "user"
 
-    def __init__(self, token: str = "hf_test_token") -> None:
+    def __init__(self, token: str = "hf_test_token", card_rules: Sequence[Callable[[str], list[str]]] = ()) -> None:
         self.token = token
+        # More checks of /api/validate-yaml (a card's text -> its errors): the real Hub's rules this fake lacks.
+        self.card_rules = tuple(card_rules)
         self.url = ""
         self.auth_headers_seen: list[str] = []  # every Authorization value received, in order
         self.requests_seen: list[str] = []  # "METHOD /path" (no query, no headers), in order
@@ -276,7 +279,8 @@ class FakeHub:
             return h._json({"type": "user", "name": self.username, "fullname": self.username, "orgs": [],
                             "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": "write"}}})
         if parts[:2] == ["api", "validate-yaml"] and method == "POST":
-            errors = _card_errors(json.loads(body)["content"])
+            content = json.loads(body)["content"]
+            errors = _card_errors(content) + [e for rule in self.card_rules for e in rule(content)]
             if errors:  # the Hub answers 400 with the errors; DatasetCard.validate raises them as a ValueError
                 raise _HubError(400, "; ".join(errors))
             return h._json({"errors": [], "warnings": []})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from conftest import FIXTURES
 from helpers import math_policy
 from scripted_server import Faults, ScriptedServer
@@ -109,7 +110,8 @@ def _call(call_id: str, name: str, arguments: str) -> dict:
     return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
-async def test_tools_protocol_sends_tools_runs_calls_and_records_malformed_ones(tmp_path):
+@pytest.mark.parametrize("backend", ["auto", "litellm"])  # the fast OpenAI path, and litellm (hosted APIs)
+async def test_tools_protocol_sends_tools_runs_calls_and_records_malformed_ones(tmp_path, backend):
     from swirl_core.protocol import tool_definitions
     from swirl_core.records import StepProtocol
 
@@ -123,11 +125,18 @@ async def test_tools_protocol_sends_tools_runs_calls_and_records_malformed_ones(
         {"content": "Done.", "tool_calls": [_call("c6", "answer", '{"answer": "42"}')]},
     ])
     with ScriptedServer(responder=lambda body: next(replies)) as srv:
-        client = build_client(ModelConfig(model="openai/policy", api_base=srv.base_url), tmp_path)
+        cfg = ModelConfig(model="openai/policy", api_base=srv.base_url, backend=backend)
         spec = PolicySpec(model="openai/policy", task="math", max_steps=10, protocol=StepProtocol.TOOLS)
-        agent = Agent(client, spec, {"math": Calculator()})
-        traj = await agent.run(_question("Add 3 and 4, then times 6."), sample_index=0)
-        await client.aclose()
+        runs = []
+        for _ in range(2):  # the second, a resumed run, replays every reply from the journal, its calls included
+            client = build_client(cfg, tmp_path)
+            assert client.backend.name == ("openai_compat" if backend == "auto" else "litellm")
+            runs.append(await Agent(client, spec, {"math": Calculator()}).run(_question("Add 3 and 4, then times 6."), 0))
+            await client.aclose()
+        assert srv.stats()["completed"] == 6
+    traj, replayed = runs
+    assert all(s.cached for s in replayed.steps)
+    assert [(s.action, s.tool_calls, s.observation) for s in replayed.steps] == [(s.action, s.tool_calls, s.observation) for s in traj.steps]
     assert traj.status == "answered" and traj.final_answer == "42" and traj.protocol == StepProtocol.TOOLS
     kinds = [(s.action.kind, s.action.error) for s in traj.steps]
     assert kinds == [
@@ -149,8 +158,6 @@ async def test_tools_protocol_sends_tools_runs_calls_and_records_malformed_ones(
 
 
 def test_tools_protocol_refuses_a_constraint_it_cannot_apply():
-    import pytest
-
     from swirl_core.records import StepProtocol
 
     with pytest.raises(ValueError, match="does not apply under --protocol tools"):

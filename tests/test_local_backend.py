@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
@@ -112,3 +113,102 @@ async def test_any_grammar_it_is_given_is_forced_and_the_backend_knows_no_tags(t
     with pytest.raises(LLMError, match="cannot apply a served constraint"):
         await client.complete(ChatRequest(model="m", messages=[{"role": "user", "content": "x"}], constraint=Served()))
     await client.aclose()
+
+
+# -- the tools protocol in-process ------------------------------------------------------------------------
+def _calls_grammar(*blocks: str) -> str:
+    """A grammar whose only sentence is these `<tool_call>` blocks: the random model writes them, token by token."""
+    return "start: " + " ".join(json.dumps(f"<tool_call>\n{b}\n</tool_call>") for b in blocks) + "\n"
+
+
+def test_a_template_that_ignores_tools_gets_the_shipped_one_and_calls_round_trip(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from swirl_core.llm.chat_templates import (
+        ToolTemplate,
+        parse_tool_call_blocks,
+        shipped_template,
+        template_messages,
+        tool_template,
+    )
+    from swirl_core.protocol import tool_definitions
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert tool_template(tok) == ToolTemplate.SWIRL  # SmolLM2's ChatML template renders no tools
+    tok.chat_template = "{% if tools %}{{ tools | tojson }}{% endif %}{% for m in messages %}{{ m.content }}{% endfor %}"
+    assert tool_template(tok) == ToolTemplate.MODEL  # a template that renders them is the model's own to use
+    call = {"id": "c1", "type": "function", "function": {"name": "calculator", "arguments": '{"expression": "6 * 7"}'}}
+    messages = [{"role": "user", "content": "What is 6 times 7?"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c1", "content": "42"}]
+    text = AutoTokenizer.from_pretrained(tiny_model_dir).apply_chat_template(
+        template_messages(messages), tools=tool_definitions("math"), chat_template=shipped_template(),
+        add_generation_prompt=True, tokenize=False)
+    assert text.startswith("<|im_start|>system\n# Tools") and json.dumps(tool_definitions("math")[0]) in text
+    # the JSON-string arguments are written once, as an object, and read back as the same call
+    turn = text.split("<|im_start|>assistant\n")[1].split("<|im_end|>")[0]
+    assert turn == '<tool_call>\n{"name": "calculator", "arguments": {"expression": "6 * 7"}}\n</tool_call>'
+    assert parse_tool_call_blocks(turn, "c") == ("", [{**call, "id": "c_0"}])
+    assert "<|im_start|>user\n<tool_response>\n42\n</tool_response><|im_end|>\n<|im_start|>assistant\n" in text
+    assert messages[1]["tool_calls"][0] is call and messages[1]["content"] is None  # the agent's messages untouched
+
+
+async def test_in_process_tool_calls_come_back_as_the_served_paths_calls_and_steps(tiny_model_dir, tmp_path):
+    """Real generation on the tiny model, each reply forced by a grammar: the backend renders the tools, reads the
+    `<tool_call>` blocks back as OpenAI-form calls, and the agent's one parser gives the served path's outcomes."""
+    from swirl_core.llm.base import ChatRequest, Grammar
+    from swirl_core.protocol import parse_tool_calls, tool_definitions, tools_policy_messages
+
+    client = build_client(ModelConfig(model=str(tiny_model_dir)), tmp_path)
+    replies = {
+        "valid": _calls_grammar('{"name": "calculator", "arguments": {"expression": "6 * 7"}}'),
+        "broken JSON": _calls_grammar('{"name": "calculator", "arguments": {"expression": "6 * 7"}'),
+        "unknown tool": _calls_grammar('{"name": "search", "arguments": {"query": "x"}}'),
+        "two calls": _calls_grammar('{"name": "calculator", "arguments": {"expression": "1"}}',
+                                    '{"name": "answer", "arguments": {"answer": "42"}}'),
+    }
+    messages = tools_policy_messages("math", "What is 6 times 7?", 3)
+    requests = {name: ChatRequest(model="m", messages=messages, tools=tool_definitions("math"), temperature=0,
+                                  max_tokens=96, constraint=Grammar(lark=g, label=name)) for name, g in replies.items()}
+    assert "<tools>" in client.backend._prompt(requests["valid"])  # the shipped template rendered the offer
+    responses = dict(zip(requests, await asyncio.gather(*(client.complete(r) for r in requests.values()))))
+    await client.aclose()
+    actions = {name: parse_tool_calls(r.text, r.tool_calls, "math") for name, r in responses.items()}
+    assert (actions["valid"].kind, actions["valid"].content) == ("math", "6 * 7")
+    assert responses["valid"].finish_reason == "tool_calls" and responses["valid"].tool_calls[0]["id"].startswith("call_")
+    assert actions["broken JSON"].error == "arguments of calculator are not a JSON object"
+    assert actions["unknown tool"].error == "unknown tool 'search'"
+    assert actions["two calls"].error == "more than one action in one message"
+    # the calls are journaled and replayed with the reply
+    replay = build_client(ModelConfig(model=str(tiny_model_dir)), tmp_path)
+    again = await replay.complete(requests["two calls"])
+    await replay.aclose()
+    assert again.cached and again.tool_calls == responses["two calls"].tool_calls
+
+
+@pytest.mark.slow
+async def test_smollm2_runs_the_tools_protocol_in_process_and_every_step_is_an_honest_outcome(tmp_path):
+    """The offline SmolLM2 under `--protocol tools`: no tag grammar, no tag demonstrations, the shipped template
+    named in every row; whatever the model writes is a step with a valid call or a recorded reason."""
+    from swirl_core.agent import Agent
+    from swirl_core.config import GenerateConfig
+    from swirl_core.generation import plan_generation
+    from swirl_core.llm.chat_templates import ToolTemplate
+    from swirl_core.records import StepProtocol
+    from swirl_core.tools.calculator import Calculator
+
+    plan = plan_generation(GenerateConfig(dataset="demo-math", limit=1, samples=1, max_steps=1, protocol="tools",
+                                          db=str(tmp_path / "x.duckdb")))
+    policy = plan.policy
+    assert (policy.tool_template, policy.constraint, policy.few_shot) == (ToolTemplate.SWIRL, None, False)
+    assert policy.prompt_version == "policy-math-v1+tools-v1+swirl-hermes-tools-v1"
+    client = build_client(ModelConfig(model="smollm2"), tmp_path)
+    trajectories = await Agent(client, policy, {"math": Calculator()}).run_many([(plan.questions[0], 0)])
+    await client.aclose()
+    reasons = {"no tool call", "more than one action in one message"}
+    for t in trajectories:
+        assert t.protocol == StepProtocol.TOOLS and t.status in ("answered", "step_cap") and t.steps
+        for s in t.steps:
+            assert s.prompt_version == policy.prompt_version
+            assert s.action.kind in ("math", "answer") or s.action.error in reasons or s.action.error.startswith(
+                ("unknown tool", "arguments of", "calculator needs", "answer needs")), s.action
+            assert (s.tool_calls is None) == (s.action.error == "no tool call")

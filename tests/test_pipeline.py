@@ -164,3 +164,17 @@ def test_swirl_run_refuses_bad_inputs_before_any_work(tmp_path, capsys):
     assert main(["run", "--config", str(config)]) == 2
     assert "expected a mapping of pipeline settings" in capsys.readouterr().err
     assert not db.exists()
+
+
+def test_swirl_run_protocol_reaches_generation_training_and_evaluation(tmp_path):
+    from flows.cli import resolve
+    from flows.pipeline import train_config
+    from swirl_core.records import StepProtocol
+
+    config = resolve(["run", "--protocol", "tools", "--db", str(tmp_path / "p.duckdb")])
+    assert config.protocol == config.generate.protocol == config.evaluate.protocol == StepProtocol.TOOLS
+    assert config.evaluate.generate_config(config.evaluate.models[0]).protocol == StepProtocol.TOOLS
+    assert [train_config(config, s, "run").protocol for s in (config.sft, config.swirl)] == [StepProtocol.TOOLS] * 2
+    assert resolve(["run"]).generate.protocol == StepProtocol.TAGS  # the paper's, by default
+    with pytest.raises(ValueError, match="evaluate.protocol is set once"):
+        PipelineConfig(evaluate={"protocol": "tools"})

@@ -125,6 +125,8 @@ def test_publish_to_a_hub_then_load_dataset_and_republish_without_a_commit(label
 
         first = publish()
         assert "new commit" in first and hub.repo_info("user/swirl-test")["private"] is True
+        seen = hub.requests_seen  # the Hub validated the card before the repo was made
+        assert seen.index("POST /api/validate-yaml") < seen.index("POST /api/repos/create")
         commits = len(hub.commits("user/swirl-test"))
         second = publish()
         assert "unchanged, no new commit" in second and len(hub.commits("user/swirl-test")) == commits
@@ -140,6 +142,32 @@ def test_publish_to_a_hub_then_load_dataset_and_republish_without_a_commit(label
         assert json.loads(out.stdout.strip().splitlines()[-1]) == ["t0", "t1"]
     stored = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
     assert token.encode() not in stored
+
+
+@pytest.mark.slow
+def test_publish_refuses_a_card_the_hub_rejects_in_one_line_and_uploads_nothing(labeled_db, tmp_path, prefect_api):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from fake_hub import FakeHub
+
+    def too_many_tags(card: str) -> list[str]:  # a rule of the real Hub's that the fake does not otherwise know
+        return ['"tags" may hold at most 3 entries'] if "- process-supervision" in card else []
+
+    folder = tmp_path / "out"
+    with FakeHub(card_rules=[too_many_tags]) as hub:
+        env = {**os.environ, **hub.env(), "HF_HOME": str(tmp_path / "hf-home")}
+        out = subprocess.run([sys.executable, "-m", "flows.cli", "publish", "--db", str(labeled_db), "--repo-id",
+                              "user/rejected", "--out-dir", str(folder)], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=300)
+        seen = list(hub.requests_seen)
+    assert out.returncode == 2, out.stdout + out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("swirl publish: error:")]
+    assert errors == ['swirl publish: error: the Hub rejected the dataset card: "tags" may hold at most 3 entries']
+    assert "POST /api/validate-yaml" in seen and not any(r.startswith("POST /api/repos") for r in seen)  # nothing uploaded
+    assert (folder / "README.md").is_file() and list(folder.glob("data/*/*.parquet"))  # the export is kept
 
 
 def test_token_can_come_from_a_prefect_secret_block(prefect_api):

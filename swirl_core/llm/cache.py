@@ -39,7 +39,7 @@ CLOSE_LINE = b'{"closed":true}\n'  # a journal's last line once its writer is do
 _SEGMENT_PART = "segment.jsonl.part"  # a segment being written (not a journal until renamed)
 _READ_BLOCK = 1 << 20
 REPLAY_FIELDS = ("key", "text", "finish_reason", "prompt_tokens", "completion_tokens", "cost_usd", "latency_s",
-                 "choice_probs")
+                 "choice_probs", "tool_calls")
 _OFFSET_BITS = 40  # a journal file may grow to 1 TiB; the file number takes the bits above
 _OFFSET_MASK = (1 << _OFFSET_BITS) - 1
 _OPEN_READERS = 32  # journals kept open for replay: a work directory gains a journal per process per run

@@ -6,6 +6,10 @@ into one left-padded `generate` call, so K samples × many questions become a fe
 A request's constraint (a `Grammar` or a `Choice`) is compiled by llguidance into per-token masks; the
 backend knows no task or tag, only the grammar it is given. Measured on SmolLM2-135M: unconstrained it
 almost never emits an action tag; under the action grammar every message parses.
+
+A request that offers `tools` is rendered with them (`chat_templates`: the model's own template when it renders
+tools, else the shipped tool-calling one), and the `<tool_call>` blocks of its completion come back as the
+OpenAI-form `tool_calls` a served model's parser would return.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from functools import cached_property
 from pathlib import Path
 
 from swirl_core.llm.base import ChatRequest, Choice, Grammar, LLMError
+from swirl_core.llm.chat_templates import ToolTemplate, parse_tool_call_blocks, shipped_template, template_messages, tool_template
 from swirl_core.records import LLMResponse
 
 _models: dict[str, tuple[object, object]] = {}
@@ -137,6 +142,18 @@ class TransformersBackend:
         return grammar_tokenizer(self._model[1])
 
     @cached_property
+    def _tool_template(self) -> str | None:
+        """The chat template that renders tools: None for the model's own, else the shipped one's text."""
+        return None if tool_template(self._model[1]) == ToolTemplate.MODEL else shipped_template()
+
+    def _prompt(self, request: ChatRequest) -> str:
+        _, tok = self._model
+        if not request.tools:
+            return tok.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=False)
+        return tok.apply_chat_template(template_messages(request.messages), tools=request.tools, add_generation_prompt=True,
+                                       tokenize=False, chat_template=self._tool_template)
+
+    @cached_property
     def _token_strings(self) -> list[str]:
         _, tok = self._model
         return [tok.decode([i]) for i in range(len(tok))]
@@ -177,11 +194,8 @@ class TransformersBackend:
 
         model, tok = self._model
         first = requests[0]
-        if first.tools:  # refused, not dropped: the model would answer without the tools it was promised
-            raise LLMError("the in-process backend does not run the tools protocol; serve the model (vLLM "
-                           "--tool-call-parser) or use --protocol tags")
         started = time.perf_counter()
-        prompts = [tok.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=False) for r in requests]
+        prompts = [self._prompt(r) for r in requests]
         enc = self._encode(prompts)
         prompt_len = enc["input_ids"].shape[1]
         kwargs = dict(max_new_tokens=first.max_tokens, pad_token_id=tok.pad_token_id)
@@ -222,9 +236,12 @@ class TransformersBackend:
             n_new = int((new != tok.pad_token_id).sum())
             text = tok.decode(new, skip_special_tokens=True)
             finish = "stop" if n_new < first.max_tokens else "length"
+            calls = None
+            if request.tools:  # ids from the request's key: unique in the conversation, the same on a rerun
+                text, calls = parse_tool_call_blocks(text, f"call_{request.key()[:12]}")
             responses.append(
                 LLMResponse(
-                    text=text, finish_reason=finish, prompt_tokens=int(enc["attention_mask"][row].sum()),
+                    text=text, tool_calls=calls, finish_reason="tool_calls" if calls and finish == "stop" else finish, prompt_tokens=int(enc["attention_mask"][row].sum()),
                     completion_tokens=n_new, cost_usd=0.0, latency_s=elapsed, model=request.model,
                     choice_probs=probs[row],
                 )
