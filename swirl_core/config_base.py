@@ -41,9 +41,3 @@ class Workspace(StrictConfig):
         """The call journals: every LLM response, so a rerun pays for nothing twice."""
         return self.resolved_work_dir / "journal"
 
-
-class ActionProtocol(StrictConfig):
-    """A config whose policy takes steps: generation, evaluation, and training on their data."""
-
-    protocol: StepProtocol = Field(StepProtocol.TAGS, description="how the policy calls tools: tags (the paper's "
-                                   "<search_query>/<math_exp>/<answer>) or tools (native function calling)")

@@ -136,7 +136,9 @@ def test_a_template_that_ignores_tools_gets_the_shipped_one_and_calls_round_trip
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     assert tool_template(tok) == ToolTemplate.SWIRL  # SmolLM2's ChatML template renders no tools
     tok.chat_template = "{% if tools %}{{ tools | tojson }}{% endif %}{% for m in messages %}{{ m.content }}{% endfor %}"
-    assert tool_template(tok) == ToolTemplate.MODEL  # a template that renders them is the model's own to use
+    assert tool_template(tok) == ToolTemplate.SWIRL  # it shows the tools but not the calls a later step must see
+    tok.chat_template = "{% if tools %}{{ tools | tojson }}{% endif %}{% for m in messages %}{{ m | tojson }}{% endfor %}"
+    assert tool_template(tok) == ToolTemplate.MODEL  # a template that renders both is the model's own to use
     call = {"id": "c1", "type": "function", "function": {"name": "calculator", "arguments": '{"expression": "6 * 7"}'}}
     messages = [{"role": "user", "content": "What is 6 times 7?"}, {"role": "assistant", "content": None, "tool_calls": [call]},
                 {"role": "tool", "tool_call_id": "c1", "content": "42"}]

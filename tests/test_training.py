@@ -15,12 +15,11 @@ from scripted_server import ScriptedServer
 from swirl_core.config import ModelConfig
 from swirl_core.training.data import rl_dataset, sft_dataset
 from swirl_core.training.rewards import JudgeReward, format_reward
+from swirl_core.llm.chat_templates import renders_tools, shipped_template
 from swirl_core.training.trainers import (
-    TOOL_CALLING_TEMPLATE,
     TrainSettings,
     choose_chat_template,
     fit_max_length,
-    renders_tools,
     sft_trainer,
     train_sft,
     train_swirl,
@@ -318,9 +317,9 @@ def test_the_chat_template_is_the_given_one_else_a_tool_calling_one_for_tools_da
     choose_chat_template(tok, TrainSettings(method="sft", output_dir="o"), tags)
     assert tok.chat_template == own
     choose_chat_template(tok, TrainSettings(method="sft", output_dir="o"), tools)
-    assert tok.chat_template == TOOL_CALLING_TEMPLATE.read_text() and renders_tools(tok)
+    assert tok.chat_template == shipped_template() and renders_tools(tok)
     choose_chat_template(tok, TrainSettings(method="sft", output_dir="o"), tools)  # one that renders tools is kept
-    assert tok.chat_template == TOOL_CALLING_TEMPLATE.read_text()
+    assert tok.chat_template == shipped_template()
     given = tmp_path / "given.jinja"
     given.write_text("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}")
     choose_chat_template(tok, TrainSettings(method="sft", output_dir="o", chat_template=str(given)), tools)

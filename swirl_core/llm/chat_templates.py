@@ -17,9 +17,6 @@ from pathlib import Path
 from typing import Any
 
 TEMPLATE_FILE = Path(__file__).with_name("tool_calling.jinja")
-_PROBE_MESSAGES = [{"role": "user", "content": "ping"}]
-_PROBE_TOOLS = [{"type": "function", "function": {"name": "probe_tool", "description": "probe",
-                                                  "parameters": {"type": "object", "properties": {}}}}]
 # vLLM's hermes parser reads the same blocks; an unclosed last block runs to the end of the reply.
 _BLOCK_RE = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
 _NAME_RE = re.compile(r'"name"\s*:\s*"([^"]*)"')
@@ -37,13 +34,25 @@ def shipped_template() -> str:
     return TEMPLATE_FILE.read_text(encoding="utf-8")
 
 
-def tool_template(tokenizer) -> ToolTemplate:
-    """The model's own template when rendering the tools changes its prompt, else the shipped one."""
-    if not tokenizer.chat_template:
-        return ToolTemplate.SWIRL
-    plain = tokenizer.apply_chat_template(_PROBE_MESSAGES, add_generation_prompt=True, tokenize=False)
-    offered = tokenizer.apply_chat_template(_PROBE_MESSAGES, tools=_PROBE_TOOLS, add_generation_prompt=True, tokenize=False)
-    return ToolTemplate.MODEL if offered != plain else ToolTemplate.SWIRL
+def renders_tools(tokenizer: Any) -> bool:
+    """Whether the tokenizer's chat template shows the model the tools it is offered and the calls it made (a
+    multi-step conversation needs both)."""
+    from jinja2 import TemplateError
+
+    call = {"type": "function", "function": {"name": "swirl_probe_call", "arguments": {"swirl_probe": "swirl_probe_value"}}}
+    tool = {"type": "function", "function": {"name": "swirl_probe_tool", "description": "probe",
+                                             "parameters": {"type": "object", "properties": {}}}}
+    messages = [{"role": "user", "content": "probe"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tools=[tool], tokenize=False)
+    except (TemplateError, ValueError):  # a template that refuses tool calls, or a tokenizer without a template
+        return False
+    return "swirl_probe_tool" in text and "swirl_probe_value" in text
+
+
+def tool_template(tokenizer: Any) -> ToolTemplate:
+    """The model's own template when it renders the tools and the calls, else the shipped one."""
+    return ToolTemplate.MODEL if renders_tools(tokenizer) else ToolTemplate.SWIRL
 
 
 @cache

@@ -20,6 +20,7 @@ from pydantic import Field, model_validator
 
 from swirl_core.config_base import StrictConfig
 from swirl_core.constraints import STEP_TOKENS, ActionGrammar
+from swirl_core.llm.chat_templates import renders_tools, shipped_template
 from swirl_core.llm.local_models import DEFAULT_LOCAL_MODEL, is_local_model, resolve_local_model
 from swirl_core.records import TaskKind
 
@@ -29,8 +30,6 @@ CHECKPOINT_PREFIX = "checkpoint-"
 # run with other values of these is still the same run.
 RUNTIME_FIELDS = frozenset({"save_steps", "save_total_limit", "logging_steps", "report_to"})
 REPORTERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # report_to value → the package it needs
-# For a model whose own chat template does not render `tools` and `tool_calls` (SmolLM2's, many small models').
-TOOL_CALLING_TEMPLATE = Path(__file__).with_name("chat_templates") / "tool_calling.jinja"
 
 
 def _cuda() -> bool:
@@ -147,28 +146,13 @@ def load_policy(base_model: str, *, bf16: bool = False) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def renders_tools(tokenizer: Any) -> bool:
-    """Whether the tokenizer's chat template shows the model the tools it is offered and the calls it made."""
-    from jinja2 import TemplateError
-
-    call = {"type": "function", "function": {"name": "swirl_probe_call", "arguments": {"swirl_probe": "swirl_probe_value"}}}
-    tool = {"type": "function", "function": {"name": "swirl_probe_tool", "description": "probe",
-                                             "parameters": {"type": "object", "properties": {}}}}
-    messages = [{"role": "user", "content": "probe"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
-    try:
-        text = tokenizer.apply_chat_template(messages, tools=[tool], tokenize=False)
-    except (TemplateError, ValueError):  # a template that refuses tool calls, or a tokenizer without a template
-        return False
-    return "swirl_probe_tool" in text and "swirl_probe_value" in text
-
-
 def choose_chat_template(tokenizer: Any, settings: TrainSettings, dataset: Any) -> None:
     """The template given in the settings, else, for tools-protocol data (a `tools` column) whose model's template
     does not render tools, the shipped tool-calling one; otherwise the model's own. A checkpoint saves it."""
     if settings.chat_template:
         tokenizer.chat_template = Path(settings.chat_template).read_text(encoding="utf-8")
     elif "tools" in dataset.column_names and not renders_tools(tokenizer):
-        tokenizer.chat_template = TOOL_CALLING_TEMPLATE.read_text(encoding="utf-8")
+        tokenizer.chat_template = shipped_template()
 
 
 def _common_args(settings: TrainSettings, progress_bar: bool) -> dict[str, Any]:
