@@ -12,6 +12,7 @@ from pydantic import Field, field_validator, model_validator
 
 from swirl_core.config_base import ActionProtocol, StrictConfig, Workspace
 from swirl_core.llm.config import GreedyModelConfig, ModelConfig, parse_model_spec
+from swirl_core.records import StepProtocol
 from swirl_core.training.trainers import TrainSettings
 
 __all__ = ["ModelConfig", "GreedyModelConfig", "parse_model_spec", "Workspace"]  # re-exported: flows and tests import them here
@@ -253,9 +254,20 @@ class PipelineConfig(ActionProtocol, OnCluster, Workspace):
         # The pipeline's own default, whether its generate section is left out or names other settings only.
         return {"samples": PIPELINE_SAMPLES, **v} if isinstance(v, dict) else v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_default_rl_under_tools(cls, data: Any) -> Any:
+        # SWiRL RL learns tag-protocol steps only (TrainConfig refuses the tools protocol): a tools run leaves out
+        # the default RL stage, and one that asks for it is refused (`_share`).
+        if isinstance(data, dict) and data.get("protocol") == StepProtocol.TOOLS and "swirl" not in data:
+            return {**data, "swirl": None}
+        return data
+
     @model_validator(mode="after")
     def _share(self) -> PipelineConfig:
         """Hand the shared settings to every stage; a stage that sets one differently is a mistake."""
+        if self.protocol == StepProtocol.TOOLS and self.swirl is not None:
+            raise ValueError("SWiRL RL trains on tag-protocol steps: with protocol tools set `swirl: null` (SFT only)")
         shared = {"db": self.db, "work_dir": self.work_dir, "cluster": self.cluster, "progress": self.progress,
                   "protocol": self.protocol}
         for stage in ("generate", "curate", "evaluate", "publish"):

@@ -174,7 +174,9 @@ def test_swirl_run_protocol_reaches_generation_training_and_evaluation(tmp_path)
     config = resolve(["run", "--protocol", "tools", "--db", str(tmp_path / "p.duckdb")])
     assert config.protocol == config.generate.protocol == config.evaluate.protocol == StepProtocol.TOOLS
     assert config.evaluate.generate_config(config.evaluate.models[0]).protocol == StepProtocol.TOOLS
-    assert [train_config(config, s, "run").protocol for s in (config.sft, config.swirl)] == [StepProtocol.TOOLS] * 2
+    assert config.swirl is None and train_config(config, config.sft, "run").protocol == StepProtocol.TOOLS
+    with pytest.raises(ValueError, match="SWiRL RL trains on tag-protocol steps"):  # RL learns tag steps only
+        PipelineConfig(protocol="tools", swirl={"method": "swirl", "output_dir": ""})
     assert resolve(["run"]).generate.protocol == StepProtocol.TAGS  # the paper's, by default
     with pytest.raises(ValueError, match="evaluate.protocol is set once"):
         PipelineConfig(evaluate={"protocol": "tools"})
