@@ -301,7 +301,7 @@ class Store:
                 "num_steps": len(t.steps), "num_invalid_steps": sum(s.action.kind == "invalid" for s in t.steps),
                 "prompt_tokens": sum(s.prompt_tokens or 0 for s in t.steps),
                 "completion_tokens": sum(s.completion_tokens or 0 for s in t.steps),
-                "error": t.error, "prompt_messages": json.dumps(t.prompt_messages, ensure_ascii=False),
+                "error": t.error, "prompt_messages": orjson.dumps(t.prompt_messages).decode(),
                 "protocol": t.protocol,
             })
             for s in t.steps:
@@ -312,17 +312,19 @@ class Store:
                     "tool_error": s.tool_error, "call_key": s.call_key, "model": s.model,
                     "prompt_version": s.prompt_version, "constraint": s.constraint, "prompt_tokens": s.prompt_tokens,
                     "completion_tokens": s.completion_tokens, "latency_s": s.latency_s,
-                    "tool_calls": json.dumps(s.tool_calls, ensure_ascii=False) if s.tool_calls else None,
+                    "tool_calls": orjson.dumps(s.tool_calls).decode() if s.tool_calls else None,
                 })
         ids = pa.table({"trajectory_id": pa.array([t.trajectory_id for t in trajectories], pa.string())})
         self.con.execute("BEGIN TRANSACTION")
         try:
-            # A retried trajectory may have fewer steps than its failed attempt: replace them all.
+            # A retried trajectory may have fewer steps than its failed attempt: its rows go, then all come in
+            # as plain inserts (no key lookup per row, as `OR REPLACE` does).
             self.con.register("_ids", ids)
-            self.con.execute("DELETE FROM steps WHERE trajectory_id IN (SELECT trajectory_id FROM _ids)")
+            for table in (TrajectoryRow.TABLE, StepRow.TABLE):
+                self.con.execute(f"DELETE FROM {table} WHERE trajectory_id IN (SELECT trajectory_id FROM _ids)")
             self.con.unregister("_ids")
-            self.write(TrajectoryRow, traj_rows)
-            self.write(StepRow, step_rows)
+            self.write(TrajectoryRow, traj_rows, mode="")
+            self.write(StepRow, step_rows, mode="")
             self.con.execute("COMMIT")
         except BaseException:
             self.con.execute("ROLLBACK")

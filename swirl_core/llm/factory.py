@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import gc
 import os
+import threading
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+
+import orjson
 
 from swirl_core.llm.cache import shared_journal
 from swirl_core.llm.client import LLMClient
@@ -56,17 +62,71 @@ def tune_gc() -> None:
 
 def run_with_client(cfg: ModelConfig, journal_dir: str | Path | None, work: Callable[[LLMClient], Awaitable[T]], *,
                     fsync: bool = False, tags: dict[str, Any] | None = None) -> T:
-    """Run one shard's `work(client)` to completion in this process (a Dask worker, or the flow itself)."""
+    """Run one shard's `work(client)` to completion in this process (a Dask worker, or the flow itself), on the
+    process's one event loop with the client it keeps for these settings."""
     tune_gc()
+    key = orjson.dumps([cfg.model_dump(mode="json"), str(journal_dir), fsync, tags], option=orjson.OPT_SORT_KEYS)
+    return _ProcessLoop.get().run(key, lambda: build_client(cfg, journal_dir, fsync=fsync, tags=tags), work)
 
-    async def main() -> T:
-        client = build_client(cfg, journal_dir, fsync=fsync, tags=tags)
+
+@dataclass
+class _Held:
+    client: LLMClient
+    users: int = 0
+
+
+class _ProcessLoop:
+    """One event loop for every shard of this process, in a thread of its own, and the clients built on it.
+
+    No barrier at a shard's end: the shards that overlap on a worker (its threads) put their trajectories on one
+    loop and one client, so a slot a finished shard frees goes at once to another's next call, the connection
+    pool stays warm across shards (a client per shard reconnected every slot), and no wake-up crosses threads.
+    A kept client reads what other processes journaled since before each shard it runs, as a new one would."""
+
+    IDLE_CLIENTS = 4  # kept for the next shards (a long-lived worker serves many runs and stages)
+    _instance: _ProcessLoop | None = None
+    _lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._clients: dict[bytes, _Held] = {}  # touched on the loop only; the most recently used last
+        threading.Thread(target=self.loop.run_forever, name="swirl-llm-loop", daemon=True).start()
+        atexit.register(self.close)
+
+    @classmethod
+    def get(cls) -> _ProcessLoop:
+        with cls._lock:
+            if cls._instance is None:
+                cls._instance = cls()
+            return cls._instance
+
+    def run(self, key: bytes, build: Callable[[], LLMClient], work: Callable[[LLMClient], Awaitable[T]]) -> T:
+        return asyncio.run_coroutine_threadsafe(self._run(key, build, work), self.loop).result()
+
+    async def _run(self, key: bytes, build: Callable[[], LLMClient], work: Callable[[LLMClient], Awaitable[T]]) -> T:
+        held = self._clients.pop(key, None)
+        if held is None:
+            held = _Held(build())
+        elif held.client.journal is not None:
+            held.client.journal.refresh()
+        self._clients[key] = held
+        held.users += 1
         try:
-            return await work(client)
+            return await work(held.client)
         finally:
-            await client.aclose()
+            held.users -= 1
+            idle = [k for k, h in self._clients.items() if h.users == 0]
+            for k in idle[: max(0, len(idle) - self.IDLE_CLIENTS)]:
+                await self._clients.pop(k).client.aclose()
 
-    return asyncio.run(main())
+    def close(self) -> None:
+        async def close_all() -> None:
+            while self._clients:
+                await self._clients.popitem()[1].client.aclose()
+
+        with contextlib.suppress(Exception):  # at exit: a client that fails to close loses nothing journaled
+            asyncio.run_coroutine_threadsafe(close_all(), self.loop).result(timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
 
 
 def build_client(cfg: ModelConfig, journal_dir: str | Path | None, *, fsync: bool = False, tags: dict[str, Any] | None = None) -> LLMClient:
