@@ -1,11 +1,13 @@
 """DuckDB, the system of record. Only one process (the flow) ever opens it read-write.
 
-Writes go in as Arrow tables through `INSERT OR REPLACE … BY NAME` / `INSERT OR IGNORE`: one
-statement per batch, never a Python loop of row inserts, and a rerun adds no duplicates.
+Writes go in as Arrow tables through `INSERT OR REPLACE … BY NAME` / `INSERT OR IGNORE` (trajectories and their
+steps: a delete of what an earlier attempt left, then plain inserts, in one transaction per batch): one statement
+per batch and table, never a Python loop of row inserts, and a rerun adds no duplicates.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Iterable, Sequence
@@ -233,7 +235,9 @@ class Store:
         try:
             self.con.execute(f"INSERT {mode} INTO {table} BY NAME SELECT * FROM _incoming")
         finally:
-            self.con.unregister("_incoming")
+            # An aborted transaction refuses this too, and would hide why it aborted; the next write replaces it.
+            with contextlib.suppress(duckdb.TransactionException):
+                self.con.unregister("_incoming")
 
     # ---------------------------------------------------------------- runs
     def start_run(self, run_id: str, kind: str, config: dict[str, Any], **fields: Any) -> int:

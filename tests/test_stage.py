@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pickle
 
+import pytest
 from conftest import FIXTURES
 from helpers import math_policy
-from scripted_server import ScriptedServer
+from scripted_server import Faults, ScriptedServer
 
-from swirl_core.config import GenerateConfig, ModelConfig
+from swirl_core.config import ClusterConfig, GenerateConfig, ModelConfig
 from swirl_core.records import Trajectory
 
 GSM8K = str(FIXTURES / "gsm8k_test20.jsonl")
@@ -87,3 +88,52 @@ def test_shards_are_sized_by_the_work():
     assert units_per_shard(100, processes=2, overlap=3, concurrency=64) == 32
     # ... and about four rounds of shards per worker thread when the work is large.
     assert units_per_shard(10_000, processes=2, overlap=3, concurrency=64) == 417
+
+
+def _mean_in_flight(attempts: list[dict], limit: int) -> tuple[float, float]:
+    """Requests in flight at the server, averaged over time, from the moment they first reach `limit` to the last
+    request's arrival (after it the run only drains); and that window's length in seconds."""
+    events = sorted([(a["arrived"], 1) for a in attempts] + [(a["replied"], -1) for a in attempts])
+    last_arrival = max(a["arrived"] for a in attempts)
+    level, start, area, previous = 0, None, 0.0, 0.0
+    for at, step in events:
+        if start is not None:
+            area += level * (min(at, last_arrival) - previous)
+        if at >= last_arrival:
+            break
+        level += step
+        previous = at
+        if start is None and level >= limit:
+            start = at
+    assert start is not None, "the requests in flight never reached the limit"
+    return area / (last_arrival - start), last_arrival - start
+
+
+@pytest.mark.slow
+def test_no_barrier_between_shards_the_in_flight_budget_stays_full(prefect_api, tmp_path):
+    """Ten shards of 8 trajectories over two Dask workers that may hold 4 requests each: measured at the server,
+    the requests in flight stay at the limit across the shards' boundaries (a worker that waited for each shard's
+    slowest trajectory before starting the next would fall towards 0 at each of them), and every shard is still a
+    task run of its own."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    from flows.generate import run_generate
+
+    limit = 8
+    with ScriptedServer(responder=math_policy, faults=Faults(latency_s=0.25)) as srv:
+        config = GenerateConfig(dataset="gsm8k", data_files=[GSM8K], split="test", limit=20, samples=4, shard_size=2,
+                                policy=ModelConfig(model="openai/policy", api_base=srv.base_url, concurrency=limit),
+                                db=str(tmp_path / "s.duckdb"), cluster=ClusterConfig(n_workers=2), progress=False)
+        result = run_generate(config)
+        attempts = srv.attempt_log()
+    assert result["status"] == "completed" and result["trajectories"] == 80 and len(attempts) == 240
+    mean, window_s = _mean_in_flight(attempts, limit)
+    assert mean >= 0.85 * limit, (mean, window_s)
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["generate"])),
+                                         sort=FlowRunSort.START_TIME_DESC, limit=1)[0]  # this test's, just finished
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
+    assert sorted(r.name for r in runs) == sorted(f"shard-{n}" for n in range(10))
+    assert {r.state.type.value for r in runs} == {"COMPLETED"}
