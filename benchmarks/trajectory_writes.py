@@ -4,12 +4,12 @@ Each trajectory is what the end-to-end benchmark's server makes (a calculator st
 ~1.7 kB prompt; batches of `--batch` (a shard) go through `Store.write_trajectories` into one database until
 `--trajectories` are in. CPU time is the figure to compare on a loaded machine (wall time waits for the cores).
 
-Measured on 2 cores shared with other jobs (load average 17), batches of 417, 10,000 trajectories:
+Measured on 2 cores shared with other jobs (load average 9), batches of 417, 10,000 trajectories, two runs each:
 
-| store | CPU ms / 1k trajectories |
-|---|---:|
-| `INSERT OR REPLACE` of row dicts (before) | 210-221 |
-| delete, then plain inserts of Arrow built from columns | 127-141 |
+| store | CPU ms / 1k trajectories | wall ms / 1k |
+|---|---:|---:|
+| `INSERT OR REPLACE` of Arrow built from row dicts (before) | 120-164 | 382-524 |
+| delete what an earlier attempt left, then plain inserts of Arrow built from columns | 83-101 | 245-449 |
 
     .venv/bin/python benchmarks/trajectory_writes.py [--batch 417] [--trajectories 10000]
 """
