@@ -34,6 +34,12 @@ trajectory writes became plain inserts (the 0 ms "after" raw figure is low: a te
 | 10,000 | 0 ms   | after  | 230 | 113 | 0.49 | 177 | 442 / 1,199 |
 | 10,000 | 200 ms | before | 242 | 74  | 0.30 | 272 | 426 / 1,191 |
 | 10,000 | 200 ms | after  | 308 | 170 | 0.55 | 118 | 448 / 1,209 |
+| 10,000 | 0 ms   | after, load 1-5 | 3,625 | 330 | 0.09 | 60.5 | 446 / 1,199 |
+| 10,000 | 200 ms | after, load 2-4 | 302 | 208 | 0.69 | 95.9 | 431 / 1,189 |
+
+What is left is mostly fixed: at 200 ms the raw client needs 66 s for the 20k calls and the CLI 30 s more (the
+Prefect API, the Dask cluster and its workers' imports before the first call, the ingest and artifacts after the
+last); at 0 ms that start-up alone is several times the raw client's 5.5 s.
 
     .venv/bin/python benchmarks/end_to_end.py                       # 10k trajectories at 0 and 200 ms
     .venv/bin/python benchmarks/end_to_end.py --full                # adds the 100k rows (long)
