@@ -24,6 +24,23 @@ rates are low; compare the ratio):
 | 10,000 | 0 ms   | 573 | 74 | 0.13 | 270 | 461 / 1,311 |
 | 10,000 | 200 ms | 270 | 42 | 0.15 | 479 | 467 / 1,343 |
 
+Then, on the same loaded machine (load average 6-19; each row's raw client and CLI in one run), before and after
+the shards of a worker shared one event loop and one kept client, were sized large first and small last, and the
+trajectory writes became plain inserts (the 0 ms "after" raw figure is low: a test ran beside its raw client):
+
+| trajectories | latency | | raw calls/s | CLI calls/s | CLI/raw | CLI wall s | peak RSS one / all MB |
+|---:|---:|---|---:|---:|---:|---:|---:|
+| 10,000 | 0 ms   | before | 685 | 89  | 0.13 | 226 | 419 / 1,182 |
+| 10,000 | 0 ms   | after  | 230 | 113 | 0.49 | 177 | 442 / 1,199 |
+| 10,000 | 200 ms | before | 242 | 74  | 0.30 | 272 | 426 / 1,191 |
+| 10,000 | 200 ms | after  | 308 | 170 | 0.55 | 118 | 448 / 1,209 |
+| 10,000 | 0 ms   | after, load 1-5 | 3,625 | 330 | 0.09 | 60.5 | 446 / 1,199 |
+| 10,000 | 200 ms | after, load 2-4 | 302 | 208 | 0.69 | 95.9 | 431 / 1,189 |
+
+What is left is mostly fixed: at 200 ms the raw client needs 66 s for the 20k calls and the CLI 30 s more (the
+Prefect API, the Dask cluster and its workers' imports before the first call, the ingest and artifacts after the
+last); at 0 ms that start-up alone is several times the raw client's 5.5 s.
+
     .venv/bin/python benchmarks/end_to_end.py                       # 10k trajectories at 0 and 200 ms
     .venv/bin/python benchmarks/end_to_end.py --full                # adds the 100k rows (long)
     .venv/bin/python benchmarks/end_to_end.py --trajectories 1000 --latency 0

@@ -25,7 +25,7 @@ from swirl_core.llm.factory import served_key
 from swirl_core.llm.local_models import resolve_local_model
 from swirl_core.records import InvalidRow, Question, StepProtocol, TaskKind, Trajectory
 from swirl_core.seeds import DATASETS, corpus_from_questions, load_seeds
-from swirl_core.stage import Job, Shard, make_shards, shards_per_worker, units_per_shard
+from swirl_core.stage import Job, Shard, make_shards, shard_sizes, shards_per_worker
 from swirl_core.store import query_dicts
 from swirl_core.tools import Tool
 from swirl_core.tools.calculator import Calculator
@@ -161,16 +161,27 @@ def plan_generation(config: GenerateConfig) -> GenerationPlan:
 def make_generate_shards(plan: GenerationPlan, config: GenerateConfig, todo: list[tuple[Question, int, str]],
                          processes: int = 1) -> list[Shard]:
     """Group pending pairs by question into shards of `shard_size` questions (contexts stripped); without one,
-    sized by the work: `units_per_shard` trajectories over the `processes` that run them."""
+    sized by the work: `shard_sizes` trajectories over the `processes` that run them, largest first."""
     by_question: dict[str, list[int]] = {}
     questions: dict[str, Question] = {}
     for q, sample, _ in todo:
         by_question.setdefault(q.question_id, []).append(sample)
         questions[q.question_id] = q
     ids = list(by_question)
-    size = config.shard_size or -(-units_per_shard(len(todo), processes, shards_per_worker(config.cluster, config.policy),
-                                                     config.policy.concurrency) // config.samples)
-    chunks = [ids[start : start + size] for start in range(0, len(ids), size)]
+    if config.shard_size:
+        chunks = [ids[start : start + config.shard_size] for start in range(0, len(ids), config.shard_size)]
+    else:
+        chunks, units = [[]], 0
+        sizes = iter(shard_sizes(len(todo), processes, shards_per_worker(config.cluster, config.policy),
+                                 config.policy.concurrency))
+        target = next(sizes, 0)
+        for qid in ids:  # whole questions, until each shard holds its size
+            if units >= target:
+                chunks.append([])
+                units, target = 0, next(sizes, target)
+            chunks[-1].append(qid)
+            units += len(by_question[qid])
+        chunks = [c for c in chunks if c]
     jobs = (GenerateJob(policy=plan.policy, questions=[questions[i].model_copy(update={"context": ()}) for i in chunk],
                         work=[(j, s) for j, qid in enumerate(chunk) for s in by_question[qid]],
                         corpus_path=plan.corpus_path, search_k=config.search_k) for chunk in chunks)

@@ -92,12 +92,18 @@ def shards_per_worker(cluster: ClusterConfig, model: ModelConfig) -> int:
     return cluster.shards_per_worker or (1 if model.is_local else 3)
 
 
-def units_per_shard(total: int, processes: int, overlap: int, concurrency: int) -> int:
-    """A shard holds at least one process's share of the requests in flight (so its fixed orchestration cost is
-    spread over that many units), and the work makes about four rounds of shards per worker thread (so a
-    rerun, a retry and the progress bar see it move)."""
+def shard_sizes(total: int, processes: int, overlap: int, concurrency: int) -> list[int]:
+    """Units per shard, in the order they run (guided self-scheduling): each takes 1/(2 × the shards running at
+    once) of what is left, and at least one process's share of the requests in flight (so its fixed orchestration
+    cost is spread over that many units). The first shards are large, the last small: no worker is left with a
+    large shard while the others, done, leave their share of the limits unused."""
     share = max(1, concurrency // max(1, processes))
-    return max(share, -(-total // (4 * processes * overlap)))
+    running = max(1, processes * overlap)
+    sizes, left = [], total
+    while left > 0:
+        sizes.append(min(left, max(share, -(-left // (2 * running)))))
+        left -= sizes[-1]
+    return sizes
 
 
 class ShardFailure(BaseModel):

@@ -1,11 +1,13 @@
 """DuckDB, the system of record. Only one process (the flow) ever opens it read-write.
 
-Writes go in as Arrow tables through `INSERT OR REPLACE … BY NAME` / `INSERT OR IGNORE`: one
-statement per batch, never a Python loop of row inserts, and a rerun adds no duplicates.
+Writes go in as Arrow tables through `INSERT OR REPLACE … BY NAME` / `INSERT OR IGNORE` (trajectories and their
+steps: a delete of what an earlier attempt left, then plain inserts, in one transaction per batch): one statement
+per batch and table, never a Python loop of row inserts, and a rerun adds no duplicates.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Iterable, Sequence
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import orjson
 import pyarrow as pa
 
 from swirl_core import __version__
@@ -226,7 +229,9 @@ class Store:
         try:
             self.con.execute(f"INSERT {mode} INTO {table} BY NAME SELECT * FROM _incoming")
         finally:
-            self.con.unregister("_incoming")
+            # An aborted transaction refuses this too, and would hide why it aborted; the next write replaces it.
+            with contextlib.suppress(duckdb.TransactionException):
+                self.con.unregister("_incoming")
 
     # ---------------------------------------------------------------- runs
     def start_run(self, run_id: str, kind: str, config: dict[str, Any], **fields: Any) -> int:
@@ -294,9 +299,8 @@ class Store:
                 "num_steps": len(t.steps), "num_invalid_steps": sum(s.action.kind == "invalid" for s in t.steps),
                 "prompt_tokens": sum(s.prompt_tokens or 0 for s in t.steps),
                 "completion_tokens": sum(s.completion_tokens or 0 for s in t.steps),
-                "error": t.error, "prompt_messages": json.dumps(t.prompt_messages, ensure_ascii=False),
-                "protocol": t.protocol, "conversation": t.conversation(),
-                "prompt_turns": len(t.prompt_messages),
+                "error": t.error, "prompt_messages": orjson.dumps(t.prompt_messages).decode(),
+                "protocol": t.protocol, "conversation": t.conversation(), "prompt_turns": len(t.prompt_messages),
             })
             for s in t.steps:
                 step_rows.append({
@@ -306,17 +310,19 @@ class Store:
                     "tool_error": s.tool_error, "call_key": s.call_key, "model": s.model,
                     "prompt_version": s.prompt_version, "constraint": s.constraint, "prompt_tokens": s.prompt_tokens,
                     "completion_tokens": s.completion_tokens, "latency_s": s.latency_s,
-                    "tool_calls": json.dumps(s.tool_calls, ensure_ascii=False) if s.tool_calls else None,
+                    "tool_calls": orjson.dumps(s.tool_calls).decode() if s.tool_calls else None,
                 })
         ids = pa.table({"trajectory_id": pa.array([t.trajectory_id for t in trajectories], pa.string())})
         self.con.execute("BEGIN TRANSACTION")
         try:
-            # A retried trajectory may have fewer steps than its failed attempt: replace them all.
+            # A retried trajectory may have fewer steps than its failed attempt: its rows go, then all come in
+            # as plain inserts (no key lookup per row, as `OR REPLACE` does).
             self.con.register("_ids", ids)
-            self.con.execute("DELETE FROM steps WHERE trajectory_id IN (SELECT trajectory_id FROM _ids)")
+            for table in (TrajectoryRow.TABLE, StepRow.TABLE):
+                self.con.execute(f"DELETE FROM {table} WHERE trajectory_id IN (SELECT trajectory_id FROM _ids)")
             self.con.unregister("_ids")
-            self.write(TrajectoryRow, traj_rows)
-            self.write(StepRow, step_rows)
+            self.write(TrajectoryRow, traj_rows, mode="")
+            self.write(StepRow, step_rows, mode="")
             self.con.execute("COMMIT")
         except BaseException:
             self.con.execute("ROLLBACK")

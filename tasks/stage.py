@@ -15,8 +15,9 @@ from swirl_core.progress import live_stage
 from swirl_core.stage import Shard, run_shard
 
 
-# Every paid call is already journaled by the client, so a retried shard re-sends nothing that completed.
-@task(name="llm-shard", retries=1, retry_delay_seconds=5, task_run_name="{shard.name}")
+# Every paid call is already journaled by the client, so a retried shard re-sends nothing that completed; and
+# nothing is cached or persisted by Prefect (which would hash every shard's input and store its result).
+@task(name="llm-shard", retries=1, retry_delay_seconds=5, task_run_name="{shard.name}", persist_result=False)
 def shard_task(shard: Shard) -> Any:
     return run_shard(shard)
 

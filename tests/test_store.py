@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 
+import duckdb
 import pytest
 
 from swirl_core.records import Action, GradeRow, Question, Step, TableRow, Trajectory
@@ -212,3 +213,25 @@ def test_the_stored_conversation_decomposes_into_exactly_the_rows_built_from_the
             store.query(f"SELECT {columns} FROM ({old_sql}) ORDER BY 1, 3")
         assert store.query("SELECT len(conversation), prompt_turns FROM trajectories WHERE trajectory_id = 't-error'") == \
             [(5, 1)]
+
+
+def _numbered(n: int, n_steps: int = 2) -> Trajectory:
+    return _trajectory(n_steps).model_copy(update={"trajectory_id": f"t{n}", "question_id": f"q{n // 5}", "sample_index": n % 5})
+
+
+def test_a_batch_of_trajectories_is_one_transaction_and_stores_what_single_writes_store(tmp_path):
+    batch = [_numbered(n) for n in range(50)]
+    tables = "SELECT * EXCLUDE (created_at) FROM trajectories ORDER BY ALL", "SELECT * FROM steps ORDER BY ALL"
+    with Store(tmp_path / "one.duckdb") as one, Store(tmp_path / "each.duckdb") as each:
+        one.write_trajectories(batch, "r1", "fp")
+        for t in batch:
+            each.write_trajectories([t], "r1", "fp")
+        assert [one.query(q) for q in tables] == [each.query(q) for q in tables]
+        assert one.query("SELECT count(*) FROM steps") == [(100,)]
+        # A batch that fails part-way (its last trajectory repeats a step: the steps' key refuses it) leaves
+        # nothing of itself, its trajectories included, and everything written before stays.
+        broken = _numbered(99).model_copy(update={"steps": [_trajectory(1).steps[0]] * 2})
+        with pytest.raises(duckdb.ConstraintException):
+            one.write_trajectories([_numbered(60), _numbered(61), broken], "r1", "fp")
+        assert one.query("SELECT count(*) FROM trajectories WHERE trajectory_id IN ('t60', 't61', 't99')") == [(0,)]
+        assert [one.query(q) for q in tables] == [each.query(q) for q in tables]

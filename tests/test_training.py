@@ -13,9 +13,9 @@ from helpers import build_labeled_db
 from scripted_server import ScriptedServer
 
 from swirl_core.config import ModelConfig
+from swirl_core.llm.chat_templates import renders_tools, shipped_template
 from swirl_core.training.data import rl_dataset, sft_dataset
 from swirl_core.training.rewards import JudgeReward, format_reward
-from swirl_core.llm.chat_templates import renders_tools, shipped_template
 from swirl_core.training.trainers import (
     TrainSettings,
     choose_chat_template,

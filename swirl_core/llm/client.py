@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,6 +15,19 @@ from swirl_core.llm.cost import call_cost
 from swirl_core.llm.limits import ProcessLimits, backoff_delay
 from swirl_core.progress import ShardMeter
 from swirl_core.records import LLMResponse
+
+# The meter of the shard running in this asyncio task (tasks copy it to the tasks they spawn).
+_SHARD_METER: ContextVar[ShardMeter | None] = ContextVar("swirl_shard_meter", default=None)
+
+
+@contextmanager
+def metered(meter: ShardMeter | None) -> Iterator[None]:
+    """Count the calls made inside the block (and in the tasks it spawns) on `meter`."""
+    token = _SHARD_METER.set(meter)
+    try:
+        yield
+    finally:
+        _SHARD_METER.reset(token)
 
 
 class LLMClient:
@@ -25,7 +41,6 @@ class LLMClient:
         max_retries: int = 6,
         prices: tuple[float, float] | None = None,
         tags: dict[str, Any] | None = None,
-        meter: ShardMeter | None = None,
     ) -> None:
         self.backend = backend
         self.journal = journal
@@ -36,7 +51,13 @@ class LLMClient:
         self.limits = limits  # this process's, shared with every other client of the model in it
         self._inflight: dict[str, asyncio.Future] = {}
         self.stats = {"sent": 0, "cache_hits": 0, "retries": 0, "failures": 0}
-        self.meter = meter or ShardMeter()  # calls paid and replayed, and the units its caller finished
+        self._meter = ShardMeter()  # for calls made outside any shard's `metered` block
+
+    @property
+    def meter(self) -> ShardMeter:
+        """The meter of the shard whose task makes this call (calls paid and replayed, the units it finished):
+        overlapping shards share one client, each counts its own."""
+        return _SHARD_METER.get() or self._meter
 
     async def complete(self, request: ChatRequest) -> LLMResponse:
         key = request.key()
